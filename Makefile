@@ -1,0 +1,35 @@
+# `make train` and `make test` set everything up first; `make setup` is idempotent and does nothing
+# when requirements and setup.py are unchanged.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# The machine's CPU torch wheel lives here when present; pip then never reaches for a CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test bench doctor clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -r requirements.txt
+	$(PIP) install -q $(FIND_LINKS) -c constraints.txt --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+train: setup
+	$(PY) -m aegan_fast.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m pytest -q bench --benchmark-only
+
+doctor: setup
+	$(PY) -m aegan_fast.doctor
+
+clean:
+	rm -rf build *.egg-info $(VENV)

@@ -1,0 +1,73 @@
+"""BatchNorm modules that route through the fused ops.
+
+They subclass ``nn.BatchNorm2d`` so parameters, buffers and ``state_dict`` keys are exactly
+``nn.BatchNorm2d``'s: checkpoints move freely between backends and to plain PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .reference import ACTIVATIONS
+
+
+class _FusedBatchNorm(nn.BatchNorm2d):
+    def __init__(self, num_features: int, activation: str, negative_slope: float = 0.2,
+                 eps: float = 1e-5, momentum: float | None = 0.1):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def _mode(self) -> tuple[bool, float]:
+        """(use batch statistics, running-average factor), exactly as nn.BatchNorm2d decides them."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return use_batch_stats, factor
+
+    def _running(self):
+        if not self.training or self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        return f"{super().extra_repr()}, activation={act}"
+
+
+class BatchNormAct2d(_FusedBatchNorm):
+    """act(BatchNorm2d(x)), one fused op. ``memory_efficient`` keeps only the output for backward and
+    inverts the activation there (identity or LeakyReLU with slope > 0 only)."""
+
+    def __init__(self, num_features: int, activation: str = "relu", negative_slope: float = 0.2,
+                 memory_efficient: bool = False, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, activation, negative_slope, eps, momentum)
+        if memory_efficient and not (activation == "identity" or
+                                     (activation == "leaky_relu" and negative_slope > 0)):
+            raise ValueError("memory_efficient needs an invertible activation: identity or leaky_relu with slope > 0")
+        self.memory_efficient = memory_efficient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats, factor = self._mode()
+        mean, var = self._running()
+        return dispatch.bn_act(x, mean, var, self.weight, self.bias, use_batch_stats, factor, self.eps,
+                               self.activation, self.negative_slope, self.memory_efficient)
+
+
+class BatchNormAddAct2d(_FusedBatchNorm):
+    """act(BatchNorm2d(x) + residual), one fused op: the end of a residual block."""
+
+    def __init__(self, num_features: int, activation: str = "identity", negative_slope: float = 0.2,
+                 eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, activation, negative_slope, eps, momentum)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        use_batch_stats, factor = self._mode()
+        mean, var = self._running()
+        return dispatch.bn_add_act(x, residual, mean, var, self.weight, self.bias, use_batch_stats, factor,
+                                   self.eps, self.activation, self.negative_slope)
