@@ -1,0 +1,80 @@
+"""What this installation can do: ``python -m aegan_fast.doctor``.
+
+Prints versions, the device, and which op backends, data loaders and exporters load here, and for
+each one that does not, why.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+
+from .errors import cli
+
+OK, NO = "yes", "no "
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _module(name: str) -> str | None:
+    """None when the module imports, else the reason it does not."""
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def report() -> list[tuple[str, list[tuple[str, str | None, str]]]]:
+    """Sections of (name, failure reason or None, detail)."""
+    import torch
+
+    from . import __version__, ops
+
+    env = [("aegan_fast", None, __version__), ("python", None, platform.python_version()),
+           ("torch", None, f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")]
+    for dist in ("numpy", "pillow", "triton", "onnx", "onnxruntime", "tensorrt", "nvidia-dali-cuda130"):
+        v = _version(dist)
+        env.append((dist, None if v else "not installed", v or ""))
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = [("cuda", None, f"{torch.cuda.device_count()}× {props.name}, sm_{props.major}{props.minor}, "
+                                 f"{props.total_memory / 2**30:.0f} GiB")]
+    else:
+        device = [("cuda", "no CUDA device visible to torch", "")]
+    device.append(("cpu", None, f"{os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"))
+
+    backends = [(name, reason, "") for name, reason in ops.availability().items()]
+    backends.append(("selected", None, f"{ops.get_backend()} (AEGAN_OPS / --ops)"))
+
+    npm = shutil.which("npm")
+    loaders = [("torch (in-memory uint8)", None, "always"),
+               ("built-in emoji set", None if npm else "npm not found (needed once to fetch it)", npm or "")]
+    exporters = [("onnx", _module("onnx"), ""), ("onnxruntime", _module("onnxruntime"), ""),
+                 ("tensorrt", _module("tensorrt"), "")]
+    return [("environment", env), ("device", device), ("op backends", backends), ("data", loaders),
+            ("exporters", exporters)]
+
+
+@cli
+def main(argv=None) -> None:
+    for title, rows in report():
+        print(f"\n{title}")
+        for name, reason, detail in rows:
+            mark = OK if reason is None else NO
+            print(f"  {mark} {name:<24} {detail if reason is None else reason}")
+    print()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

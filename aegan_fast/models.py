@@ -1,0 +1,266 @@
+"""The AEGAN family: autoencoder H/F, embedding generator G_E and discriminator D_E, denoiser φ and
+image discriminator D_R (DESIGN.md §1), for any resolution R that is a power of two ≥ 64.
+
+Every BatchNorm+activation and BatchNorm+residual-add goes through ``aegan_fast.ops`` (the
+``BatchNormAct2d`` / ``BatchNormAddAct2d`` modules), so the kernel backend is swapped without
+touching this file.
+
+Fixes to the authors' public code (see README, "Differences from the public code"):
+- H ends in tanh, like G_E, so real embeddings H(x) and fake ones G_E(z) live in the same range
+  (the public H ends in LeakyReLU: D_E could tell them apart by range alone).
+- φ has its own BatchNorm per layer (the public code reused one across layers).
+- Stage-2 details (x̂ detached before φ, frozen autoencoder in eval mode) live in the trainer.
+
+Shape changes that make the family work at every R down to 64 (the embedding is R/16 × R/16 × 64,
+so 4×4×64 at R=64):
+- G_E ends in a 3×3 conv to the embedding channels (+ tanh) instead of ending on its last up layer,
+  so at R=64, where no up layer exists, it still has a BN+ReLU+residual body.
+- D_E starts with a 3×3 stride-1 conv so it has a hidden layer even on a 4×4 embedding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .ops import BatchNormAct2d, BatchNormAddAct2d
+
+EMBED_DOWNSCALE = 16  # H: R -> R/16 with four stride-2 convs
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 64
+    z_dim: int = 100
+    embed_channels: int = 64
+    ae_channels: int = 64           # width of H and F (64 in the reference)
+    ge_base_channels: int = 128     # G_E width at R=64; doubles per extra up layer
+    max_channels: int = 512         # cap on G_E, D_E, φ and D_R widths
+    denoiser_skips: bool = False    # U-Net skip connections in φ (the paper has none)
+    denoiser_dropout: float = 0.5
+
+    def __post_init__(self):
+        check_resolution(self.resolution)
+
+    @property
+    def embed_size(self) -> int:
+        return self.resolution // EMBED_DOWNSCALE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_resolution(r: int) -> None:
+    if not isinstance(r, int) or r < 64 or r & (r - 1):
+        raise ValueError(f"resolution must be a power of two ≥ 64 (64, 128, 256, 512, ...), got {r}")
+
+
+def _log2(n: int) -> int:
+    return int(round(math.log2(n)))
+
+
+class ResBlock(nn.Module):
+    """reflect-pad conv3×3 → BN → act → reflect-pad conv3×3 → BN, plus identity."""
+
+    def __init__(self, channels: int, activation: str = "relu", negative_slope: float = 0.2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, padding_mode="reflect", bias=False)
+        self.bn1 = BatchNormAct2d(channels, activation, negative_slope)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, padding_mode="reflect", bias=False)
+        self.bn2 = BatchNormAddAct2d(channels, "identity")
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))), x)
+
+
+def _down(cin, cout, norm: bool, activation="leaky_relu"):
+    """conv 4×4 stride 2, then BN+act (or act alone)."""
+    conv = nn.Conv2d(cin, cout, 4, 2, 1, bias=not norm)
+    act = BatchNormAct2d(cout, activation, 0.2) if norm else (
+        nn.LeakyReLU(0.2) if activation == "leaky_relu" else nn.ReLU())
+    return nn.Sequential(conv, act)
+
+
+def _up(cin, cout):
+    """conv-transpose 4×4 stride 2, then BN+ReLU."""
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), BatchNormAct2d(cout, "relu"))
+
+
+class Encoder(nn.Module):
+    """H: image (3×R×R) → embedding (64 × R/16 × R/16) in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.ae_channels
+        layers: list[nn.Module] = []
+        cin = 3
+        for _ in range(3):
+            layers += [nn.Conv2d(cin, c, 4, 2, 1), nn.LeakyReLU(0.2), ResBlock(c, "leaky_relu", 0.2)]
+            cin = c
+        layers += [nn.Conv2d(c, cfg.embed_channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """F: embedding → image in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.ae_channels
+        layers: list[nn.Module] = []
+        cin = cfg.embed_channels
+        for _ in range(3):
+            layers += [_up(cin, c), ResBlock(c, "relu")]
+            cin = c
+        layers += [nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, e):
+        return self.net(e)
+
+
+class EmbeddingGenerator(nn.Module):
+    """G_E: z ∈ [-1, 1]^z_dim → embedding. ConvT to 4×4, then up layers doubling space and halving
+    channels until R/16, each followed by BN+ReLU and a residual block; a 3×3 conv + tanh out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n_up = _log2(cfg.embed_size) - 2
+        c = min(cfg.max_channels, cfg.ge_base_channels * 2 ** n_up)
+        layers: list[nn.Module] = [nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False),
+                                   BatchNormAct2d(c, "relu"), ResBlock(c, "relu")]
+        for _ in range(n_up):
+            layers += [_up(c, c // 2), ResBlock(c // 2, "relu")]
+            c //= 2
+        layers += [nn.Conv2d(c, cfg.embed_channels, 3, 1, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.z_dim = cfg.z_dim
+
+    def forward(self, z):
+        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+
+
+class EmbeddingDiscriminator(nn.Module):
+    """D_E: embedding → one logit. 3×3 conv, stride-2 4×4 convs doubling channels down to 4×4, then a
+    4×4 conv to the logit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = min(cfg.max_channels, 128)
+        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_channels, c, 3, 1, 1), nn.LeakyReLU(0.2)]
+        for _ in range(_log2(cfg.embed_size) - 2):
+            cout = min(cfg.max_channels, c * 2)
+            layers.append(_down(c, cout, norm=True))
+            c = cout
+        layers.append(nn.Conv2d(c, 1, 4, 1, 0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, e):
+        return self.net(e).flatten()
+
+
+def _denoiser_channels(depth: int, max_channels: int) -> list[int]:
+    return [min(max_channels, 64 * 2 ** i) for i in range(depth)]
+
+
+class Denoiser(nn.Module):
+    """φ: image → image. log2(R) stride-2 convs down to 1×1 (BN+LeakyReLU(0.2); the first has no BN,
+    the innermost ReLU and no BN, as in pix2pix), then as many ConvT back up with BN+ReLU and dropout
+    on the first three, tanh out. With ``skips`` each up layer also sees the mirrored down activation
+    (U-Net); the paper's default has no skips."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        depth = _log2(cfg.resolution)
+        ch = _denoiser_channels(depth, cfg.max_channels)
+        self.skips = cfg.denoiser_skips
+        self.down = nn.ModuleList()
+        cin = 3
+        for i, c in enumerate(ch):
+            innermost = i == depth - 1
+            self.down.append(_down(cin, c, norm=0 < i < depth - 1, activation="relu" if innermost else "leaky_relu"))
+            cin = c
+        self.up = nn.ModuleList()
+        for j in range(depth):
+            mirror = depth - 1 - j  # the down layer producing the same spatial size as this up's input
+            cin = ch[mirror] * (2 if self.skips and j > 0 else 1)
+            if j == depth - 1:
+                self.up.append(nn.Sequential(nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()))
+            else:
+                block = _up(cin, ch[mirror - 1])
+                if j < 3 and cfg.denoiser_dropout > 0:
+                    block.append(nn.Dropout(cfg.denoiser_dropout))
+                self.up.append(block)
+
+    def forward(self, x):
+        feats = []
+        for layer in self.down:
+            x = layer(x)
+            feats.append(x)
+        for j, layer in enumerate(self.up):
+            if self.skips and j > 0:
+                x = torch.cat([x, feats[len(feats) - 1 - j]], dim=1)
+            x = layer(x)
+        return x
+
+
+class ImageDiscriminator(nn.Module):
+    """D_R: image → one logit. log2(R) stride-2 4×4 convs to 1×1 with BN+LeakyReLU(0.2) (none on the
+    first), widths (…, 64, 64, 128, 256, 512, 512) counted from the deep end as in the reference."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        depth = _log2(cfg.resolution)
+        hidden = depth - 1
+        ch = [min(cfg.max_channels, 64 * 2 ** max(0, i - (hidden - 5))) for i in range(hidden)]
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, c in enumerate(ch):
+            layers.append(_down(cin, c, norm=i > 0))
+            cin = c
+        layers.append(nn.Conv2d(cin, 1, 4, 2, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).flatten()
+
+
+NET_NAMES = ("H", "F", "G_E", "D_E", "phi", "D_R")
+SAMPLING_CHAIN = ("G_E", "F", "phi")
+
+
+def init_weights(module: nn.Module) -> None:
+    """N(0, 0.02) for convs (DCGAN/pix2pix convention); BN scale N(1, 0.02), shift 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def build_nets(cfg: ModelConfig) -> nn.ModuleDict:
+    nets = nn.ModuleDict({
+        "H": Encoder(cfg), "F": Decoder(cfg), "G_E": EmbeddingGenerator(cfg),
+        "D_E": EmbeddingDiscriminator(cfg), "phi": Denoiser(cfg), "D_R": ImageDiscriminator(cfg),
+    })
+    init_weights(nets)
+    return nets
+
+
+def sample_z(n: int, z_dim: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+    """z ~ U(-1, 1), as in the reference."""
+    return (torch.rand(n, z_dim, generator=generator) * 2 - 1).to(device)
+
+
+def generate(nets, z: torch.Tensor, denoise: bool = True) -> torch.Tensor:
+    """The sampling chain z → G_E → F → φ (φ skipped with denoise=False)."""
+    x = nets["F"](nets["G_E"](z))
+    return nets["phi"](x) if denoise else x
