@@ -66,7 +66,9 @@ setup(
     version="0.1.0",
     description="A fast PyTorch engine for AEGAN (auto-embedding GANs)",
     python_requires=">=3.10",
-    packages=find_packages(include=["aegan_fast", "aegan_fast.*"]),
+    # kernels/ (the Triton kernels) is installed as the subpackage aegan_fast.kernels.
+    packages=find_packages(include=["aegan_fast", "aegan_fast.*"]) + ["aegan_fast.kernels"],
+    package_dir={"aegan_fast.kernels": "kernels"},
     package_data={"aegan_fast": ["_C.pyi", "py.typed"]},
     # torch is not pinned here: CPU users get it from `make setup` (pinned), GPU users install the
     # CUDA build of their choice first (see README).
