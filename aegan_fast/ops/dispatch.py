@@ -19,6 +19,8 @@ log = logging.getLogger("aegan_fast.ops")
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 # Preference order for `auto`, per device type. Measured order on GPU is recorded in bench/RESULTS.md.
+# The cuda-vs-triton order on CUDA tensors is NOT measured yet (no GPU so far): set it from
+# bench/bench_ops_gpu.py on a GPU and record the figures in bench/RESULTS.md.
 AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 
 
