@@ -1,0 +1,94 @@
+// Fused BatchNorm2d + activation (+ residual add) kernels for CUDA: the torch-free core.
+//
+// Plain pointers and one params struct, so the kernels (bn_cuda.cu) compile with nvcc alone and the
+// torch binding (bn_cuda_binding.cpp, every argument check up front with TORCH_CHECK) is the only
+// place that knows about tensors. Same algorithm as the Triton kernels (kernels/) and the CPU ones
+// (csrc/bn_act_cpu.cpp):
+//
+//   forward  = statistics pass (per-thread Welford, block tree merge, per-(block, split) partials,
+//              fixed-order Chan merge of the partials in a finalize kernel) + apply pass;
+//   backward = reduction pass (sum dz, sum dz*xhat per channel; for bn_add_act it also writes
+//              dz = grad residual) + apply pass (grad input).
+//
+// Storage may be fp32, bf16 or fp16; arithmetic is fp32. Every activation-sized tensor (x, residual,
+// y, dy, dx, dres) has the same dtype and memory format. Per-channel vectors are fp32.
+//
+// Addressing, for both memory formats: x[o, c, i] = o*sO + c*sC + i*sI with
+//   NCHW:          o = n, i = h*W + w         (sO = C*HW, sC = HW, sI = 1)
+//   channels_last: o = 0, i = (n*H + h)*W + w  (sO = 0,    sC = 1,  sI = C)
+// and thread blocks lay their x dimension along the unit-stride axis (i for NCHW, c for NHWC).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace aegan_fast {
+namespace cuda {
+
+enum class Act : int32_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class Layout : int32_t { kNCHW = 0, kNHWC = 1 };
+
+struct BnParams {
+  int64_t N = 0, C = 0, HW = 0;  // logical sizes; HW = H * W
+  Layout layout = Layout::kNCHW;
+  DType dtype = DType::kFloat32;
+  Act act = Act::kIdentity;
+  float slope = 0.f;  // LeakyReLU negative slope
+  float eps = 1e-5f;
+
+  int64_t count() const { return N * HW; }  // values per channel
+  int64_t numel() const { return N * C * HW; }
+};
+
+// The memory-efficient backward divides by the weight to recover xhat; |w| is floored here (sign
+// kept), as in the CPU and Triton backends.
+constexpr float kMinAbsWeight = 1e-6f;
+
+// How many programs share one channel block in the reduction passes, for a device with num_sms
+// multiprocessors. The partials buffers hold splits * C floats each.
+int bn_num_splits(const BnParams& p, int num_sms);
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// mean[c] and biased var[c] (fp32) in one read of x. partials: 3 * splits * C floats of scratch.
+void bn_stats(const BnParams& p, const void* x, int splits, float* partials, float* mean, float* var,
+              cudaStream_t stream);
+
+// y = act(x * scale[c] + shift[c] (+ residual)) with scale = w * rsqrt(var + eps), shift = b - mean * scale.
+// residual, weight and bias may be null (no residual; w = 1; b = 0).
+void bn_forward_apply(const BnParams& p, const void* x, const void* residual, const float* mean, const float* var,
+                      const float* weight, const float* bias, void* y, cudaStream_t stream);
+
+// running = (1 - momentum) * running + momentum * batch (var * unbias for the variance), fp32, in place.
+void bn_running_update(int64_t C, float* running_mean, float* running_var, const float* mean, const float* var,
+                       float momentum, float unbias, cudaStream_t stream);
+
+// ---- backward ---------------------------------------------------------------------------------
+
+struct BnBackwardArgs {
+  const void* dy = nullptr;        // gradient of the output
+  const void* src = nullptr;       // x, or the output y when src_is_output (memory-efficient mode)
+  bool src_is_output = false;      // needs an invertible activation: identity or LeakyReLU, slope > 0
+  const void* residual = nullptr;  // bn_add_act: z = x*scale + shift + residual (src must be x)
+  const float* mean = nullptr;     // batch (training) or running (eval) statistics
+  const float* var = nullptr;
+  const float* weight = nullptr;   // may be null (1)
+  const float* bias = nullptr;     // may be null (0)
+  bool training = true;
+};
+
+struct BnBackwardOut {
+  void* dx = nullptr;      // required
+  void* dres = nullptr;    // grad of the pre-activation (= grad residual); null: not written
+  float* dweight = nullptr;  // sum(dz * xhat), length C, required
+  float* dbias = nullptr;    // sum(dz), length C, required
+};
+
+// partials: 2 * splits * C floats of scratch.
+void bn_backward(const BnParams& p, const BnBackwardArgs& a, const BnBackwardOut& o, int splits, float* partials,
+                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace aegan_fast
