@@ -170,8 +170,10 @@ class MetricsLog:
 
 
 def rng_state(data_gen: torch.Generator) -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as plain tensors and numbers, so checkpoints load with weights_only=True
     state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -181,7 +183,8 @@ def set_rng_state(state: dict, data_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     data_gen.set_state(state["data"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

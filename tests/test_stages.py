@@ -1,0 +1,72 @@
+"""A few steps of each stage on a tiny fixed batch lower that stage's objective."""
+import pytest
+import torch
+
+from aegan_fast.data import ImageSet, load_folder
+from aegan_fast.models import build_nets
+from aegan_fast.stages import STEPS, Batch, RealEmbeddings, prepare_stage
+from conftest import tiny_config
+
+
+def _setup(stage, image_folder, cache_mb=1e9, **overrides):
+    torch.manual_seed(0)
+    cfg = tiny_config(**overrides)
+    data = load_folder(image_folder, 64)
+    nets = build_nets(cfg.model)
+    opts = {k: torch.optim.Adam(nets[k].parameters(), lr=cfg.lr[k], betas=cfg.betas) for k in nets}
+    prepare_stage(stage, nets, opts, cfg)
+    gen = torch.Generator().manual_seed(0)
+    emb = None if stage == "ae" else RealEmbeddings(nets["H"], data, gen, "cpu", 64 * 16, cache_mb * 2**20)
+    idx, mirror = torch.arange(4), torch.tensor([False, True, False, True])
+    return cfg, nets, opts, Batch(data.gather(idx, mirror, "cpu"), idx, mirror), emb
+
+
+def _run(stage, image_folder, objective, steps, **overrides):
+    cfg, nets, opts, batch, emb = _setup(stage, image_folder, **overrides)
+    values = [objective(STEPS[stage](nets, opts, batch, emb, cfg), cfg) for _ in range(steps)]
+    return values
+
+
+def test_ae_stage_lowers_l1_clearly(image_folder):
+    l1 = _run("ae", image_folder, lambda l, cfg: l["ae_l1"].item(), 25)
+    assert l1[-1] < 0.6 * l1[0], l1
+
+
+def test_embed_stage_lowers_denoiser_objective(image_folder):
+    obj = _run("embed", image_folder, lambda l, cfg: (l["phi_adv"] + cfg.denoiser_l1 * l["phi_l1"]).item(), 15)
+    assert sum(obj[-3:]) < 0.7 * sum(obj[:3]), obj
+
+
+def test_embed_stage_discriminators_learn(image_folder):
+    d_e = _run("embed", image_folder, lambda l, cfg: l["D_E"].item(), 15)
+    assert min(d_e[-3:]) < d_e[0], d_e
+
+
+def test_finetune_stage_lowers_reconstruction_and_d_r_loss(image_folder):
+    """At the stage's own (scaled-down) rates: F keeps learning to decode real embeddings while D_R
+    learns to judge the chain's output; φ's tie to its input does not come loose."""
+    parts = _run("finetune", image_folder, lambda l, cfg: {k: v.item() for k, v in l.items()}, 15)
+    first, last = parts[0], parts[-1]
+    assert last["F_rec"] < 0.95 * first["F_rec"], parts
+    assert min(p["D_R"] for p in parts[-3:]) < first["D_R"], parts
+    assert last["phi_l1"] < 1.5 * first["phi_l1"], parts
+
+
+def test_frozen_nets_do_not_move_in_stage_2(image_folder):
+    cfg, nets, opts, batch, emb = _setup("embed", image_folder)
+    before = {k: v.clone() for k, v in nets["H"].state_dict().items()} | \
+             {"F." + k: v.clone() for k, v in nets["F"].state_dict().items()}
+    STEPS["embed"](nets, opts, batch, emb, cfg)
+    after = nets["H"].state_dict() | {"F." + k: v for k, v in nets["F"].state_dict().items()}
+    for k in before:  # weights and BatchNorm running statistics alike
+        torch.testing.assert_close(before[k], after[k], rtol=0, atol=0)
+    assert not nets["H"].training and not nets["F"].training
+
+
+def test_embedding_cache_equals_encoder(image_folder):
+    cfg, nets, opts, batch, emb = _setup("embed", image_folder)
+    assert emb.table is not None
+    with torch.no_grad():
+        torch.testing.assert_close(emb.of(batch), nets["H"](batch.x))
+    _, _, _, _, uncached = _setup("embed", image_folder, cache_mb=0)
+    assert uncached.table is None and uncached.random(3).shape == (3, 64, 4, 4)
