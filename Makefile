@@ -1,5 +1,5 @@
 # `make train` and `make test` set everything up first; `make setup` is idempotent and does nothing
-# when requirements and setup.py are unchanged.
+# when requirements, setup.py and the csrc sources are unchanged.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +13,10 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt setup.py
+# The native extension (aegan_fast._C) is rebuilt when any csrc source changes.
+NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+
+$(STAMP): requirements.txt constraints.txt setup.py $(NATIVE_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -r requirements.txt
 	$(PIP) install -q $(FIND_LINKS) -c constraints.txt --no-build-isolation --no-deps -e .

@@ -40,7 +40,7 @@ def native_extensions():
     if not sources:
         return [], {}
     depends = _rel("csrc/*.h")
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     use_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
                 and os.environ.get("AEGAN_NO_CUDA", "0") != "1")
