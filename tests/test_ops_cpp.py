@@ -1,0 +1,430 @@
+"""cpp backend (csrc/, aegan_fast._C): parity with aegan_fast.ops.reference, the torch.library
+registration, memory-efficient mode, and the plain CMake build with its C++ tests (ctest).
+
+Tolerances. fp32: rtol 1e-5, with atol = 1e-5 x the largest |value| of the expected tensor: the
+weight and bias gradients are sums over N*H*W values, and the two sides sum in different orders
+(ATen: fp32 vectorised partial sums; cpp: fp32 blocks merged in fp64), so only an error relative
+to the tensor's scale is meaningful (an element that is a near-cancelling sum has no relative
+precision on either side). bf16 / fp16 are checked against an fp32 computation on the same
+(rounded) inputs: see test_low_precision for the bound and why.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aegan_fast.ops import BatchNormAct2d, BatchNormAddAct2d, dispatch, reference
+
+try:
+    from aegan_fast.ops import _cpp
+    CPP = _cpp.backend()
+    WHY_NOT = None
+except dispatch.BackendUnavailable as e:
+    CPP, WHY_NOT = None, str(e)
+
+needs_cpp = pytest.mark.skipif(CPP is None, reason=f"cpp backend unavailable: {WHY_NOT}")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def close(actual, expected, rtol=1e-5, name=""):
+    atol = rtol * max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def run(fn, op, x, residual, w, b, rm, rv, training, act, slope, grad, memory_efficient=False, momentum=0.1,
+        eps=1e-5):
+    """One forward + backward; returns the output, every gradient and the running statistics."""
+    x = x.detach().clone().requires_grad_()
+    r = residual.detach().clone().requires_grad_() if residual is not None else None
+    w = w.detach().clone().requires_grad_() if w is not None else None
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    rm = rm.clone() if rm is not None else None
+    rv = rv.clone() if rv is not None else None
+    if op == "bn_act":
+        kw = dict(memory_efficient=memory_efficient) if fn is not reference.bn_act else {}
+        y = fn(x, rm, rv, w, b, training, momentum, eps, act, slope, **kw)
+    else:
+        y = fn(x, r, rm, rv, w, b, training, momentum, eps, act, slope)
+    y.backward(grad)
+    return dict(out=y.detach(), dx=x.grad, dres=r.grad if r is not None else None,
+                dw=w.grad if w is not None else None, db=b.grad if b is not None else None, rm=rm, rv=rv)
+
+
+def make_inputs(N, C, H, W, channels_last=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g) * 2 + 0.5
+    r = torch.randn(N, C, H, W, generator=g)
+    grad = torch.randn(N, C, H, W, generator=g)
+    w = torch.rand(C, generator=g) + 0.5
+    b = torch.randn(C, generator=g) * 0.1
+    rm = torch.randn(C, generator=g) * 0.1
+    rv = torch.rand(C, generator=g) + 0.5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, r, grad = (t.to(dtype).contiguous(memory_format=fmt) for t in (x, r, grad))
+    return x, r, grad, w, b, rm, rv
+
+
+def away_from_kink(op, x, r, w, b, rm, rv, training, gap=1e-3):
+    """Move inputs whose pre-activation lies within `gap` of 0 (the ReLU kink) out to +-gap. There
+    the derivative jumps, and two correct implementations that round the pre-activation differently
+    (cpp: one fp32 fused x*scale+shift(+r); ATen: BN output rounded, then + r) can pick different
+    sides for a value a few ulps from 0 -- at N=16 C=64 128x128 a few dozen of 16.7M elements -- which
+    is not an error of either. For bn_add_act only the residual moves (statistics unchanged); for
+    bn_act a few inputs move by ~1e-3 / (w * invstd), changing the statistics by ~1e-9."""
+    z = reference.bn_act(x.double(), rm.double() if rm is not None else None,
+                         rv.double() if rv is not None else None, w.double() if w is not None else None,
+                         b.double() if b is not None else None, training, 0.0, 1e-5, "identity", 0.0)
+    if op == "bn_add_act":
+        z = z + r.double()
+    step = torch.where(z >= 0, gap, -gap) * (z.abs() < gap)
+    if op == "bn_add_act":
+        return x, (r.double() + step).to(r.dtype)
+    std = (x.double().var((0, 2, 3), unbiased=False) if training else rv.double()).add(1e-5).sqrt()
+    k = (w.double() if w is not None else torch.ones_like(std)) / std
+    return (x.double() + step / k.view(1, -1, 1, 1)).to(x.dtype), r
+
+
+def check_parity(op, shape, act, training, channels_last=False, memory_efficient=False, slope=0.2,
+                 affine=True):
+    x, r, grad, w, b, rm, rv = make_inputs(*shape, channels_last=channels_last)
+    if not affine:
+        w = b = None
+    if act != "identity":
+        x, r = away_from_kink(op, x, r, w, b, rm, rv, training)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x, r = x.contiguous(memory_format=fmt), r.contiguous(memory_format=fmt)
+    res = r if op == "bn_add_act" else None
+    got = run(getattr(CPP, op), op, x, res, w, b, rm, rv, training, act, slope, grad, memory_efficient)
+    want = run(getattr(reference, op), op, x, res, w, b, rm, rv, training, act, slope, grad)
+    for k in ("out", "dx", "dres", "dw", "db", "rm", "rv"):
+        if want[k] is None:
+            assert got[k] is None, k
+            continue
+        close(got[k], want[k], name=k)
+    if channels_last:
+        assert got["out"].is_contiguous(memory_format=torch.channels_last)
+        assert got["dx"].is_contiguous(memory_format=torch.channels_last)
+
+
+ODD = (3, 5, 7, 9)
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["bn_act", "bn_add_act"])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_parity_odd_shape(op, act, training, channels_last):
+    check_parity(op, ODD, act, training, channels_last)
+
+
+@needs_cpp
+@pytest.mark.parametrize("act,slope", [("identity", 0.0), ("leaky_relu", 0.2), ("leaky_relu", 3.0)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_parity_memory_efficient(act, slope, training, channels_last):
+    """Same output and gradients as the reference with only the output saved. The gradients go
+    through xhat = (act^-1(y) - b) / w instead of (x - mean) * invstd: a few fp32 roundings more,
+    still within 1e-5 of the tensor's scale for |w| ~ 1."""
+    check_parity("bn_act", ODD, act, training, channels_last, memory_efficient=True, slope=slope)
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["bn_act", "bn_add_act"])
+def test_parity_without_affine(op):
+    check_parity(op, ODD, "relu", True, affine=False)
+
+
+@needs_cpp
+@pytest.mark.parametrize("op,act,training,channels_last", [
+    ("bn_act", "leaky_relu", True, False),
+    ("bn_add_act", "relu", True, True),
+    ("bn_act", "relu", False, True),
+])
+def test_parity_realistic(op, act, training, channels_last):
+    """N=16, C=64, 128x128: the paper's batch at a real layer size (16.7M values, 2^18 per channel),
+    where the order of summation matters most."""
+    check_parity(op, (16, 64, 128, 128), act, training, channels_last)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["bn_act", "bn_add_act"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_low_precision(dtype, op, channels_last):
+    """bf16/fp16 storage, fp32 arithmetic. The truth is the reference in fp32 on the same rounded
+    inputs and grad. cpp rounds each stored result once, so its error is about one unit in the last
+    place of the output (bf16: 2^-8 = 3.9e-3 relative; fp16: 2^-11) on top of fp32 noise; the
+    bound is 2 ulps (bf16 8e-3, fp16 1e-3) relative to each tensor's scale, and the cpp error must
+    also be no worse than the reference run in low precision itself (which rounds twice: after the
+    BatchNorm and after the activation / residual add)."""
+    x, r, grad, w, b, rm, rv = make_inputs(4, 6, 10, 11, channels_last=channels_last, dtype=dtype)
+    res = r if op == "bn_add_act" else None
+    got = run(getattr(CPP, op), op, x, res, w, b, rm, rv, True, "leaky_relu", 0.2, grad)
+    f32 = lambda t: t.float() if t is not None else None  # noqa: E731
+    truth = run(getattr(reference, op), op, f32(x), f32(res), w, b, rm, rv, True, "leaky_relu", 0.2, f32(grad))
+    low = run(getattr(reference, op), op, x, res, w, b, rm, rv, True, "leaky_relu", 0.2, grad)
+    rtol = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    for k in ("out", "dx", "dres", "dw", "db", "rm", "rv"):
+        if truth[k] is None:
+            continue
+        assert got[k].dtype == (dtype if k in ("out", "dx", "dres") else torch.float32), k
+        close(got[k].float(), truth[k], rtol=rtol, name=k)
+        err_cpp = (got[k].float() - truth[k]).abs().max().item()
+        err_ref = (low[k].float() - truth[k]).abs().max().item()
+        assert err_cpp <= 1.5 * err_ref + 1e-6 * truth[k].abs().max().item(), (k, err_cpp, err_ref)
+
+
+@pytest.fixture
+def cpp_backend():
+    if CPP is None:
+        pytest.skip(f"cpp backend unavailable: {WHY_NOT}")
+    before = dispatch.get_backend()
+    dispatch.set_backend("cpp")
+    yield
+    dispatch.set_backend(before)
+
+
+def _use(backend):
+    dispatch.set_backend(backend)
+
+
+def no_worse_than_reference(got, ref32, truth64, name, factor=3.0):
+    """For quantities that are ill-conditioned sums (e.g. a BN weight gradient reached through a later
+    BatchNorm, where terms cancel to 1e-4 of their size), fp32 has no 1e-5 relative precision on
+    either side; the meaningful check is that cpp's error against an fp64 run is no worse than
+    `factor` x the fp32 reference's own error."""
+    err = (got.double() - truth64.double()).abs().max().item()
+    err_ref = (ref32.double() - truth64.double()).abs().max().item()
+    scale = truth64.abs().max().item()
+    assert err <= factor * err_ref + 1e-6 * scale, f"{name}: cpp error {err:.3g}, fp32 reference error {err_ref:.3g}"
+
+
+def _train_modules(backend, momentum, dtype=torch.float32, steps=5):
+    _use(backend)
+    torch.manual_seed(0)
+    a = BatchNormAct2d(5, "leaky_relu", 0.2, momentum=momentum).to(dtype)
+    s = BatchNormAddAct2d(5, "relu", momentum=momentum).to(dtype)
+    for step in range(steps):
+        x = torch.randn(3, 5, 7, 9, generator=torch.Generator().manual_seed(step)) * (step + 1) + step
+        y = s(a(x.to(dtype)), x.to(dtype))
+        y.square().mean().backward()
+    return a, s
+
+
+@needs_cpp
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_modules_running_stats_after_steps(cpp_backend, momentum):
+    """Modules on the cpp backend track running stats like nn.BatchNorm2d over several training
+    steps (momentum and cumulative average), then agree in eval mode; state_dict keys are
+    nn.BatchNorm2d's."""
+    cpp = _train_modules("cpp", momentum)
+    ref = _train_modules("reference", momentum)
+    f64 = _train_modules("reference", momentum, torch.float64)
+    _use("cpp")
+    plain = nn.BatchNorm2d(5)
+    for m, rm, tm in zip(cpp, ref, f64):
+        assert set(m.state_dict()) == set(plain.state_dict())
+        close(m.running_mean, rm.running_mean, name="running_mean")
+        close(m.running_var, rm.running_var, name="running_var")
+        assert int(m.num_batches_tracked) == int(rm.num_batches_tracked) == 5
+        no_worse_than_reference(m.weight.grad, rm.weight.grad, tm.weight.grad, "weight.grad")
+        no_worse_than_reference(m.bias.grad, rm.bias.grad, tm.bias.grad, "bias.grad")
+    x = torch.randn(3, 5, 7, 9)
+    cpp[0].eval(), ref[0].eval()
+    out_cpp = cpp[0](x)
+    _use("reference")
+    out_ref = ref[0](x)
+    _use("cpp")
+    close(out_cpp, out_ref, name="eval output")
+
+
+class _Block(nn.Module):
+    """The models' residual block: conv3x3 -> BN+act -> conv3x3 -> BN, + identity."""
+
+    def __init__(self, c, memory_efficient):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect", bias=False)
+        self.bn1 = BatchNormAct2d(c, "leaky_relu", 0.2, memory_efficient=memory_efficient)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect", bias=False)
+        self.bn2 = BatchNormAddAct2d(c, "identity")
+
+    def forward(self, x):
+        return self.bn2(self.c2(self.bn1(self.c1(x))), x)
+
+
+def _stack(memory_efficient, depth=3, c=8, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[_Block(c, memory_efficient) for _ in range(depth)])
+
+
+def _saved_bytes(model, x):
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sum(seen.values())
+
+
+@needs_cpp
+def test_memory_efficient_saves_less_same_grads(cpp_backend):
+    """A 3-block residual stack: memory_efficient gives the same output and gradients (to fp32
+    precision, judged against an fp64 run) and saves one activation-sized tensor less per block."""
+    x = torch.randn(4, 8, 16, 16)
+    results = {}
+    for me in (False, True):
+        model = _stack(me)
+        out, nbytes = _saved_bytes(model, x)
+        out.square().mean().backward()
+        results[me] = (out.detach(), nbytes, [p.grad.clone() for p in model.parameters()])
+    _use("reference")
+    ref = _stack(False)
+    out_ref, ref_bytes = _saved_bytes(ref, x)
+    out_ref.square().mean().backward()
+    f64 = _stack(False).double()
+    f64(x.double()).square().mean().backward()
+    _use("cpp")
+    (o0, b0, g0), (o1, b1, g1) = results[False], results[True]
+    close(o1, o0, name="output")
+    close(o0, out_ref.detach(), name="output vs reference")
+    names = [n for n, _ in ref.named_parameters()]
+    for n, a, b_, r, t in zip(names, g1, g0, [p.grad for p in ref.parameters()], [p.grad for p in f64.parameters()]):
+        no_worse_than_reference(a, r, t, f"memory_efficient {n}")
+        no_worse_than_reference(b_, r, t, f"normal {n}")
+    act_bytes = x.numel() * 4
+    # Per block, normal mode saves x1 = conv1's output on top of what the convs keep; memory-efficient
+    # saves only bn1's output, which conv2 saves anyway: one activation-sized tensor less per block.
+    assert b1 <= b0 - 3 * act_bytes + 1024, (b0, b1)
+    assert b0 < ref_bytes, (b0, ref_bytes)
+    print(f"saved bytes over 3 blocks: reference {ref_bytes}, cpp {b0}, cpp memory_efficient {b1}")
+
+
+@needs_cpp
+def test_inplace_after_memory_efficient_is_caught(cpp_backend):
+    """The saved output is version-checked: modifying it in place before backward is an error,
+    not a silent wrong gradient."""
+    bn = BatchNormAct2d(5, "leaky_relu", 0.2, memory_efficient=True)
+    x = torch.randn(3, 5, 7, 9, requires_grad=True)
+    y = bn(x)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # an in-place op on a copy is fine
+    y = bn(x)
+    z = y.clone().relu_()
+    z.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_cpp
+def test_opcheck():
+    ops = torch.ops.aegan_fast
+    x, r, grad, w, b, rm, rv = make_inputs(*ODD)
+    xc, rc, gc = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, grad))
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    cases = [
+        (ops.bn_act_fwd_cpp, (x.requires_grad_(), None, wg, bg, rm, rv, True, 1e-5, "leaky_relu", 0.2, False)),
+        (ops.bn_act_fwd_cpp, (x, None, wg, bg, rm, rv, True, 1e-5, "leaky_relu", 0.2, True)),
+        (ops.bn_act_fwd_cpp, (xc, rc, wg, bg, rm, rv, True, 1e-5, "relu", 0.0, False)),
+        (ops.bn_act_fwd_cpp, (x, r, None, None, rm, rv, False, 1e-5, "identity", 0.0, False)),
+    ]
+    out, mean, invstd, _ = ops.bn_act_fwd_cpp(x.detach(), None, w, b, rm, rv, True, 1e-5, "leaky_relu", 0.2, False)
+    cases += [
+        (ops.bn_act_bwd_cpp, (grad, x.detach(), None, w, b, mean, invstd, True, "leaky_relu", 0.2, False, False)),
+        (ops.bn_act_bwd_cpp, (grad, out, None, w, b, mean, invstd, False, "leaky_relu", 0.2, True, False)),
+        (ops.bn_act_bwd_cpp, (gc, xc, None, None, None, mean, invstd, True, "relu", 0.0, False, True)),
+        (ops.bn_running_update_cpp, (rm.clone(), rv.clone(), mean, invstd, 0.1)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@needs_cpp
+def test_compile_residual_block_fullgraph(cpp_backend):
+    """torch.compile(fullgraph=True) (inductor) of a residual block on the cpp backend: no graph
+    break, the custom ops in the graph, and the same output, gradients and running stats as eager."""
+    torch._dynamo.reset()
+    eager, compiled_src = _stack(False, depth=1), _stack(False, depth=1)
+    compiled = torch.compile(compiled_src, fullgraph=True)
+    x = torch.randn(2, 8, 12, 12)
+    for step in range(2):
+        ye, yc = eager(x + step), compiled(x + step)
+        close(yc, ye, name="compiled output")
+        ye.square().mean().backward()
+        yc.square().mean().backward()
+    for (n, pe), pc in zip(eager.named_parameters(), compiled_src.parameters()):
+        close(pc.grad, pe.grad, rtol=1e-4, name=f"compiled grad {n}")
+    for (n, be), bc in zip(eager.named_buffers(), compiled_src.buffers()):
+        close(bc.float(), be.float(), name=f"compiled buffer {n}")
+    explained = torch._dynamo.explain(_stack(False, depth=1))(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@needs_cpp
+def test_bad_input_gives_clear_errors():
+    from aegan_fast import _C
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        _C.bn_forward(x.double(), None, None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="4-D"):
+        _C.bn_forward(x[0], None, None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="contiguous in NCHW or channels_last"):
+        _C.bn_forward(x.transpose(2, 3), None, None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        _C.bn_forward(x, None, torch.ones(4), None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        _C.bn_forward(x, x[:1], None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="eval mode .* needs running_mean"):
+        _C.bn_forward(x, None, None, None, None, None, False, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        _C.bn_forward(x[:1, :, :1, :1].contiguous(), None, None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="invertible activation"):
+        _C.bn_backward(x, x, None, None, None, torch.zeros(3), torch.ones(3), True, 1, 0.0, True, False)
+    with pytest.raises(ValueError, match="invertible activation"):
+        CPP.bn_act(x, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0, True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        CPP.bn_act(x, None, None, None, None, True, 0.1, 1e-5, "gelu", 0.0)
+    # a non-contiguous input in neither layout is made contiguous by the backend, not rejected
+    xt = x.transpose(2, 3)
+    close(CPP.bn_act(xt, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0),
+          reference.bn_act(xt, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0))
+
+
+def test_availability_reports_cpp():
+    """The doctor's line for cpp: None when it loads, else a reason that says what to do."""
+    reason = dispatch.availability()["cpp"]
+    if CPP is None:
+        assert reason and ("aegan_fast._C" in reason or "torch" in reason), reason
+    else:
+        assert reason is None
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_and_ctest(tmp_path):
+    """The plain CMake build of the kernels and its C++ tests (what CI's second build runs). The
+    nvcc part is left to tests/test_kernels_aot.py (-DAEGAN_CUDA=OFF) to keep this one fast."""
+    build = tmp_path / "build"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    run_ = lambda *cmd: subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    cfg = run_("cmake", "-S", str(ROOT), "-B", str(build), "-DAEGAN_CUDA=OFF")
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    bld = run_("cmake", "--build", str(build), "-j2")
+    assert bld.returncode == 0, bld.stdout + bld.stderr
+    tst = run_("ctest", "--test-dir", str(build), "--output-on-failure")
+    assert tst.returncode == 0, tst.stdout + tst.stderr
+    assert "100% tests passed" in tst.stdout
