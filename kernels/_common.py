@@ -40,6 +40,14 @@ def invertible(activation: str, negative_slope: float) -> bool:
     return activation == "identity" or (activation == "leaky_relu" and negative_slope > 0)
 
 
+def check_memory_efficient(memory_efficient: bool, activation: str, negative_slope: float) -> None:
+    """memory_efficient with an activation that cannot be inverted is a caller error, as in the cpp
+    backend: silently keeping the input instead would hide that no memory is saved."""
+    if memory_efficient and not invertible(activation, negative_slope):
+        raise ValueError(f"memory_efficient needs an invertible activation (identity, or leaky_relu with "
+                         f"slope > 0), got {activation}({negative_slope})")
+
+
 # ----------------------------------------------------------------------------------------------
 # launching: wrap_triton when tracing through torch.library.triton_op needs it
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import (Layout, act_code, activate, activation_grad, batch_stats, channel_affine, contiguous_input,
-                      invertible, launch, or_dummy, sum_partials, tile_offsets, update_running_stats)
+                      check_memory_efficient, invertible, launch, or_dummy, sum_partials, tile_offsets, update_running_stats)
 
 MIN_ABS_WEIGHT: tl.constexpr = tl.constexpr(1e-6)
 
@@ -215,5 +215,6 @@ class BatchNormActFunction(torch.autograd.Function):
 def bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
            negative_slope=0.01, memory_efficient=False):
     """act(BatchNorm2d(x)) with Triton kernels; the signature of ``aegan_fast.ops.bn_act``."""
+    check_memory_efficient(memory_efficient, activation, negative_slope)
     return BatchNormActFunction.apply(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                       activation, negative_slope, memory_efficient)

@@ -59,7 +59,7 @@ def register() -> SimpleNamespace:
     """Define the ops once; returns the Python entry points ``bn_act`` and ``bn_add_act`` with the
     signatures of ``aegan_fast.ops.bn_act`` / ``bn_add_act``."""
     k = _kernels()
-    from aegan_fast.kernels._common import invertible
+    from aegan_fast.kernels._common import check_memory_efficient, invertible
 
     # ---- bn_act ---------------------------------------------------------------------------------
     def bn_act_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -172,6 +172,7 @@ def register() -> SimpleNamespace:
     # ---- the backend's entry points -------------------------------------------------------------
     def bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
                negative_slope=0.01, memory_efficient=False):
+        check_memory_efficient(memory_efficient, activation, negative_slope)
         y, mean, var = fwd(x, weight, bias, None if training else running_mean, None if training else running_var,
                            bool(training), float(eps), activation, float(negative_slope), bool(memory_efficient))
         if training and running_mean is not None and running_var is not None:
