@@ -120,9 +120,13 @@ def _register() -> None:
     def backward(ctx, grad_out, _g_mean, _g_invstd, _g_var):
         src, out, weight, bias, mean, invstd = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        dx, dres, dw, db = bn_act_bwd_cpp(grad_out.contiguous(memory_format=fmt), src, out, weight, bias, mean,
-                                          invstd, ctx.training, ctx.activation, ctx.negative_slope,
-                                          ctx.memory_efficient, ctx.has_res)
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        # With identity the residual's gradient is grad_out itself: hand it back, no kernel write.
+        write_dres = ctx.has_res and ctx.activation != "identity"
+        dx, dres, dw, db = bn_act_bwd_cpp(grad_out, src, out, weight, bias, mean, invstd, ctx.training,
+                                          ctx.activation, ctx.negative_slope, ctx.memory_efficient, write_dres)
+        if ctx.has_res and not write_dres:
+            dres = grad_out
         return (dx, dres if ctx.has_res else None, dw if weight is not None else None,
                 db if bias is not None else None, None, None, None, None, None, None, None)
 

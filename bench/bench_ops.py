@@ -1,0 +1,126 @@
+"""CPU benchmark of the fused BatchNorm ops (issue 3): forward + backward in training mode, fp32,
+N=16 C=64 at 128x128 and 256x256; reference eager vs the cpp backend vs torch.compile of the
+reference; plus this machine's copy bandwidth and the cpp apply passes alone, all in the same run.
+
+    .venv/bin/python -m pytest bench/bench_ops.py --benchmark-only --benchmark-json=bench/.ops.json
+    .venv/bin/python bench/report_ops.py bench/.ops.json
+
+Ops as the models use them: bn_act with LeakyReLU(0.2) (conv -> BN -> act), bn_add_act with identity
+(the end of a residual block).
+
+Bytes ("algorithmic traffic", the same count for every implementation, as bench_ops_gpu.py): bn_act
+= 3 activation-sized passes forward (read x for statistics; read x, write y) + 5 backward (read dy, x;
+read dy, x, write dx) = 8; bn_add_act = 4 forward (x; x, r, y) + 5 backward = 9. GB/s = bytes /
+median time; the copy benchmark (dst.copy_(src), read + write, preallocated) is the roofline.
+
+Every fwd+bwd call allocates its outputs, as a training step does; on this kind of VM first touch of
+fresh pages costs about as much as a pass over memory, and all implementations pay it. The
+`apply` benchmarks write into preallocated buffers (the _C functions' out= arguments) to measure the
+cpp apply passes themselves against copy bandwidth.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aegan_fast.ops import dispatch, reference
+
+try:
+    from aegan_fast.ops import _cpp
+    CPP = _cpp.backend()
+    WHY_NOT = None
+except dispatch.BackendUnavailable as e:
+    CPP, WHY_NOT = None, str(e)
+
+SHAPES = {"128": (16, 64, 128, 128), "256": (16, 64, 256, 256)}
+ROUNDS = {"128": 7, "256": 5}
+PASSES = {"bn_act": 8, "bn_add_act": 9}
+SLOPE = 0.2
+_data: dict[str, tuple] = {}
+_compiled: dict[str, object] = {}
+
+
+def data(shape_key):
+    if shape_key not in _data:
+        _data.clear()  # keep one shape's tensors alive at a time (256x256: 268 MB each)
+        N, C, H, W = SHAPES[shape_key]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(N, C, H, W, generator=g)
+        r = torch.randn(N, C, H, W, generator=g)
+        dy = torch.randn(N, C, H, W, generator=g)
+        _data[shape_key] = (x, r, dy, torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.1)
+    return _data[shape_key]
+
+
+def _impl(name, op):
+    if name == "reference":
+        return getattr(reference, op)
+    if name == "cpp":
+        if CPP is None:
+            pytest.skip(f"cpp backend unavailable: {WHY_NOT}")
+        return getattr(CPP, op)
+    if op not in _compiled:
+        _compiled[op] = torch.compile(getattr(reference, op), fullgraph=True, dynamic=False)
+    return _compiled[op]
+
+
+def _step(fn, op, x, r, dy, w, b, rm, rv):
+    x = x.detach().requires_grad_()
+    w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+    if op == "bn_act":
+        y = fn(x, rm, rv, w, b, True, 0.1, 1e-5, "leaky_relu", SLOPE)
+    else:
+        rr = r.detach().requires_grad_()
+        y = fn(x, rr, rm, rv, w, b, True, 0.1, 1e-5, "identity", SLOPE)
+    y.backward(dy)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_copy_bandwidth(benchmark, shape):
+    x = data(shape)[0]
+    dst = torch.empty_like(x)
+    benchmark.group = f"ops {shape}"
+    benchmark.extra_info.update(kind="copy", shape=shape, bytes=2 * x.numel() * x.element_size())
+    benchmark.pedantic(lambda: dst.copy_(x), rounds=2 * ROUNDS[shape], warmup_rounds=2, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "compiled"])
+@pytest.mark.parametrize("op", ["bn_act", "bn_add_act"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fwd_bwd(benchmark, shape, op, impl):
+    fn = _impl(impl, op)
+    x, r, dy, w, b = data(shape)
+    C = x.shape[1]
+    rm, rv = torch.zeros(C), torch.ones(C)
+    benchmark.group = f"ops {shape}"
+    benchmark.extra_info.update(kind="fwd_bwd", shape=shape, op=op, impl=impl,
+                                bytes=PASSES[op] * x.numel() * x.element_size())
+    benchmark.pedantic(lambda: _step(fn, op, x, r, dy, w, b, rm, rv), rounds=ROUNDS[shape],
+                       warmup_rounds=2 if impl == "compiled" else 1, iterations=1)
+
+
+@pytest.mark.parametrize("part", ["fwd_apply", "bwd_apply_eval", "fwd_train", "bwd_train"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cpp_passes(benchmark, shape, part):
+    """The cpp kernels into preallocated buffers. fwd_apply: the forward apply pass alone (eval
+    mode: read x, write y = 2 passes). bwd_apply_eval: eval-mode backward, one fused pass (read dy,
+    x, write dx = 3). fwd_train: statistics + apply (3). bwd_train: reduction + apply (5)."""
+    if CPP is None:
+        pytest.skip(f"cpp backend unavailable: {WHY_NOT}")
+    from aegan_fast import _C
+    x, r, dy, w, b = data(shape)
+    C = x.shape[1]
+    rm, rv = torch.zeros(C), torch.ones(C)
+    out = torch.empty_like(x)
+    _, mean, invstd, _ = _C.bn_forward(x, None, w, b, None, None, True, 1e-5, 2, SLOPE)
+    passes, fn = {
+        "fwd_apply": (2, lambda: _C.bn_forward(x, None, w, b, rm, rv, False, 1e-5, 2, SLOPE, out=out)),
+        "bwd_apply_eval": (3, lambda: _C.bn_backward(dy, x, None, w, b, mean, invstd, False, 2, SLOPE, False, False,
+                                                     dx=out)),
+        "fwd_train": (3, lambda: _C.bn_forward(x, None, w, b, None, None, True, 1e-5, 2, SLOPE, out=out)),
+        "bwd_train": (5, lambda: _C.bn_backward(dy, x, None, w, b, mean, invstd, True, 2, SLOPE, False, False,
+                                                dx=out)),
+    }[part]
+    benchmark.group = f"ops {shape}"
+    benchmark.extra_info.update(kind="cpp_pass", shape=shape, part=part, bytes=passes * x.numel() * x.element_size())
+    benchmark.pedantic(fn, rounds=2 * ROUNDS[shape], warmup_rounds=1, iterations=1)
