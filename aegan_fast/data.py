@@ -129,9 +129,11 @@ class ImageSet:
     def batch(self, n: int, generator: torch.Generator, device, flip: bool = True) -> torch.Tensor:
         return self.gather(*self.sample_indices(n, generator, flip), device)
 
-    def first(self, n: int, device) -> torch.Tensor:
-        """The first n images, unshuffled (fixed real images for reconstruction grids)."""
-        return to_float(self.images[:n].to(device))
+    def spread(self, n: int, device) -> torch.Tensor:
+        """n images evenly spaced through the set (repeating when it is smaller): fixed real images
+        for reconstruction grids that show its variety, not its first folder."""
+        idx = torch.linspace(0, len(self) - 1, n).round().long()
+        return to_float(self.images[idx].to(device))
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:

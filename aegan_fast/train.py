@@ -30,6 +30,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LOSSES, STAGES, TrainConfig, preset
 from .data import ImageSet, load_dataset
 from .errors import UserError, cli
+from .metrics import psnr, recon_l1
 from .models import build_nets, check_resolution, generate, sample_z
 from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage
 from .viz import plot_metrics, save_grid
@@ -148,6 +149,10 @@ class MetricsLog:
         self.data_s += data_s
         self.step_s += step_s
 
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def flush(self, stage: str, counters: dict) -> dict | None:
         if not self.count:
             return None
@@ -156,8 +161,7 @@ class MetricsLog:
                "losses": {k: v / self.count for k, v in self.sums.items()},
                "img_per_s": self.images / max(self.step_s, 1e-9),
                "data_wait": self.data_s / max(self.step_s, 1e-9), "time": time.time()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.write(row)
         if self.tb is not None:
             for k, v in row["losses"].items():
                 self.tb.add_scalar(f"{stage}/{k}", v, counters["total_img"])
@@ -207,6 +211,18 @@ def save_samples(stage: str, nets, ema: EMA | None, fixed_z, fixed_real, path: P
         n.train(was_training[k])
 
 
+@torch.no_grad()
+def reconstruction_report(nets, data: ImageSet, device, n: int = 256) -> dict:
+    """Autoencoder L1 and PSNR (dB, on the [-1, 1] range) over n images spread through the set.
+    They are training images: this tracks the autoencoder, held-out evaluation is aegan_fast.eval's."""
+    x = data.spread(min(n, len(data)), device)
+    was_training = nets["H"].training, nets["F"].training
+    nets["H"].eval(), nets["F"].eval()
+    rec = nets["F"](nets["H"](x))
+    nets["H"].train(was_training[0]), nets["F"].train(was_training[1])
+    return {"rec_l1": recon_l1(x, rec), "rec_psnr": float(psnr(x, rec))}
+
+
 # --------------------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
@@ -248,7 +264,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
         cfg.save(run_dir / "config.json")
 
     fixed_z = sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device)
-    fixed_real = data.first(min(32, len(data)), device).repeat(32 // min(32, len(data)) + 1, 1, 1, 1)[:32]
+    fixed_real = data.spread(32, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     (run_dir / "samples").mkdir(exist_ok=True)
 
@@ -318,6 +334,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
             raise
         bar.close()
         metrics.flush(stage, counters)
+        if stage == "ae":
+            report = reconstruction_report(nets, data, device)
+            metrics.write({"stage": stage, "kimg": counters["total_img"] / 1000, "eval": report})
+            log.info("autoencoder: reconstruction L1 %.4f, PSNR %.2f dB", report["rec_l1"], report["rec_psnr"])
         save_samples(stage, nets, ema, fixed_z, fixed_real, run_dir / "samples" / f"{stage}-final.png")
         counters.update(stage=STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else "done", stage_img=0)
         checkpoint(f"stage-{stage}.pt")
