@@ -22,6 +22,8 @@ CLIS = {
     "aegan-train": "aegan_fast.train:main",
     "aegan-sample": "aegan_fast.sample:main",
     "aegan-doctor": "aegan_fast.doctor:main",
+    "aegan-eval": "aegan_fast.eval:main",
+    "aegan-export": "aegan_fast.export.cli:main",
 }
 
 

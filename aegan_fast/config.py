@@ -40,6 +40,8 @@ class TrainConfig:
     ckpt_every_kimg: float = 5.0
     log_every_steps: int = 20
     grid_size: int = 64              # images in each sample grid (fixed z)
+    eval_metrics: tuple = ("swd", "msssim")  # cheap metrics of the sampling chain at each stage end
+    eval_n: int = 256                # images per set for those metrics
     ops: str = "auto"
     device: str = "auto"
     data: str | None = None          # None: the built-in emoji set
@@ -52,6 +54,7 @@ class TrainConfig:
         d = dict(d)
         d["model"] = ModelConfig(**d["model"])
         d["betas"] = tuple(d["betas"])
+        d["eval_metrics"] = tuple(d.get("eval_metrics", ()))
         return cls(**d)
 
     def save(self, path) -> None:

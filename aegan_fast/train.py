@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LOSSES, STAGES, TrainConfig, preset
 from .data import ImageSet, load_dataset
 from .errors import UserError, cli
-from .metrics import psnr, recon_l1
 from .models import build_nets, check_resolution, generate, sample_z
 from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage
 from .viz import plot_metrics, save_grid
@@ -193,34 +193,44 @@ def set_rng_state(state: dict, data_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def eval_mode(nets):
+    """Nets in eval mode for a look (grids, evaluation), each restored to its own mode afterwards."""
+    was_training = {k: n.training for k, n in nets.items()}
+    nets.eval()
+    try:
+        yield
+    finally:
+        for k, n in nets.items():
+            n.train(was_training[k])
+
+
 @torch.no_grad()
 def save_samples(stage: str, nets, ema: EMA | None, fixed_z, fixed_real, path: Path) -> None:
     """Stage ae: real images and their reconstructions in alternate rows. Later stages: the sampling
     chain on the fixed z (EMA weights when on)."""
-    was_training = {k: n.training for k, n in nets.items()}
-    nets.eval()
-    if stage == "ae":
-        real = fixed_real[:32]
-        rec = nets["F"](nets["H"](real))
-        rows = torch.stack([real.view(4, 8, *real.shape[1:]), rec.view(4, 8, *rec.shape[1:])], 1)
-        save_grid(rows.reshape(-1, *real.shape[1:]), path, nrow=8)
-    else:
-        chain = ema.nets if ema is not None else nets
-        save_grid(generate(chain, fixed_z), path)
-    for k, n in nets.items():
-        n.train(was_training[k])
+    with eval_mode(nets):
+        if stage == "ae":
+            real = fixed_real[:32]
+            rec = nets["F"](nets["H"](real))
+            rows = torch.stack([real.view(4, 8, *real.shape[1:]), rec.view(4, 8, *rec.shape[1:])], 1)
+            save_grid(rows.reshape(-1, *real.shape[1:]), path, nrow=8)
+        else:
+            save_grid(generate(ema.nets if ema is not None else nets, fixed_z), path)
 
 
-@torch.no_grad()
-def reconstruction_report(nets, data: ImageSet, device, n: int = 256) -> dict:
-    """Autoencoder L1 and PSNR (dB, on the [-1, 1] range) over n images spread through the set.
-    They are training images: this tracks the autoencoder, held-out evaluation is aegan_fast.eval's."""
-    x = data.spread(min(n, len(data)), device)
-    was_training = nets["H"].training, nets["F"].training
-    nets["H"].eval(), nets["F"].eval()
-    rec = nets["F"](nets["H"](x))
-    nets["H"].train(was_training[0]), nets["F"].train(was_training[1])
-    return {"rec_l1": recon_l1(x, rec), "rec_psnr": float(psnr(x, rec))}
+def stage_end_evaluation(stage: str, nets, ema: EMA | None, data: ImageSet, cfg: TrainConfig, device) -> dict:
+    """Cheap metrics at the end of each stage: the autoencoder's reconstruction after ``ae``, the
+    sampling chain's (``cfg.eval_metrics`` on ``cfg.eval_n`` images) after the others."""
+    from .eval import evaluate_run  # eval builds on this module's helpers
+
+    with eval_mode(nets):
+        if stage == "ae":
+            return evaluate_run(nets, data, ("l1", "psnr"), cfg.eval_n, cfg.seed, cfg.model.z_dim, device)
+        if not cfg.eval_metrics:
+            return {}
+        chain = dict(nets.items()) | (dict(ema.nets.items()) if ema is not None else {})
+        return evaluate_run(chain, data, cfg.eval_metrics, cfg.eval_n, cfg.seed, cfg.model.z_dim, device)
 
 
 # --------------------------------------------------------------------------- the run
@@ -334,10 +344,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
             raise
         bar.close()
         metrics.flush(stage, counters)
-        if stage == "ae":
-            report = reconstruction_report(nets, data, device)
+        report = stage_end_evaluation(stage, nets, ema, data, cfg, device)
+        if report:
             metrics.write({"stage": stage, "kimg": counters["total_img"] / 1000, "eval": report})
-            log.info("autoencoder: reconstruction L1 %.4f, PSNR %.2f dB", report["rec_l1"], report["rec_psnr"])
+            log.info("end of stage %s: %s", stage, ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
         save_samples(stage, nets, ema, fixed_z, fixed_real, run_dir / "samples" / f"{stage}-final.png")
         counters.update(stage=STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else "done", stage_img=0)
         checkpoint(f"stage-{stage}.pt")

@@ -41,12 +41,17 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "losses" in r]
+    lines = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    rows = [r for r in lines if "losses" in r]
+    evals = [r for r in lines if "eval" in r]
     if not rows:
         return
     keys = sorted({k for r in rows for k in r["losses"]})
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for r in evals:  # stage-end evaluation, written where the stage ends
+        text = "\n".join(f"{k} {v:.3g}" for k, v in r["eval"].items() if not k.startswith("swd_"))
+        ax2.annotate(text, (r["kimg"], 0), xycoords=("data", "axes fraction"), fontsize=7, ha="right",
+                     va="bottom", color="tab:blue")
     for k in keys:
         pts = [(r["kimg"], r["losses"][k]) for r in rows if k in r["losses"]]
         ax.plot(*zip(*pts), label=k, lw=1.2)

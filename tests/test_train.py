@@ -29,8 +29,10 @@ def test_full_run_writes_every_artifact(tmp_path, image_folder):
     steps = [r for r in rows if "losses" in r]
     assert {r["stage"] for r in steps} == {"ae", "embed", "finetune"}
     assert all(r["img_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in steps)
-    (ae_eval,) = [r["eval"] for r in rows if "eval" in r]
-    assert 0 < ae_eval["rec_l1"] < 2 and 0 < ae_eval["rec_psnr"] < 60
+    evals = {r["stage"]: r["eval"] for r in rows if "eval" in r}
+    assert 0 < evals["ae"]["l1"] < 2 and 0 < evals["ae"]["psnr"] < 60
+    for stage in ("embed", "finetune"):
+        assert evals[stage]["swd"] > 0 and 0 <= evals[stage]["msssim"] <= 1
     state = load_checkpoint(run)
     assert state["counters"]["stage"] == "done" and state["counters"]["total_img"] == 3 * 16
     assert state["ema"] is not None

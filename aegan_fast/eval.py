@@ -1,0 +1,102 @@
+"""Evaluate a trained run: ``python -m aegan_fast.eval --ckpt RUN_DIR [--data DIR] [--metrics ...]``.
+
+Generated images (the sampling chain, EMA weights when kept) are compared with real images spread
+through the data set; ``psnr``/``l1`` measure the autoencoder on those real images. Writes JSON
+(``--out``, default RUN_DIR/eval-<checkpoint>.json) and prints a table. PSNR of a perfect
+reconstruction is infinite: JSON has no infinity, so it is written as the string "inf".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_sampling_nets, resolve_checkpoint
+from .data import ImageSet, load_dataset
+from .errors import UserError, cli
+from .metrics import evaluate, parse_metrics
+from .sample import sample_images
+from .train import pick_device
+
+RECONSTRUCTION = ("l1", "psnr")
+BETTER = {"swd": "lower", "fid_efflite": "lower", "kid_efflite": "lower", "fid_inception": "lower",
+          "kid_inception": "lower", "l1": "lower", "psnr": "higher", "msssim": "close to msssim_real"}
+
+
+@torch.no_grad()
+def reconstruct(nets, real: torch.Tensor, device, batch: int = 64) -> torch.Tensor:
+    return torch.cat([nets["F"](nets["H"](real[i:i + batch].to(device))).cpu() for i in range(0, len(real), batch)])
+
+
+def evaluate_run(nets, data: ImageSet, metrics, n: int, seed: int, z_dim: int, device,
+                 inception_weights=None) -> dict[str, float]:
+    """The named metrics for nets (eval mode) against n real images spread through data."""
+    names = parse_metrics(metrics)
+    n = min(n, len(data))
+    real = data.spread(n, "cpu")
+    results: dict[str, float] = {}
+    generative = [m for m in names if m not in RECONSTRUCTION]
+    if generative:
+        fake = sample_images(nets, n, seed, z_dim, device)
+        results.update(evaluate(real, fake, generative, seed=seed, inception_weights=inception_weights,
+                                device=device, kid_subset_size=min(1000, n)))
+    recon = [m for m in names if m in RECONSTRUCTION]
+    if recon:
+        results.update(evaluate(real, reconstruct(nets, real, device), recon))
+    return results
+
+
+def _json_safe(value: float):
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
+
+
+def format_table(results: dict[str, float]) -> str:
+    width = max(len(k) for k in results)
+    lines = [f"{'metric':<{width}}  {'value':>12}  better"]
+    for k, v in results.items():
+        base = k.rsplit("_std", 1)[0] if k.endswith("_std") else k
+        better = BETTER.get(base, BETTER.get(base.split("_")[0], ""))
+        lines.append(f"{k:<{width}}  {v:>12.4f}  {better if not k.endswith('_std') else ''}")
+    return "\n".join(lines)
+
+
+@cli
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(prog="aegan-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--data", help="real images to compare with (default: the run's own data set)")
+    p.add_argument("--metrics", default="swd,msssim,fid_efflite,kid_efflite,psnr",
+                   help="comma-separated: swd, msssim, msssim_real, fid_efflite, kid_efflite, "
+                        "fid_inception, kid_inception, l1, psnr")
+    p.add_argument("--n", type=int, default=1000, help="images per set (real and generated)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file, for fid/kid_inception")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON file (default: RUN_DIR/eval-<checkpoint>.json)")
+    args = p.parse_args(argv)
+    if args.n < 2:
+        raise UserError("--n must be ≥ 2")
+    metrics = parse_metrics(args.metrics)
+    ckpt = resolve_checkpoint(args.ckpt)
+    device = pick_device(args.device)
+    cfg, nets = load_sampling_nets(ckpt, device)
+    data = load_dataset(args.data if args.data else cfg.data, cfg.model.resolution)
+    started = time.time()
+    results = evaluate_run(nets, data, metrics, args.n, args.seed, cfg.model.z_dim, device, args.inception_weights)
+    out = Path(args.out) if args.out else ckpt.parent.parent / f"eval-{ckpt.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(ckpt), "data": data.source, "n": min(args.n, len(data)),
+                               "seed": args.seed, "seconds": round(time.time() - started, 1),
+                               "metrics": {k: _json_safe(v) for k, v in results.items()}}, indent=2) + "\n")
+    print(format_table(results))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
