@@ -1,0 +1,170 @@
+"""Export a trained run for fast sampling: ``python -m aegan_fast.export --ckpt RUN_DIR --out sampler.onnx``.
+
+``--format onnx`` writes the folded sampling graph (z → image) as ONNX, checks it with
+onnx.checker and validates it with ONNX Runtime against the torch nets on random z.
+``--format tensorrt`` does the same in fp16, then builds a TensorRT engine from that ONNX with a
+batch profile, a workspace limit and a timing cache, and writes a JSON sidecar beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..checkpoint import load_sampling_nets, resolve_checkpoint
+from ..errors import UserError, cli
+from .fold import build_inference_graph
+from .onnx_export import OPSET, TOLERANCE, export_onnx, exporter, validate_onnx
+from .trt import (build_engine, check_profile, make_sidecar, sha256_file, sidecar_path, tensorrt_unavailable,
+                  write_sidecar)
+
+ONNX_SUFFIXES = (".onnx",)
+PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+class ExportError(RuntimeError):
+    """The export ran but its result failed a check (ONNX Runtime disagrees with torch)."""
+
+
+def export_checkpoint(ckpt, out, *, dtype: str = "fp32", batch: int | None = None, opset: int = OPSET,
+                      use_ema: bool = True, denoise: bool = True) -> dict:
+    """Export the sampling chain of a run directory or checkpoint to ONNX at ``out`` and validate it.
+    Returns {'path', 'max_abs_diff', 'tolerance', 'exporter', 'checkpoint', 'checkpoint_sha256', 'z_dim',
+    'resolution', 'denoise', 'dtype', 'batch'}. Raises UserError for a bad checkpoint, ExportError when
+    ONNX Runtime disagrees with torch (the file is removed then)."""
+    name, detail = exporter()
+    if name is None:
+        raise UserError(f"cannot export to ONNX here: {detail} (pip install -r requirements.txt)")
+    ckpt_file = resolve_checkpoint(ckpt)
+    cfg, nets = load_sampling_nets(ckpt_file, "cpu", use_ema=use_ema)
+    m = cfg.model
+    graph = build_inference_graph(nets, m.z_dim, m.resolution, denoise=denoise)
+    reference = build_inference_graph(nets, m.z_dim, m.resolution, denoise=denoise, fold=False)
+    info = {"checkpoint": str(ckpt_file), "checkpoint_sha256": sha256_file(ckpt_file), "z_dim": m.z_dim,
+            "resolution": m.resolution, "denoise": denoise, "ema": use_ema, "aegan_fast": __version__}
+    path = export_onnx(graph, out, m.z_dim, dtype=dtype, batch=batch, opset=opset, metadata=info)
+    try:
+        err = validate_onnx(path, reference, m.z_dim, dtype=dtype, batch=batch)
+    except ValueError as e:
+        Path(path).unlink(missing_ok=True)
+        raise ExportError(f"{e}; nothing written") from None
+    return {**info, "path": Path(path), "max_abs_diff": err, "tolerance": TOLERANCE[dtype], "exporter": name,
+            "dtype": dtype, "batch": batch}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aegan-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--out", required=True, help="sampler.onnx, or sampler.plan for --format tensorrt")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
+                   help="compute dtype of the graph (default: fp32 for onnx, fp16 for tensorrt)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--batch", type=int, default=None, help="a fixed batch size")
+    size.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (the default)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, ≥ 17 (default {OPSET})")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
+    p.add_argument("--no-denoise", action="store_true", help="export G_E → F only, without φ")
+    trt = p.add_argument_group("tensorrt")
+    trt.add_argument("--min-batch", type=int, default=None, help="profile minimum batch (default 1)")
+    trt.add_argument("--opt-batch", type=int, default=None, help="profile batch to tune for (default 8)")
+    trt.add_argument("--max-batch", type=int, default=None, help="profile maximum batch (default 32)")
+    trt.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit in GiB (default 4)")
+    trt.add_argument("--timing-cache", default=None,
+                     help="timing cache file, read and updated (default: OUT with suffix .timing-cache)")
+    trt.add_argument("--onnx", default=None, help="where to keep the fp16 ONNX the engine is built from "
+                                                  "(default: OUT with suffix .onnx)")
+    return p
+
+
+def check_args(args) -> None:
+    """Every argument check that needs neither the checkpoint nor TensorRT; raises UserError."""
+    out = Path(args.out)
+    if args.batch is not None and args.batch < 1:
+        raise UserError("--batch must be ≥ 1")
+    if args.opset < 17:
+        raise UserError(f"--opset {args.opset}: opset 17 or newer is needed")
+    trt_flags = {"--min-batch": args.min_batch, "--opt-batch": args.opt_batch, "--max-batch": args.max_batch,
+                 "--workspace-gb": args.workspace_gb, "--timing-cache": args.timing_cache, "--onnx": args.onnx}
+    if args.format == "onnx":
+        if out.suffix.lower() not in ONNX_SUFFIXES:
+            raise UserError(f"--out {args.out}: an ONNX file ends in .onnx")
+        given = [flag for flag, v in trt_flags.items() if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --format tensorrt")
+        return
+    if out.suffix.lower() not in PLAN_SUFFIXES:
+        raise UserError(f"--out {args.out}: a TensorRT engine ends in {', '.join(PLAN_SUFFIXES)}")
+    if args.batch is not None:
+        if any(v is not None for v in (args.min_batch, args.opt_batch, args.max_batch)):
+            raise UserError("--batch fixes the engine's batch; leave out --min-batch/--opt-batch/--max-batch")
+        args.min_batch = args.opt_batch = args.max_batch = args.batch
+    else:
+        args.min_batch = 1 if args.min_batch is None else args.min_batch
+        args.max_batch = max(32, args.min_batch) if args.max_batch is None else args.max_batch
+        args.opt_batch = min(max(8, args.min_batch), args.max_batch) if args.opt_batch is None else args.opt_batch
+    try:
+        check_profile(args.min_batch, args.opt_batch, args.max_batch)
+    except ValueError as e:
+        raise UserError(f"--min-batch/--opt-batch/--max-batch: {e}") from None
+    if args.workspace_gb is not None and not args.workspace_gb > 0:
+        raise UserError("--workspace-gb must be > 0")
+    onnx_path = Path(args.onnx) if args.onnx else out.with_suffix(".onnx")
+    if onnx_path.suffix.lower() != ".onnx":
+        raise UserError(f"--onnx {args.onnx}: an ONNX file ends in .onnx")
+    if onnx_path.resolve() == out.resolve() or sidecar_path(out).resolve() == onnx_path.resolve():
+        raise UserError("--onnx must differ from the engine and its sidecar")
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
+
+
+@cli
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    check_args(args)
+    dtype = args.dtype or ("fp16" if args.format == "tensorrt" else "fp32")
+    out = Path(args.out)
+    if args.format == "tensorrt":
+        reason = tensorrt_unavailable()
+        if reason:
+            raise UserError(f"--format tensorrt: {reason}")
+    resolve_checkpoint(args.ckpt)
+
+    onnx_out = out if args.format == "onnx" else (Path(args.onnx) if args.onnx else out.with_suffix(".onnx"))
+    # A fixed-batch engine is built from a fixed-batch ONNX; a profile needs the dynamic one.
+    try:
+        rep = export_checkpoint(args.ckpt, onnx_out, dtype=dtype, batch=args.batch, opset=args.opset,
+                                use_ema=not args.no_ema, denoise=not args.no_denoise)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    shape = f"batch {args.batch}" if args.batch else "dynamic batch"
+    print(f"wrote {onnx_out} ({dtype}, {shape}, opset {args.opset}, {rep['exporter']} exporter, {_size(onnx_out)}); "
+          f"onnxruntime vs torch: max abs diff {rep['max_abs_diff']:.2e} (bound {rep['tolerance']:g})")
+    if args.format == "onnx":
+        return
+
+    workspace = int((args.workspace_gb or 4.0) * 2**30)
+    timing_cache = Path(args.timing_cache) if args.timing_cache else out.with_suffix(".timing-cache")
+    try:
+        built = build_engine(onnx_out, out, z_dim=rep["z_dim"], min_batch=args.min_batch, opt_batch=args.opt_batch,
+                             max_batch=args.max_batch, workspace_bytes=workspace, timing_cache=timing_cache)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    info = make_sidecar(engine=out, io=built["io"], profile={"min": args.min_batch, "opt": args.opt_batch,
+                                                             "max": args.max_batch},
+                        tensorrt_version=built["tensorrt_version"], checkpoint=rep["checkpoint"],
+                        checkpoint_sha256=rep["checkpoint_sha256"], onnx_path=onnx_out, z_dim=rep["z_dim"],
+                        resolution=rep["resolution"], denoise=rep["denoise"], dtype=dtype,
+                        workspace_bytes=workspace, device=built["device"])
+    side = write_sidecar(out, info)
+    print(f"wrote {out} (TensorRT {built['tensorrt_version']}, {dtype}, batch {args.min_batch}/{args.opt_batch}/"
+          f"{args.max_batch}, {_size(out)}), sidecar {side}, timing cache {timing_cache}")
+
+
+if __name__ == "__main__":
+    main()
