@@ -62,7 +62,23 @@ def report() -> list[tuple[str, list[tuple[str, str | None, str]]]]:
     exporters = [("onnx", _module("onnx"), ""), ("onnxruntime", _module("onnxruntime"), ""),
                  ("tensorrt", _module("tensorrt"), "")]
     return [("environment", env), ("device", device), ("op backends", backends), ("data", loaders),
-            ("exporters", exporters)]
+            ("exporters", exporters), ("sampler backends", sampler_rows(torch))]
+
+
+def sampler_rows(torch) -> list[tuple[str, str | None, str]]:
+    """aegan_fast.sample.Sampler backends, on the GPU when there is one, else on the CPU."""
+    from .export.onnx_export import exporter
+    from .sample import sampler_backends
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    details = {"torch": "eager, BatchNorm folded", "compile": "torch.compile, parity-checked against eager",
+               "tensorrt": "engines from `aegan_fast.export --format tensorrt`"}
+    name, detail = exporter()
+    if name and _module("onnxruntime") is None:
+        import onnxruntime
+        details["onnxruntime"] = f"providers {', '.join(onnxruntime.get_available_providers())}; export: {detail}"
+    return [(f"{backend} ({device})", reason, details.get(backend, ""))
+            for backend, reason in sampler_backends(device).items()]
 
 
 @cli
