@@ -1,0 +1,373 @@
+"""Fast sampling: BatchNorm folding, ONNX export + ONNX Runtime, the Sampler backends, the TensorRT
+sidecar and argument checks. TensorRT itself and the GPU paths skip with a reason where absent."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import aegan_fast.sample as sample_mod
+from aegan_fast import ops
+from aegan_fast.checkpoint import load_sampling_nets
+from aegan_fast.config import TrainConfig
+from aegan_fast.data import load_folder, to_uint8
+from aegan_fast.errors import UserError
+from aegan_fast.export import build_inference_graph
+from aegan_fast.export.cli import main as export_main
+from aegan_fast.export.fold import fold_conv_bn, uses_custom_ops
+from aegan_fast.export.onnx_export import (TOLERANCE, exporter, onnx_io, onnx_metadata, ort_session)
+from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sha256_file, sidecar_path,
+                                   tensorrt_unavailable, write_sidecar)
+from aegan_fast.models import ModelConfig, build_nets, generate, sample_z
+from aegan_fast.sample import Sampler, sample_images, sampler_backends
+from aegan_fast.sample import main as sample_main
+from aegan_fast.train import train
+from conftest import make_image_folder, tiny_config
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+if exporter()[0] is None:
+    pytest.skip(f"no ONNX exporter: {exporter()[1]}", allow_module_level=True)
+
+TINY = dict(resolution=64, ae_channels=16, ge_base_channels=32, max_channels=32)
+
+
+def lively(nets: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw weights so images fill [-1, 1] without saturating (convs N(0, 1/fan_in), non-trivial
+    BatchNorm statistics and affines): at the DCGAN init N(0, 0.02) the chain's output is ~0.005 and
+    any error bound would be vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in nets.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                w = m.weight
+                fan_in = w[0].numel() if isinstance(m, nn.Conv2d) else w.shape[0] * w[0, 0].numel() / 4
+                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
+            elif isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) * 0.4 + 0.8)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return nets
+
+
+def save_lively_checkpoint(path, **model) -> tuple[TrainConfig, nn.Module]:
+    cfg = TrainConfig(model=ModelConfig(**{**TINY, **model}), device="cpu")
+    nets = lively(build_nets(cfg.model)).eval()
+    torch.save({"config": cfg.to_dict(), "nets": nets.state_dict()}, path)
+    return cfg, nets
+
+
+@pytest.fixture(scope="module")
+def lively_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lively") / "lively.pt"
+    save_lively_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lively_onnx(lively_ckpt, tmp_path_factory):
+    """fp32, dynamic batch, exported with the cpp op backend active when it loads (the graph must hold
+    no custom op whichever backend is selected)."""
+    out = tmp_path_factory.mktemp("onnx") / "sampler.onnx"
+    before = ops.get_backend()
+    if ops.availability().get("cpp") is None:
+        ops.set_backend("cpp")
+    try:
+        export_main(["--ckpt", str(lively_ckpt), "--out", str(out), "--dynamic-batch"])
+    finally:
+        ops.set_backend(before)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained through all three stages (one step each)."""
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AEGAN_CACHE", str(root / "cache"))
+        torch.manual_seed(0)
+        images = make_image_folder(root / "images", n=8)
+        run = root / "run"
+        run.mkdir()
+        cfg = tiny_config(kimg={"ae": 0.004, "embed": 0.004, "finetune": 0.004}, sample_every_kimg=1.0,
+                          ckpt_every_kimg=1.0, grid_size=4)
+        train(cfg, run, progress=False, data=load_folder(images, 64))
+    return run
+
+
+@pytest.fixture
+def restore_ops_backend():
+    before = ops.get_backend()
+    yield
+    ops.set_backend(before)
+
+
+# ---- folding -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose"])
+def test_fold_conv_bn_layout(kind):
+    """Conv2d weights are (out, in, kh, kw), ConvTranspose2d (in, out/groups, kh, kw): the BN scale
+    must land on the output channel in both, with and without a bias, grouped too."""
+    torch.manual_seed(1)
+    for groups, bias in ((1, False), (2, True)):
+        conv = (nn.Conv2d(4, 6, 3, 1, 1, groups=groups, bias=bias) if kind == "conv"
+                else nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=groups, bias=bias))
+        bn = lively(nn.Sequential(nn.BatchNorm2d(6)), seed=groups)[0].eval()
+        x = torch.randn(2, 4, 5, 5)
+        folded = fold_conv_bn(conv, bn)
+        torch.testing.assert_close(folded(x), bn(conv(x)), rtol=0, atol=1e-5)
+        assert folded is not conv and (conv.bias is None) == (not bias)  # the original is untouched
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("skips", [False, True])
+def test_folded_graph_equals_unfolded(backend, skips, restore_ops_backend):
+    if ops.availability().get(backend) is not None:
+        pytest.skip(f"op backend {backend!r} unavailable: {ops.availability()[backend]}")
+    ops.set_backend(backend)
+    cfg = ModelConfig(**TINY, denoiser_skips=skips)
+    nets = lively(build_nets(cfg)).eval()
+    state = copy.deepcopy(nets.state_dict())
+    graph = build_inference_graph(nets, cfg.z_dim, cfg.resolution)
+    assert uses_custom_ops(nets) and not uses_custom_ops(graph)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in graph.modules())
+    z = sample_z(5, cfg.z_dim, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = generate(nets, z), graph(z)
+        assert want.std() > 0.15  # a meaningful comparison: images span the range
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        no_phi = build_inference_graph(nets, cfg.z_dim, cfg.resolution, denoise=False)
+        torch.testing.assert_close(no_phi(z), generate(nets, z, denoise=False), rtol=0, atol=1e-5)
+        assert torch.equal(graph(z), got)  # deterministic: no dropout, no RNG
+    for k, v in nets.state_dict().items():  # folding copies, never modifies the nets
+        assert torch.equal(v, state[k]), k
+
+
+# ---- ONNX --------------------------------------------------------------------------------------
+
+def test_onnx_export_checks_and_matches_torch(lively_onnx, lively_ckpt):
+    model = onnx.load(str(lively_onnx))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    ops_used = {n.op_type for n in model.graph.node}
+    assert "BatchNormalization" not in ops_used and not any(o.domain.startswith("aegan") for o in model.opset_import)
+    io = onnx_io(lively_onnx)
+    assert io["inputs"][0]["name"] == "z" and io["inputs"][0]["shape"][1:] == [100]
+    assert isinstance(io["inputs"][0]["shape"][0], str)  # a symbolic batch
+    assert io["outputs"][0]["shape"][1:] == [3, 64, 64] and io["outputs"][0]["dtype"] == "float32"
+    meta = onnx_metadata(lively_onnx)
+    assert meta["checkpoint_sha256"] == sha256_file(lively_ckpt) and meta["resolution"] == "64"
+
+    _, nets = load_sampling_nets(lively_ckpt)
+    sampler = Sampler.load(lively_onnx)
+    assert sampler.backend == "onnxruntime" and sampler.max_batch is None
+    for n in (1, 7):
+        z = sample_z(n, 100, torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want = generate(nets, z)
+        got = sampler(z)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_trained_run_exports_and_samples_like_torch(trained_run, tmp_path, capsys):
+    """The issue's end-to-end check: a trained tiny model, exported, run in ONNX Runtime, same images."""
+    out = tmp_path / "sampler.onnx"
+    export_main(["--ckpt", str(trained_run), "--out", str(out)])
+    assert "onnxruntime vs torch: max abs diff" in capsys.readouterr().out
+    cfg, nets = load_sampling_nets(trained_run)
+    want = sample_images(nets, 6, seed=3, z_dim=cfg.model.z_dim, device="cpu")
+    got = Sampler.load(out).sample(6, seed=3, batch=4)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * max(1.0, want.abs().max().item()) and err <= 1e-2 * want.std().item()
+    assert torch.equal(to_uint8(got), to_uint8(want)) or (to_uint8(got).int() - to_uint8(want).int()).abs().max() <= 1
+
+    # The sample CLI takes the ONNX file (onnxruntime backend by default) and a --backend flag.
+    sample_main(["--ckpt", str(out), "--n", "3", "--out", str(tmp_path / "onnx.png")])
+    sample_main(["--ckpt", str(trained_run), "--backend", "torch", "--n", "3", "--out", str(tmp_path / "eager.png")])
+    assert (tmp_path / "onnx.png").stat().st_size > 0 and (tmp_path / "eager.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--ckpt", str(out), "--no-denoise", "--n", "1", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+
+
+def test_fp16_fixed_batch_export_is_bounded_and_chunked(lively_ckpt, tmp_path):
+    out = tmp_path / "sampler16.onnx"
+    export_main(["--ckpt", str(lively_ckpt), "--out", str(out), "--dtype", "fp16", "--batch", "4"])
+    io = onnx_io(out)
+    assert io["inputs"][0]["shape"] == [4, 100] and io["inputs"][0]["dtype"] == "float16"
+    assert io["outputs"][0]["dtype"] == "float16"
+    _, nets = load_sampling_nets(lively_ckpt)
+    sampler = Sampler.load(out)
+    assert sampler.max_batch == sampler.min_batch == 4
+    z = sample_z(6, 100, torch.Generator().manual_seed(0))  # one full chunk of 4, one padded chunk of 2
+    with torch.no_grad():
+        want = generate(nets, z)
+    got = sampler(z)
+    assert got.shape == (6, 3, 64, 64) and got.dtype == torch.float32
+    err = (got - want).abs().max().item()
+    assert 0 < err <= TOLERANCE["fp16"], err  # fp16 really ran, within the stated bound
+    torch.testing.assert_close(sampler(z[4:]), got[4:], rtol=0, atol=0)  # padding does not leak
+
+
+def test_legacy_torchscript_exporter_fallback(lively_ckpt, tmp_path, monkeypatch):
+    """Without onnxscript the deprecated TorchScript exporter (dynamo=False) is used when torch has it."""
+    import importlib.util
+    if importlib.util.find_spec("torch.onnx._internal.torchscript_exporter") is None:
+        pytest.skip("this torch has no TorchScript ONNX exporter")
+    import aegan_fast.export.onnx_export as ox
+    monkeypatch.setattr(ox, "exporter", lambda: ("torchscript", "forced by the test"))
+    from aegan_fast.export.cli import export_checkpoint
+    rep = export_checkpoint(lively_ckpt, tmp_path / "legacy.onnx")
+    assert rep["max_abs_diff"] <= 1e-4 and onnx_metadata(rep["path"])["exporter"] == "torchscript"
+
+
+# ---- Sampler -------------------------------------------------------------------------------------
+
+def test_sampler_torch_and_compile_backends(lively_ckpt, monkeypatch):
+    _, nets = load_sampling_nets(lively_ckpt)
+    z = sample_z(3, 100, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = generate(nets, z)
+    eager = Sampler.load(lively_ckpt, backend="torch", device="cpu")
+    torch.testing.assert_close(eager(z), want, rtol=0, atol=1e-5)
+    unfolded = Sampler.load(lively_ckpt, backend="torch", device="cpu", fold=False)
+    torch.testing.assert_close(unfolded(z), want, rtol=0, atol=0)
+    chunked = Sampler.load(lively_ckpt, backend="torch", device="cpu")
+    chunked.max_batch = 2
+    torch.testing.assert_close(chunked(z), eager(z), rtol=0, atol=1e-6)
+
+    if sampler_backends("cpu")["compile"] is not None:
+        pytest.skip(f"compile backend unavailable: {sampler_backends('cpu')['compile']}")
+    compiled = Sampler.load(lively_ckpt, backend="compile", device="cpu")
+    got = compiled(z)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert compiled._run.checked[(3, 100)] <= 1e-3
+    # A compiled graph that disagrees with eager is refused, never returned.
+    compiled._run.checked.clear()
+    monkeypatch.setitem(sample_mod.COMPILE_TOLERANCE, torch.float32, -1.0)
+    with pytest.raises(RuntimeError, match="differs from eager"):
+        compiled(z)
+
+
+def test_sampler_load_errors(lively_ckpt, lively_onnx, tmp_path):
+    with pytest.raises(UserError, match="unknown sampler backend"):
+        Sampler.load(lively_ckpt, backend="jax")
+    with pytest.raises(UserError, match="not a .onnx"):
+        Sampler.load(lively_onnx, backend="torch")
+    with pytest.raises(UserError, match="no file"):
+        Sampler.load(tmp_path / "missing.onnx")
+    if tensorrt_unavailable():
+        with pytest.raises(UserError, match="'tensorrt' is not available"):
+            Sampler.load(lively_ckpt, backend="tensorrt", device="cpu")
+    with pytest.raises(ValueError, match="z must be"):
+        Sampler.load(lively_onnx)(torch.zeros(2, 7))
+
+
+def test_doctor_lists_sampler_backends():
+    from aegan_fast import doctor
+    sections = dict(doctor.report())
+    names = [name for name, _, _ in sections["sampler backends"]]
+    assert any(n.startswith("torch") for n in names) and any(n.startswith("onnxruntime") for n in names)
+    assert any(n.startswith("tensorrt") for n in names) and any(n.startswith("compile") for n in names)
+
+
+# ---- export CLI argument checks and the TensorRT sidecar ----------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "x.plan"], "ends in .onnx"),
+    (["--out", "x.onnx", "--batch", "0"], "--batch must be"),
+    (["--out", "x.onnx", "--opset", "13"], "opset 17"),
+    (["--out", "x.onnx", "--max-batch", "8"], "only apply to --format tensorrt"),
+    (["--format", "tensorrt", "--out", "x.onnx"], "TensorRT engine ends in"),
+    (["--format", "tensorrt", "--out", "x.plan", "--min-batch", "8", "--max-batch", "4"], "1 ≤ min ≤ opt ≤ max"),
+    (["--format", "tensorrt", "--out", "x.plan", "--batch", "4", "--max-batch", "8"], "--batch fixes"),
+    (["--format", "tensorrt", "--out", "x.plan", "--workspace-gb", "0"], "--workspace-gb"),
+    (["--format", "tensorrt", "--out", "x.plan", "--onnx", "x.plan"], "ends in .onnx"),
+])
+def test_export_cli_argument_errors(args, message, lively_ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        export_main(["--ckpt", str(lively_ckpt), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_export_cli_missing_inputs(tmp_path, lively_ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        export_main(["--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x.onnx")])
+    assert e.value.code == 2 and "no run directory or checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: --batch and --dynamic-batch exclude each other
+        export_main(["--ckpt", str(lively_ckpt), "--out", "x.onnx", "--batch", "2", "--dynamic-batch"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    reason = tensorrt_unavailable()
+    if reason is None:
+        pytest.skip("TensorRT is usable here: the missing-TensorRT error cannot be shown")
+    with pytest.raises(SystemExit) as e:
+        export_main(["--ckpt", str(lively_ckpt), "--format", "tensorrt", "--out", str(tmp_path / "x.plan")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --format tensorrt:") and err.count("\n") == 1
+    assert not (tmp_path / "x.plan").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_tensorrt_sidecar_from_the_onnx_it_consumes(lively_ckpt, lively_onnx, tmp_path):
+    plan = tmp_path / "sampler.plan"
+    info = make_sidecar(engine=plan, io=onnx_io(lively_onnx), profile={"min": 1, "opt": 8, "max": 32},
+                        tensorrt_version="10.x (not built)", checkpoint=lively_ckpt,
+                        checkpoint_sha256=sha256_file(lively_ckpt), onnx_path=lively_onnx, z_dim=100, resolution=64,
+                        denoise=True, dtype="fp32", workspace_bytes=2**30)
+    path = write_sidecar(plan, info)
+    assert path == sidecar_path(plan) == tmp_path / "sampler.json"
+    back = read_sidecar(plan)
+    assert back == json.loads(path.read_text()) == info
+    assert back["inputs"][0]["name"] == "z" and back["outputs"][0]["name"] == "image"
+    assert back["profile"] == {"min": 1, "opt": 8, "max": 32}
+    assert back["checkpoint_sha256"] == sha256_file(lively_ckpt) and len(back["onnx_sha256"]) == 64
+    with pytest.raises(ValueError):
+        check_profile(4, 2, 8)
+    with pytest.raises(ValueError, match="name, shape and dtype"):
+        make_sidecar(**{**dict(engine=plan, io={"inputs": [{"name": "z"}], "outputs": []},
+                               profile={"min": 1, "opt": 1, "max": 1}, tensorrt_version="", checkpoint="c",
+                               checkpoint_sha256="", onnx_path=lively_onnx, z_dim=1, resolution=64, denoise=True,
+                               dtype="fp16", workspace_bytes=1)})
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not an aegan_fast engine sidecar"):
+        read_sidecar(plan)
+
+
+@pytest.mark.skipif(tensorrt_unavailable() is not None, reason=f"TensorRT engine build: {tensorrt_unavailable()}")
+def test_tensorrt_engine_build_and_run(lively_ckpt, tmp_path):
+    plan = tmp_path / "sampler.plan"
+    export_main(["--ckpt", str(lively_ckpt), "--format", "tensorrt", "--out", str(plan),
+                 "--min-batch", "1", "--opt-batch", "2", "--max-batch", "4", "--workspace-gb", "1"])
+    info = read_sidecar(plan)
+    assert info["inputs"][0]["dtype"] == "float16" and info["profile"]["max"] == 4
+    assert (tmp_path / "sampler.timing-cache").stat().st_size > 0
+    _, nets = load_sampling_nets(lively_ckpt)
+    z = sample_z(6, 100, torch.Generator().manual_seed(0))  # chunked: 4 + 2
+    with torch.no_grad():
+        want = generate(nets, z)
+    for cuda_graph in (False, True):
+        sampler = Sampler.load(plan, device="cuda", cuda_graph=cuda_graph)
+        got = sampler(z.cuda())
+        assert got.is_cuda and (got.cpu() - want).abs().max().item() <= TOLERANCE["fp16"]
+
+
+@pytest.mark.skipif(sampler_backends("cuda" if torch.cuda.is_available() else "cpu").get("onnxruntime") is not None
+                    or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU and onnxruntime's CUDAExecutionProvider")
+def test_onnxruntime_cuda_provider(lively_onnx, lively_ckpt):
+    sampler = Sampler.load(lively_onnx, device="cuda")
+    assert "CUDAExecutionProvider" in ort_session(lively_onnx, ["CUDAExecutionProvider"]).get_providers()
+    _, nets = load_sampling_nets(lively_ckpt)
+    z = sample_z(3, 100, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = generate(nets, z)
+    assert (sampler(z.cuda()).cpu() - want).abs().max().item() <= 1e-3
