@@ -32,6 +32,7 @@ namespace {
 
 constexpr int64_t kTile = 2048;             // values per NCHW tile (8 KB of fp32: stays in L1)
 constexpr int64_t kMinParallelWork = 16384;  // below this many values, one thread
+constexpr int kLanes = 32;                   // independent fp32 partial sums per reduction
 
 // ---- storage types ------------------------------------------------------------------------------
 struct bf16_t { uint16_t v; };
@@ -163,16 +164,36 @@ void stats_nchw(const BnParams& p, const T* x, double* mean, double* var) {
     const int64_t nc = t / tiles_per_plane, i0 = (t % tiles_per_plane) * kTile;
     const int64_t n = std::min(kTile, HW - i0);
     const T* src = x + nc * HW + i0;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += ld(src[i]);
-    const float m = s / float(n);
+    // kLanes independent partial sums: one vector accumulator would make the loop wait on FP-add
+    // latency (about one value per cycle), slower than memory.
+    float s[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) s[j] += ld(src[i + j]);
+    }
+    float st = 0.f;
+    for (; i < n; ++i) st += ld(src[i]);
+    for (int j = 0; j < kLanes; ++j) st += s[j];
+    const float m = st / float(n);
+    float d1[kLanes] = {}, d2[kLanes] = {};
+    for (i = 0; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        const float d = ld(src[i + j]) - m;
+        d1[j] += d;
+        d2[j] += d * d;
+      }
+    }
     float sd = 0.f, sdd = 0.f;
-#pragma omp simd reduction(+ : sd, sdd)
-    for (int64_t i = 0; i < n; ++i) {
+    for (; i < n; ++i) {
       const float d = ld(src[i]) - m;
       sd += d;
       sdd += d * d;
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      sd += d1[j];
+      sdd += d2[j];
     }
     tmean[t] = double(m) + double(sd) / double(n);
     tm2[t] = std::max(0.0, double(sdd) - double(sd) * double(sd) / double(n));
