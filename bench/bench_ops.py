@@ -2,8 +2,8 @@
 N=16 C=64 at 128x128 and 256x256; reference eager vs the cpp backend vs torch.compile of the
 reference; plus this machine's copy bandwidth and the cpp apply passes alone, all in the same run.
 
-    .venv/bin/python -m pytest bench/bench_ops.py --benchmark-only --benchmark-json=bench/.ops.json
-    .venv/bin/python bench/report_ops.py bench/.ops.json
+    .venv/bin/python -m pytest bench/bench_ops.py --benchmark-only --benchmark-json=.benchmarks/ops.json
+    .venv/bin/python bench/report_ops.py .benchmarks/ops.json
 
 Ops as the models use them: bn_act with LeakyReLU(0.2) (conv -> BN -> act), bn_add_act with identity
 (the end of a residual block).

@@ -1,7 +1,7 @@
 """Print the CPU ops benchmark as markdown tables: medians, speedups over eager, GB/s and the
 fraction of the memory bandwidth (copy_ / in-place add_, the faster) measured in the same run.
 
-    .venv/bin/python bench/report_ops.py bench/.ops.json      (from pytest --benchmark-json)
+    .venv/bin/python bench/report_ops.py .benchmarks/ops.json      (from pytest --benchmark-json)
 """
 from __future__ import annotations
 
