@@ -45,6 +45,9 @@ class TrainConfig:
     ops: str = "auto"
     device: str = "auto"
     data: str | None = None          # None: the built-in emoji set
+    loader: str = "auto"             # auto | torch | dali (aegan_fast/data/loaders.py)
+    loader_workers: int = 2          # loader threads (torch) or DALI CPU threads
+    data_cache_mb: float = 4096      # read a prepared set into RAM up to this size, else memory-map it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

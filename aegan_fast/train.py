@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LOSSES, STAGES, TrainConfig, preset
-from .data import ImageSet, load_dataset
+from .data import LOADERS, ImageSet, load_dataset, make_loader
 from .errors import UserError, cli
 from .models import build_nets, check_resolution, generate, sample_z
 from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage
@@ -45,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="demo", choices=["demo", "paper"],
                    help="demo: R=64, ~10 min on 2 CPU cores; paper: the paper's settings at R=512")
-    p.add_argument("--data", help="folder of images (jpg/png/webp, recursive); default: the built-in emoji set")
+    p.add_argument("--data", help="prepared data set, or folder/zip/tar of images (prepared on the fly into "
+                   "the cache); default: the built-in emoji set")
+    p.add_argument("--loader", choices=LOADERS, help="batch loader (default auto: torch unless DALI is faster)")
+    p.add_argument("--data-cache-mb", type=float, help="read the set into RAM up to this size, else memory-map it")
     p.add_argument("--resolution", type=int, help="output resolution R, a power of two ≥ 64")
     p.add_argument("--batch", type=int)
     for stage in STAGES:
@@ -87,7 +90,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         cfg.lr.update(H=args.lr_ae, F=args.lr_ae)
     if args.lr_gan is not None:
         cfg.lr.update({k: args.lr_gan for k in ("G_E", "D_E", "phi", "D_R")})
-    for name in ("loss", "ema_kimg", "seed", "ops", "device", "data"):
+    for name in ("loss", "ema_kimg", "seed", "ops", "device", "data", "loader", "data_cache_mb"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.denoiser_skips:
@@ -245,7 +248,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     except (ValueError, ops.BackendUnavailable) as e:
         raise UserError(str(e)) from None
     if data is None:
-        data = load_dataset(cfg.data, cfg.model.resolution)
+        data = load_dataset(cfg.data, cfg.model.resolution, cache_mb=cfg.data_cache_mb)
     if data.resolution != cfg.model.resolution:
         raise UserError(f"data is {data.resolution}² but the model is {cfg.model.resolution}²")
     log.info("data: %d images from %s (%d unreadable skipped)", len(data), data.source, data.skipped)
@@ -273,6 +276,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     else:
         cfg.save(run_dir / "config.json")
 
+    # The loader's order is a function of (seed, images consumed): a resumed run gets the same batches.
+    loader = make_loader(cfg.loader, data, cfg.batch, cfg.seed, device, start=counters["total_img"],
+                         workers=cfg.loader_workers)
     fixed_z = sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device)
     fixed_real = data.spread(32, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -303,8 +309,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
         try:
             while counters["stage_img"] < stage_len:
                 t0 = time.perf_counter()
-                idx, mirror = data.sample_indices(cfg.batch, data_gen)
-                batch = Batch(data.gather(idx, mirror, device), idx, mirror)
+                batch = Batch(*next(loader))
                 t1 = time.perf_counter()
                 losses = step_fn(nets, opts, batch, emb, cfg)
                 if ema is not None and stage != "ae":
@@ -334,6 +339,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
                     checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     bar.close()
+                    loader.close()
                     checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
                     return run_dir
         except KeyboardInterrupt:
@@ -352,6 +358,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
         counters.update(stage=STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else "done", stage_img=0)
         checkpoint(f"stage-{stage}.pt")
 
+    loader.close()
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "losses.png")
     return run_dir
 
@@ -365,12 +372,12 @@ def main(argv=None) -> None:
         if latest_checkpoint(run_dir) is None:
             raise UserError(f"--resume {run_dir}: no checkpoint there to continue from")
         cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        for name in ("ops", "device"):  # where a run continues may differ; what it trains may not
+        for name in ("ops", "device", "loader"):  # where a run continues may differ; what it trains may not
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
     else:
         cfg = build_config(args)
-        data = load_dataset(cfg.data, cfg.model.resolution)  # bad data fails before a run dir exists
+        data = load_dataset(cfg.data, cfg.model.resolution, cache_mb=cfg.data_cache_mb)  # fails before a run dir exists
         run_dir = new_run_dir(cfg, args.outdir, args.run_dir)
     started = time.time()
     print(f"run directory: {run_dir}", flush=True)

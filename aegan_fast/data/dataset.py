@@ -1,0 +1,184 @@
+"""Training images as one uint8 N×3×R×R tensor: the built-in emoji set, a raw folder or archive
+(prepared on the fly into the cache, keyed by its contents and R), or a prepared data set.
+
+3,391 emoji at R=64 take 42 MB, so a batch is an index, a flip and a cast, and the trainer never
+waits on decoding. Sets larger than ``cache_mb`` stay memory-mapped instead of read into RAM.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .images import is_archive, list_source, listing_key
+from .prepare import is_prepared, prepare, read_manifest
+
+log = logging.getLogger("aegan_fast.data")
+
+EMOJI_PACKAGE = "@lobehub/fluent-emoji-3d@1.1.0"
+EMOJI_TARBALL = "lobehub-fluent-emoji-3d-1.1.0.tgz"
+EMOJI_INTEGRITY = ("sha512-Wlq2lVStTnr8BDpIJ0pEnTKO4LuDxxqTEhTvRtD1DLRF0me7ogeRQjKoehDHXuVJ2Qaecgl5wRBv60lUAG3h7g==")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AEGAN_CACHE", Path.home() / ".cache" / "aegan_fast"))
+
+
+def _integrity(path: Path) -> str:
+    digest = hashlib.sha512(path.read_bytes()).digest()
+    return "sha512-" + base64.b64encode(digest).decode()
+
+
+def fetch_emoji(cache: Path | None = None) -> Path:
+    """The Fluent 3D emoji assets folder, fetched once with `npm pack` (pinned version, integrity
+    checked against the registry's published sha512) and unpacked into the cache."""
+    target = (cache or cache_root()) / "fluent-emoji-3d-1.1.0"
+    if (target / ".complete").exists():
+        return target / "assets"
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UserError("the built-in emoji data set needs npm to fetch it (install Node.js/npm), "
+                        "or pass --data DIR with your own images")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        log.info("fetching %s with npm pack", EMOJI_PACKAGE)
+        proc = subprocess.run([npm, "pack", EMOJI_PACKAGE, "--pack-destination", tmp, "--silent"],
+                              capture_output=True, text=True)
+        tarball = Path(tmp) / EMOJI_TARBALL
+        if proc.returncode != 0 or not tarball.exists():
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise UserError(f"npm pack {EMOJI_PACKAGE} failed: {detail[-1] if detail else 'no output'}")
+        got = _integrity(tarball)
+        if got != EMOJI_INTEGRITY:
+            raise UserError(f"{EMOJI_TARBALL} failed its integrity check (got {got[:24]}..., "
+                            f"expected {EMOJI_INTEGRITY[:24]}...)")
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(tarball) as tar:
+            tar.extractall(unpacked, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(unpacked / "package", target)
+        (target / ".complete").touch()
+    return target / "assets"
+
+
+class ImageSet:
+    """A decoded image set (uint8, in RAM or memory-mapped); ``batch`` draws random images as floats
+    in [-1, 1]. The trainer reads it through a loader (loaders.py); ``sample_indices``/``gather`` serve
+    the stage code's own draws and ``spread`` fixed evaluation images."""
+
+    def __init__(self, images: torch.Tensor, source: str, skipped: int = 0, root: Path | None = None,
+                 manifest: dict | None = None, in_ram: bool = True):
+        self.images = images  # uint8 N×3×R×R, in RAM or memory-mapped
+        self.source = source
+        self.skipped = skipped
+        self.root = root          # the prepared data set's folder, when there is one (DALI reads its files)
+        self.manifest = manifest
+        self.in_ram = in_ram
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    def sample_indices(self, n: int, generator: torch.Generator, flip: bool = True):
+        """n random (index, mirrored) pairs: which images a batch holds and which are flipped."""
+        idx = torch.randint(len(self), (n,), generator=generator)
+        mirror = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+        return idx, mirror
+
+    def gather(self, idx: torch.Tensor, mirror: torch.Tensor, device) -> torch.Tensor:
+        x = self.images[idx]
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return to_float(x.to(device, non_blocking=True))
+
+    def batch(self, n: int, generator: torch.Generator, device, flip: bool = True) -> torch.Tensor:
+        return self.gather(*self.sample_indices(n, generator, flip), device)
+
+    def spread(self, n: int, device) -> torch.Tensor:
+        """n images evenly spaced through the set (repeating when it is smaller): fixed real images
+        for reconstruction grids that show its variety, not its first folder."""
+        idx = torch.linspace(0, len(self) - 1, n).round().long()
+        return to_float(self.images[idx].to(device))
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def open_prepared(path: Path, cache_mb: float = 4096) -> ImageSet:
+    """A prepared data set: read into RAM when its images.npy fits ``cache_mb``, else memory-mapped
+    (pages come from the OS page cache; the loader's worker threads absorb the faults)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        if (path / ".partial").exists():
+            raise UserError(f"{path} is an interrupted preparation, not a data set; run "
+                            f"`python -m aegan_fast.data prepare` again to finish it")
+        raise UserError(f"{path} is not a prepared data set (no complete manifest.json)")
+    npy = path / "images.npy"
+    n, r = manifest["count"], manifest["resolution"]
+    mapped = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+    if mapped.shape != (n, 3, r, r) or mapped.dtype != np.uint8:
+        raise UserError(f"{npy} holds {mapped.shape} {mapped.dtype}, the manifest says {n}×3×{r}×{r} uint8")
+    in_ram = mapped.nbytes <= cache_mb * 2 ** 20
+    images = torch.from_numpy(np.array(mapped) if in_ram else mapped)  # np.array: one sequential read
+    return ImageSet(images, manifest["source"], len(manifest["skipped"]), root=path, manifest=manifest,
+                    in_ram=in_ram)
+
+
+def prepared_cache_dir(src: Path, resolution: int, cache: Path | None = None) -> Path:
+    """Where a raw folder is prepared on the fly: keyed by its contents (names, sizes, mtimes) and R."""
+    kind, entries = list_source(src)
+    key = listing_key(kind, entries, resolution, "auto-v1")
+    return (cache or cache_root()) / "prepared" / f"{src.name}-r{resolution}-{key}"
+
+
+def load_folder(folder: Path, resolution: int, cache: Path | None = None, threads: int | None = None,
+                cache_mb: float = 4096, progress: bool = True) -> ImageSet:
+    """Every image under folder (recursively) at resolution, prepared once into the cache."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise UserError(f"data folder {folder} does not exist")
+    if not (folder.is_dir() or is_archive(folder)):
+        raise UserError(f"--data must be a folder of images, a zip/tar archive or a prepared data set, got {folder}")
+    out = prepared_cache_dir(folder, resolution, cache)
+    if not is_prepared(out):
+        manifest = prepare(folder, out, resolution, encoded="none", workers=threads, progress=progress)
+        if manifest["skipped"]:
+            log.warning("skipped %d unusable file(s) under %s (reasons in %s)", len(manifest["skipped"]), folder,
+                        out / "manifest.json")
+    data = open_prepared(out, cache_mb)
+    data.source = str(folder)
+    return data
+
+
+def load_dataset(data: str | None, resolution: int, cache: Path | None = None, cache_mb: float = 4096) -> ImageSet:
+    """--data: a prepared data set, a raw folder or archive (prepared on the fly), or None for the
+    built-in emoji set."""
+    if data is None:
+        return load_folder(fetch_emoji(cache), resolution, cache, cache_mb=cache_mb)
+    path = Path(data).expanduser()
+    if (path / "manifest.json").exists() or (path / ".partial" / "plan.json").exists():
+        ds = open_prepared(path, cache_mb)
+        if ds.resolution != resolution:
+            raise UserError(f"{path} was prepared at {ds.resolution}², the model is {resolution}²; "
+                            f"prepare it again with --resolution {resolution} or pass the raw folder")
+        return ds
+    return load_folder(path, resolution, cache, cache_mb=cache_mb)
