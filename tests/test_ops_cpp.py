@@ -376,6 +376,40 @@ def test_compile_residual_block_fullgraph(cpp_backend):
 
 
 @needs_cpp
+def test_model_steps_match_reference(cpp_backend):
+    """Four Adam steps of the autoencoder (H, F: residual blocks, BN+ReLU, BN+add) and of G_E with
+    --ops cpp vs --ops reference. Stated tolerance: losses agree to rtol 3e-4. The backends differ
+    only by fp32 rounding (~1e-6 relative per BatchNorm), but Adam's first steps are sign-like
+    (m / sqrt(v) ~ +-1 per weight) and ReLU masks flip, so that grows to ~1e-4 after a few steps;
+    an fp64 run shows cpp is as close to the exact trajectory as the fp32 reference is."""
+    from aegan_fast.models import ModelConfig, build_nets, sample_z
+    cfg = ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32, max_channels=32)
+    losses = {}
+    for backend, dtype in (("cpp", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        _use(backend)
+        torch.manual_seed(0)
+        nets = build_nets(cfg).to(dtype)
+        H, F_, G = nets["H"], nets["F"], nets["G_E"]
+        opt = torch.optim.Adam([*H.parameters(), *F_.parameters(), *G.parameters()], lr=1e-3, betas=(0.5, 0.999))
+        x = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(dtype)
+        z = sample_z(4, cfg.z_dim, torch.Generator().manual_seed(2)).to(dtype)
+        trace = []
+        for _ in range(4):
+            rec = (F_(H(x)) - x).abs().mean()
+            emb = G(z).square().mean()  # any smooth loss through G_E's BN+ReLU and residual blocks
+            opt.zero_grad()
+            (rec + emb).backward()
+            opt.step()
+            trace += [rec.item(), emb.item()]
+        losses[(backend, dtype)] = torch.tensor(trace, dtype=torch.float64)
+    _use("cpp")
+    cpp, ref, exact = losses[("cpp", torch.float32)], losses[("reference", torch.float32)], \
+        losses[("reference", torch.float64)]
+    torch.testing.assert_close(cpp, ref, rtol=3e-4, atol=0)
+    no_worse_than_reference(cpp, ref, exact, "losses")
+
+
+@needs_cpp
 def test_bad_input_gives_clear_errors():
     from aegan_fast import _C
     x = torch.randn(2, 3, 4, 5)
