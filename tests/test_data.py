@@ -1,0 +1,306 @@
+"""Data pipeline: prepare on a nasty real-world folder, archives, interruption, the torch and DALI
+loaders (same tensors), resumable loader order, and training on a prepared set."""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import struct
+import tarfile
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aegan_fast.data import (DaliLoader, TorchLoader, choose_loader, dali_unavailable, decode, load_dataset,
+                             open_prepared, prepare)
+from aegan_fast.data.__main__ import main as data_main
+from aegan_fast.errors import UserError
+from aegan_fast.train import train
+from conftest import make_image_folder, tiny_config
+
+R = 64
+prepare_mod = importlib.import_module("aegan_fast.data.prepare")  # the package exports a function of that name
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width×height pixels (1-bit) but holds no image data: Pillow reads the size
+    from the header, which is all a decompression-bomb check needs to see."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _jpeg_bytes(im, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def nasty_folder(root):
+    """Good images of every kind next to every bad file the issue names. Returns (good, bad) names."""
+    make_image_folder(root, n=6, size=80)                      # png/jpg/webp RGB in set0/, set1/
+    good = {f"set{i % 2}/img{i}.{('png', 'jpg', 'webp')[i % 3]}" for i in range(6)}
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (96, 120, 3), dtype=np.uint8))
+    odd = root / "odd"
+    odd.mkdir()
+    # 16-bit grayscale: a flat 0x8080 must come out as 128, not clipped to 255
+    Image.fromarray(np.full((72, 72), 0x8080, np.uint16)).save(odd / "gray16.png")
+    rgb.convert("L").save(odd / "gray.png")
+    rgb.convert("CMYK").save(odd / "cmyk.jpg")
+    rgba = np.zeros((70, 70, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:35, :, 3] = 255                                      # top half opaque red, bottom transparent
+    Image.fromarray(rgba, "RGBA").save(odd / "rgba.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(odd / "palette.png")
+    pal_t = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal_t.info["transparency"] = 0
+    pal_t.save(odd / "palette_transparent.png", transparency=0)
+    rgb.save(odd / "photo.tiff")
+    good |= {"odd/gray16.png", "odd/gray.png", "odd/cmyk.jpg", "odd/rgba.png", "odd/palette.png",
+             "odd/palette_transparent.png", "odd/photo.tiff"}
+
+    bad = root / "bad"
+    bad.mkdir()
+    full = _jpeg_bytes(rgb, quality=90)
+    (bad / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("this is not a PNG\n")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(bad / "tiny8x8.png")
+    (bad / "bomb.png").write_bytes(_png_header(20000, 20000))     # over 2× the limit: Pillow refuses
+    (bad / "big.png").write_bytes(_png_header(10000, 9500))       # over 1× the limit: we refuse
+    (bad / "notes.txt").write_text("hello")
+    (bad / "table.csv").write_text("a,b\n1,2\n")
+    os.symlink(".", bad / "loop")                                 # folder symlink loop
+    os.symlink("self.png", bad / "self.png")                      # file symlink loop
+    os.symlink("missing.png", bad / "dangling.png")
+    bads = {"bad/truncated.jpg": "truncated", "bad/zero.jpg": "empty", "bad/text.png": "not a decodable",
+            "bad/tiny8x8.png": "too small", "bad/bomb.png": "decompression-bomb", "bad/big.png": "decompression-bomb",
+            "bad/notes.txt": "not an image", "bad/table.csv": "not an image", "bad/loop/": "symlink loop",
+            "bad/self.png": "symlink loop", "bad/dangling.png": "broken symlink"}
+    return good, bads
+
+
+def test_prepare_nasty_folder_then_train(tmp_path):
+    src = tmp_path / "nasty"
+    good, bad = nasty_folder(src)
+    out = tmp_path / "prepared"
+    data_main(["prepare", str(src), str(out), "--resolution", str(R), "--no-progress", "--workers", "2"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["count"] == len(good) and m["resolution"] == R
+    assert {r["source"] for r in m["images"]} == good
+    assert all(len(r["sha256"]) == 64 for r in m["images"])
+    reasons = {s["source"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == set(bad), reasons
+    for name, word in bad.items():
+        assert word in reasons[name], (name, reasons[name])
+    assert (out / "files").is_dir() and len(list((out / "files").glob("*.png"))) == len(good)
+
+    data = open_prepared(out)
+    assert data.images.shape == (len(good), 3, R, R) and data.images.dtype == torch.uint8
+    by_name = {r["source"]: r["index"] for r in m["images"]}
+    gray16 = data.images[by_name["odd/gray16.png"]]
+    assert (gray16 == 128).all()                               # scaled, not clipped
+    rgba = data.images[by_name["odd/rgba.png"]]
+    assert (rgba[:, 2:28] == torch.tensor([255, 0, 0])[:, None, None]).all()    # opaque red stays red
+    assert (rgba[:, 36:] == 255).all()                         # transparency flattened onto white
+
+    run = tmp_path / "run"
+    run.mkdir()
+    train(tiny_config(loader="torch"), run, progress=False, data=data)
+    assert (run / "checkpoints" / "stage-finetune.pt").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["data_wait"] < 1 for r in rows if "losses" in r)
+
+
+def test_no_usable_image_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "a.png").write_text("nope")
+    (src / "b.jpg").write_bytes(b"")
+    (src / "c.txt").write_text("text")
+    with pytest.raises(SystemExit) as e:
+        data_main(["prepare", str(src), str(tmp_path / "out"), "-r", "64", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no images usable" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with pytest.raises(SystemExit) as e:
+        data_main(["prepare", str(tmp_path / "missing"), str(tmp_path / "out"), "-r", "64"])
+    assert e.value.code == 2
+
+
+def test_archives_give_the_same_set_as_the_folder(tmp_path):
+    src = make_image_folder(tmp_path / "imgs", n=6, size=72)
+    (src / "readme.txt").write_text("x")
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(src))
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as t:
+        t.add(src, arcname=".")
+    sets = [open_prepared(tmp_path / name) for name in ("a", "b", "c") if prepare(
+        {"a": src, "b": tmp_path / "imgs.zip", "c": tmp_path / "imgs.tar.gz"}[name], tmp_path / name, R,
+        encoded="none", progress=False)]
+    for s in sets[1:]:
+        assert torch.equal(s.images, sets[0].images)
+    assert [r["sha256"] for r in sets[1].manifest["images"]] == [r["sha256"] for r in sets[0].manifest["images"]]
+    assert sets[1].manifest["source_kind"] == "zip" and sets[2].manifest["source_kind"] == "tar"
+
+
+def test_dedup_pad_and_settings(tmp_path):
+    src = make_image_folder(tmp_path / "imgs", n=3, size=72)
+    (src / "copy.png").write_bytes((src / "set0" / "img0.png").read_bytes())
+    Image.new("RGB", (120, 40), (10, 20, 30)).save(src / "wide.png")
+    m = prepare(src, tmp_path / "d", R, dedup=True, fit="pad", background=(0, 0, 0), encoded="none", progress=False)
+    assert m["count"] == 4
+    assert [(s["source"], s["reason"]) for s in m["skipped"]] == [("set0/img0.png", "exact duplicate of copy.png")]
+    wide = open_prepared(tmp_path / "d").images[[r["source"] for r in m["images"]].index("wide.png")]
+    assert (wide[:, 0] == 0).all() and (wide[:, R // 2] == torch.tensor([10, 20, 30])[:, None]).all()  # padded
+    # the same OUT with other settings is refused, then replaced with --overwrite
+    with pytest.raises(UserError, match="--overwrite"):
+        prepare(src, tmp_path / "d", R, encoded="none", progress=False)
+    assert prepare(src, tmp_path / "d", R, encoded="none", progress=False, overwrite=True)["count"] == 5
+    # a prepared set at another resolution is a clear error for the trainer's --data
+    with pytest.raises(UserError, match="prepared at 64"):
+        load_dataset(str(tmp_path / "d"), 128)
+
+
+def test_interrupted_prepare_resumes_and_never_looks_complete(tmp_path, monkeypatch):
+    src = make_image_folder(tmp_path / "imgs", n=10, size=72)
+    out = tmp_path / "out"
+    monkeypatch.setattr(prepare_mod, "CHUNK", 3)
+    calls, crash = [], True
+    real = prepare_mod._process
+
+    def crash_after_two_chunks(entry, *a):
+        calls.append(entry.name)
+        if len(calls) == 7 and crash:
+            raise KeyboardInterrupt
+        return real(entry, *a)
+
+    monkeypatch.setattr(prepare_mod, "_process", crash_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, R, workers=1, progress=False)
+    assert not (out / "manifest.json").exists() and len(list((out / ".partial").glob("chunk-*.npz"))) == 2
+    with pytest.raises(UserError, match="interrupted"):
+        open_prepared(out)
+    with pytest.raises(UserError, match="interrupted preparation"):
+        prepare(src, out, 128, workers=1, progress=False)        # other settings: refused
+    calls.clear()
+    crash = False
+    m = prepare(src, out, R, workers=1, progress=False)          # resumes: only the last two chunks
+    assert m["count"] == 10 and len(calls) == 4 and not (out / ".partial").exists()
+    fresh = prepare(src, tmp_path / "fresh", R, workers=1, progress=False, encoded="none")
+    assert torch.equal(open_prepared(out).images, open_prepared(tmp_path / "fresh").images)
+    assert [r["sha256"] for r in m["images"]] == [r["sha256"] for r in fresh["images"]]
+
+
+def test_raw_folder_is_prepared_once_into_the_cache(tmp_path, image_folder):
+    a = load_dataset(str(image_folder), R)
+    assert len(a) == 12 and a.root is not None and a.root.is_relative_to(tmp_path / "cache")
+    mtime = (a.root / "manifest.json").stat().st_mtime_ns
+    b = load_dataset(str(image_folder), R)
+    assert (b.root / "manifest.json").stat().st_mtime_ns == mtime and torch.equal(a.images, b.images)
+    Image.new("RGB", (70, 70), (1, 2, 3)).save(image_folder / "new.png")   # new contents: a new cache entry
+    assert len(load_dataset(str(image_folder), R)) == 13
+
+
+def _prepared(tmp_path, n=10, encoded="png"):
+    src = make_image_folder(tmp_path / "imgs", n=n, size=72)
+    prepare(src, tmp_path / "set", R, encoded=encoded, progress=False)
+    return open_prepared(tmp_path / "set")
+
+
+def test_torch_loader_order_is_resumable_sharded_and_memory_mapped(tmp_path):
+    data = _prepared(tmp_path, encoded="none")
+    B = 4
+    straight = TorchLoader(data, B, seed=3, device="cpu")
+    batches = [next(straight) for _ in range(8)]
+    straight.close()
+    resumed = TorchLoader(data, B, seed=3, device="cpu", start=5 * B)   # as after a checkpoint at step 5
+    for want in batches[5:]:
+        got = next(resumed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    resumed.close()
+    # every image once per epoch; the images match the array with the mirror bits applied
+    first = torch.cat([b[1] for b in batches])[: len(data)]
+    assert sorted(first.tolist()) == list(range(len(data)))
+    x, idx, mirror = batches[0]
+    ref = data.images[idx].float() / 127.5 - 1
+    ref[mirror] = ref[mirror].flip(-1)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+    # two ranks share one stream without overlap
+    r0 = TorchLoader(data, 2, seed=1, device="cpu", shard=(0, 2), workers=0)
+    r1 = TorchLoader(data, 2, seed=1, device="cpu", shard=(1, 2), workers=0)
+    seen = torch.cat([t for _ in range(2) for t in (next(r0)[1], next(r1)[1])])
+    assert len(set(seen.tolist())) == 8
+    # memory-mapped when the set does not fit the RAM cache: same batches
+    mapped = open_prepared(tmp_path / "set", cache_mb=0)
+    assert not mapped.in_ram and data.in_ram
+    m = TorchLoader(mapped, B, seed=3, device="cpu")
+    assert torch.equal(next(m)[0], batches[0][0])
+    m.close()
+    assert choose_loader(data, torch.device("cpu"))[0] == "torch"
+
+
+def test_decode_handles_icc_and_16bit_rgb():
+    im = Image.fromarray(np.full((40, 40, 3), 200, np.uint8))
+    from PIL import ImageCms
+    buf = io.BytesIO()
+    im.save(buf, "PNG", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    out = decode(buf.getvalue(), 16)
+    assert out.shape == (16, 16, 3) and abs(int(out[8, 8, 0]) - 200) <= 1
+
+
+dali_reason = dali_unavailable()
+
+
+@pytest.mark.skipif(dali_reason is not None, reason=f"DALI not installed: {dali_reason}")
+@pytest.mark.parametrize("encoded", ["png", "jpeg"])
+def test_dali_cpu_and_torch_loaders_give_the_same_tensors(tmp_path, encoded):
+    data = _prepared(tmp_path, n=8, encoded=encoded)
+    kw = dict(seed=0, device="cpu", shuffle=False, flip=False, workers=2)
+    t, d = TorchLoader(data, 4, **kw), DaliLoader(data, 4, **kw)
+    for _ in range(3):  # crosses the end of the first epoch (auto_reset)
+        (xt, it, _), (xd, id_, md) = next(t), next(d)
+        assert torch.equal(it, id_) and not md.any()
+        assert xd.dtype == xt.dtype == torch.float32 and xd.shape == xt.shape and xd.is_contiguous()
+        if encoded == "png":   # lossless: equal up to float rounding of the normalisation
+            torch.testing.assert_close(xd, xt, rtol=0, atol=1e-6)
+        else:                  # JPEG q95 4:4:4: within decode tolerance
+            assert (xd - xt).abs().mean() < 0.02 and (xd - xt).abs().max() < 0.25
+    t.close(), d.close()
+    # flips: DALI's mirror bits say which images it flipped
+    d = DaliLoader(data, 8, seed=1, device="cpu", shuffle=True, flip=True, workers=1)
+    x, idx, mirror = next(d)
+    ref = data.images[idx].float() / 127.5 - 1
+    ref[mirror] = ref[mirror].flip(-1)
+    assert sorted(idx.tolist()) == list(range(8))
+    if encoded == "png":
+        torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(dali_reason is not None or not torch.cuda.is_available(),
+                    reason="DALI's GPU ('mixed') decoder needs DALI and a CUDA GPU; none here")
+def test_dali_gpu_loader_matches_torch(tmp_path):
+    data = _prepared(tmp_path, n=8, encoded="jpeg")
+    kw = dict(seed=0, device="cuda", shuffle=False, flip=False)
+    (xt, it, _), (xd, id_, _) = next(TorchLoader(data, 8, **kw)), next(DaliLoader(data, 8, **kw))
+    assert xd.is_cuda and torch.equal(it, id_) and (xd - xt).abs().mean() < 0.02
+
+
+def test_train_with_dali_cpu_loader(tmp_path, image_folder):
+    if dali_reason is not None:
+        pytest.skip(f"DALI not installed: {dali_reason}")
+    data = load_dataset(str(image_folder), R)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(loader="dali", kimg={"ae": 0.008, "embed": 0.008, "finetune": 0.008})
+    train(cfg, run, progress=False, data=data)
+    assert (run / "checkpoints" / "stage-finetune.pt").exists()
