@@ -367,6 +367,8 @@ def test_compile_residual_block_fullgraph(cpp_backend):
         close(yc, ye, name="compiled output")
         ye.square().mean().backward()
         yc.square().mean().backward()
+    # 1e-4: inductor reorders the convolutions' backward sums and reflect-pad gradients (fp32), and
+    # the conv weight gradients are reductions over N*H*W; the fused ops themselves are the same kernels.
     for (n, pe), pc in zip(eager.named_parameters(), compiled_src.parameters()):
         close(pc.grad, pe.grad, rtol=1e-4, name=f"compiled grad {n}")
     for (n, be), bc in zip(eager.named_buffers(), compiled_src.buffers()):
