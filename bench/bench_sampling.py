@@ -1,0 +1,217 @@
+"""512×512 sampling benchmark (issue 5): latency at batch 1, throughput at batch 8 and 32, for every
+Sampler backend that runs here, with parity against eager checked in the same run.
+
+    nice -n 10 .venv/bin/python bench/bench_sampling.py [--resolution 512] [--reps 3 2 1] [--json out.json]
+
+CPU rows: ``eager`` (the nets as trained, BatchNorm through aegan_fast.ops, what `sample` ran
+before the Sampler: the baseline of every ratio), ``eager-folded`` (BatchNorm folded into the
+convs), ``compile`` (torch.compile of the folded graph, inductor defaults — never freezing=True),
+``onnxruntime`` (CPU provider, fp32 ONNX of the folded graph, exported in this run).
+GPU rows, only with a CUDA device (else skipped with the reason): eager fp32, eager bf16 +
+channels_last (folded), compile fp32, onnxruntime CUDA provider where the installed onnxruntime has
+it, at batch 1 and 32.
+
+Weights: the paper-size nets (max_channels 512, 58 M parameters in G_E+F+φ at R=512) with weights
+redrawn so images fill [-1, 1] without saturating (convs N(0, 1/fan_in), non-trivial BatchNorm
+statistics), so the parity figures mean something; at the DCGAN init the output is ~0.005 and
+any parity check would pass vacuously. Speed does not depend on the values.
+
+Each (backend, batch) is warmed up once (compiles, allocates), then timed ``reps`` times; medians.
+Parity: max |backend(z) − eager(z)| on the timed batch itself. These machines vary 10–30 % run to
+run, so compare ratios within one run. Heavy on 2 cores (one 512² sample ≈ 49 GFLOP): the default
+reps are few.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
+from aegan_fast import ops  # noqa: E402
+from aegan_fast.config import TrainConfig  # noqa: E402
+from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
+from aegan_fast.sample import Sampler, sampler_backends  # noqa: E402
+
+BATCHES = (1, 8, 32)
+
+
+def lively(nets: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights that make images fill [-1, 1] (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in nets.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                w = m.weight
+                fan_in = w[0].numel() if isinstance(m, nn.Conv2d) else w.shape[0] * w[0, 0].numel() / 4
+                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
+            elif isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) * 0.4 + 0.8)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return nets
+
+
+def make_checkpoint(folder: Path, resolution: int) -> Path:
+    cfg = TrainConfig(model=ModelConfig(resolution=resolution), device="cpu")
+    nets = lively(build_nets(cfg.model)).eval()
+    path = folder / f"bench-r{resolution}.pt"
+    torch.save({"config": cfg.to_dict(), "nets": nets.state_dict()}, path)
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
+    """name → a function building that sampler, for the backends that run here."""
+    avail = sampler_backends("cpu")
+    makers = {
+        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", fold=False),
+        "eager-folded": lambda: Sampler.load(ckpt, backend="torch", device="cpu"),
+        "compile": lambda: Sampler.load(ckpt, backend="compile", device="cpu"),
+        "onnxruntime": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cpu"),
+    }
+    out = {}
+    for name, make in makers.items():
+        backend = {"eager": "torch", "eager-folded": "torch"}.get(name, name)
+        if only and name not in only:
+            continue
+        if avail.get(backend):
+            print(f"  skip {name}: {avail[backend]}")
+            continue
+        out[name] = make
+    return out
+
+
+def gpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
+    avail = sampler_backends("cuda")
+    makers = {
+        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cuda", fold=False),
+        "eager-bf16-cl": lambda: Sampler.load(ckpt, backend="torch", device="cuda", dtype=torch.bfloat16,
+                                              channels_last=True),
+        "compile": lambda: Sampler.load(ckpt, backend="compile", device="cuda"),
+        "onnxruntime-cuda": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cuda"),
+    }
+    out = {}
+    for name, make in makers.items():
+        backend = {"eager": "torch", "eager-bf16-cl": "torch", "onnxruntime-cuda": "onnxruntime"}.get(name, name)
+        if only and name not in only:
+            continue
+        if avail.get(backend):
+            print(f"  skip {name}: {avail[backend]}")
+            continue
+        out[name] = make
+    return out
+
+
+def run(device: torch.device, makers: dict, batches, reps: dict[int, int], z_dim: int) -> list[dict]:
+    """All samplers are built first; at each batch size each backend is warmed up once, then timed
+    ``reps`` times in a block, backend after backend. Not interleaved rep by rep: on 2 cores a thread
+    pool still spinning after its run (onnxruntime's, OpenMP's) slows the next backend down."""
+    samplers, load_s = {}, {}
+    for name, make in makers.items():
+        t0 = time.perf_counter()
+        samplers[name] = make()
+        load_s[name] = time.perf_counter() - t0
+        print(f"  loaded {name} in {load_s[name]:.1f} s: {samplers[name].description}", flush=True)
+    rows = []
+    for n in batches:
+        z = sample_z(n, z_dim, torch.Generator().manual_seed(n)).to(device)
+        outs, times = {}, {name: [] for name in samplers}
+        for name, sampler in samplers.items():
+            time.sleep(1.0)  # let the previous backend's thread pool stop spinning
+            t0 = time.perf_counter()
+            sampler(z)  # warm-up: compile (and parity-check), allocate, first touch
+            _sync(device)
+            print(f"  warm-up {name} batch {n}: {time.perf_counter() - t0:.1f} s", flush=True)
+            for _ in range(reps[n]):
+                t0 = time.perf_counter()
+                out = sampler(z)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+            outs[name] = out.float().cpu()
+        reference = outs.get("eager")
+        for name in samplers:
+            med = statistics.median(times[name])
+            parity = (outs[name] - reference).abs().max().item() if reference is not None else float("nan")
+            rows.append({"device": device.type, "backend": name, "batch": n, "median_s": med, "img_per_s": n / med,
+                         "times_s": times[name], "max_abs_diff_vs_eager": parity, "load_s": load_s[name],
+                         "description": samplers[name].description})
+            print(f"  {name:<16} batch {n:>3}: median {med * 1e3:9.1f} ms  {n / med:6.2f} img/s  "
+                  f"|Δ eager| {parity:.2e}  ({len(times[name])} reps)", flush=True)
+    base = {r["batch"]: r["img_per_s"] for r in rows if r["backend"] == "eager"}
+    for r in rows:
+        r["ratio_vs_eager"] = r["img_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| device | backend | batch | median | img/s | × eager | max abs diff vs eager |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['backend']} | {r['batch']} | {r['median_s'] * 1e3:.0f} ms | "
+                     f"{r['img_per_s']:.2f} | {r['ratio_vs_eager']:.2f} | {r['max_abs_diff_vs_eager']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--reps", type=int, nargs=3, default=(3, 3, 1), metavar=("B1", "B8", "B32"),
+                   help="timed repetitions at batch 1, 8 and 32 (after one warm-up each)")
+    p.add_argument("--backends", default=None, help="comma-separated subset, e.g. eager,compile")
+    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    reps = dict(zip(BATCHES, args.reps))
+    only = set(args.backends.split(",")) | {"eager"} if args.backends else None
+
+    print(f"# sampling benchmark R={args.resolution}  {datetime.date.today()}  torch {torch.__version__}  "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}, op backend {ops.resolve('cpu').name} ({ops.get_backend()}), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="aegan-bench-") as tmp:
+        ckpt = make_checkpoint(Path(tmp), args.resolution)
+        z_dim = ModelConfig().z_dim
+        if args.device in ("cpu", "all"):
+            print("cpu:")
+            rows += run(torch.device("cpu"), cpu_samplers(ckpt, only), BATCHES, reps, z_dim)
+        if args.device in ("cuda", "all"):
+            if not torch.cuda.is_available():
+                print("cuda: skipped, no CUDA device visible to torch")
+            else:
+                print(f"cuda: {torch.cuda.get_device_name()}")
+                rows += run(torch.device("cuda"), gpu_samplers(ckpt, only), (1, 32), reps, z_dim)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on these cores slow every row)")
+    print(table(rows))
+    for device in sorted({r["device"] for r in rows}):
+        at8 = [r for r in rows if r["device"] == device and r["batch"] == 8 and r["backend"] != "eager"]
+        if at8:
+            best = max(at8, key=lambda r: r["img_per_s"])
+            print(f"{device}: best at batch 8: {best['backend']} {best['ratio_vs_eager']:.2f}× eager")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
