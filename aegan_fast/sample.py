@@ -47,8 +47,6 @@ BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 # Parity bound of torch.compile against eager, per compute dtype (images in [-1, 1]).
 COMPILE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 
-log = logging.getLogger(__name__)
-
 
 @torch.no_grad()
 def sample_images(nets, n: int, seed: int, z_dim: int, device, batch: int = 64, denoise: bool = True,

@@ -29,8 +29,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # leaves room for trained nets with a wider dynamic range.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 
-log = logging.getLogger(__name__)
-
 
 def exporter() -> tuple[str | None, str]:
     """(name, detail): 'dynamo' (torch.export-based, needs onnxscript), 'torchscript' (legacy), or
