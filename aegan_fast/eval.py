@@ -18,10 +18,10 @@ import torch
 
 from .checkpoint import load_sampling_nets, resolve_checkpoint
 from .data import ImageSet, load_dataset
+from .device import pick_device
 from .errors import UserError, cli
 from .metrics import evaluate, parse_metrics
 from .sample import sample_images
-from .train import pick_device
 
 RECONSTRUCTION = ("l1", "psnr")
 BETTER = {"swd": "lower", "fid_efflite": "lower", "kid_efflite": "lower", "fid_inception": "lower",

@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_sampling_nets, resolve_checkpoint
 from .data import to_uint8
+from .device import pick_device
 from .errors import UserError, cli
 from .models import generate, sample_z
-from .train import pick_device
 from .viz import save_grid, save_png
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")

@@ -30,7 +30,9 @@ from . import ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LOSSES, STAGES, TrainConfig, preset
 from .data import LOADERS, ImageSet, load_dataset, make_loader
+from .device import pick_device
 from .errors import UserError, cli
+from .eval import evaluate_run
 from .models import build_nets, check_resolution, generate, sample_z
 from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage
 from .viz import plot_metrics, save_grid
@@ -96,18 +98,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.denoiser_skips:
         cfg.model.denoiser_skips = True
     return cfg
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this torch build or machine has no CUDA GPU")
-    return device
 
 
 def new_run_dir(cfg: TrainConfig, outdir: str, run_dir: str | None) -> Path:
@@ -225,8 +215,6 @@ def save_samples(stage: str, nets, ema: EMA | None, fixed_z, fixed_real, path: P
 def stage_end_evaluation(stage: str, nets, ema: EMA | None, data: ImageSet, cfg: TrainConfig, device) -> dict:
     """Cheap metrics at the end of each stage: the autoencoder's reconstruction after ``ae``, the
     sampling chain's (``cfg.eval_metrics`` on ``cfg.eval_n`` images) after the others."""
-    from .eval import evaluate_run  # eval builds on this module's helpers
-
     with eval_mode(nets):
         if stage == "ae":
             return evaluate_run(nets, data, ("l1", "psnr"), cfg.eval_n, cfg.seed, cfg.model.z_dim, device)
