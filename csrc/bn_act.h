@@ -14,25 +14,16 @@
 
 #include <cstdint>
 
+#include "bn_params.h"
+
 namespace aegan_fast {
 namespace cpu {
 
-enum class Act : int32_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-// kNCHW: plain contiguous (N, C, H, W). kNHWC: channels_last, i.e. (N, H, W, C) in memory.
-enum class Layout : int32_t { kNCHW = 0, kNHWC = 1 };
-
-struct BnParams {
-  int64_t N = 0, C = 0, HW = 0;  // logical sizes; HW = H * W
-  Layout layout = Layout::kNCHW;
-  DType dtype = DType::kFloat32;  // storage type of every activation-sized tensor (x, residual, y, dy, dx, dres)
-  Act act = Act::kIdentity;
-  float slope = 0.f;              // LeakyReLU negative slope (ignored for other activations)
-  int num_threads = 0;            // OpenMP threads; <= 0 means the OpenMP default
-
-  int64_t count() const { return N * HW; }  // values per channel
-  int64_t numel() const { return N * C * HW; }
-};
+using ::aegan_fast::Act;
+using ::aegan_fast::BnParams;
+using ::aegan_fast::DType;
+using ::aegan_fast::kMinAbsWeight;
+using ::aegan_fast::Layout;
 
 // ---- forward ----------------------------------------------------------------------------------
 
@@ -76,12 +67,6 @@ struct BnBackwardOut {
 
 // The whole backward: reduction pass (+ apply pass in training mode).
 void bn_backward(const BnParams& p, const BnBackwardArgs& a, const BnBackwardOut& o);
-
-// The memory-efficient mode divides by the weight to recover xhat. |w| is clamped to this floor
-// (sign kept): channels whose |w| falls below it get approximate gradients instead of inf/NaN.
-// inplace_abn avoids this by normalising with |w| + eps in the forward; we do not, because our
-// forward must equal nn.BatchNorm2d's (state_dict compatibility, parity with the reference).
-constexpr float kMinAbsWeight = 1e-6f;
 
 // ---- storage conversion (exposed for the C++ tests) -------------------------------------------
 float bf16_to_float(uint16_t h);

@@ -23,28 +23,16 @@
 
 #include <cuda_runtime.h>
 
+#include "../bn_params.h"
+
 namespace aegan_fast {
 namespace cuda {
 
-enum class Act : int32_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-enum class Layout : int32_t { kNCHW = 0, kNHWC = 1 };
-
-struct BnParams {
-  int64_t N = 0, C = 0, HW = 0;  // logical sizes; HW = H * W
-  Layout layout = Layout::kNCHW;
-  DType dtype = DType::kFloat32;
-  Act act = Act::kIdentity;
-  float slope = 0.f;  // LeakyReLU negative slope
-  float eps = 1e-5f;
-
-  int64_t count() const { return N * HW; }  // values per channel
-  int64_t numel() const { return N * C * HW; }
-};
-
-// The memory-efficient backward divides by the weight to recover xhat; |w| is floored here (sign
-// kept), as in the CPU and Triton backends.
-constexpr float kMinAbsWeight = 1e-6f;
+using ::aegan_fast::Act;
+using ::aegan_fast::BnParams;
+using ::aegan_fast::DType;
+using ::aegan_fast::kMinAbsWeight;
+using ::aegan_fast::Layout;
 
 // How many programs share one channel block in the reduction passes, for a device with num_sms
 // multiprocessors. The partials buffers hold splits * C floats each.
