@@ -57,7 +57,12 @@ def report() -> list[tuple[str, list[tuple[str, str | None, str]]]]:
     backends.append(("selected", None, f"{ops.get_backend()} (AEGAN_OPS / --ops)"))
 
     npm = shutil.which("npm")
-    loaders = [("torch (in-memory uint8)", None, "always"),
+    from .data import dali_unavailable
+    dali_why = dali_unavailable()
+    loaders = [("torch (uint8, RAM or mmap)", None, "always"),
+               ("dali (cpu decode)", dali_why, "--loader dali"),
+               ("dali (gpu decode)", dali_why or (None if torch.cuda.is_available() else "no CUDA device"),
+                "--loader dali on a GPU, JPEG files"),
                ("built-in emoji set", None if npm else "npm not found (needed once to fetch it)", npm or "")]
     exporters = [("onnx", _module("onnx"), ""), ("onnxruntime", _module("onnxruntime"), ""),
                  ("tensorrt", _module("tensorrt"), "")]
