@@ -304,3 +304,33 @@ def test_train_with_dali_cpu_loader(tmp_path, image_folder):
     cfg = tiny_config(loader="dali", kimg={"ae": 0.008, "embed": 0.008, "finetune": 0.008})
     train(cfg, run, progress=False, data=data)
     assert (run / "checkpoints" / "stage-finetune.pt").exists()
+
+
+def test_trainer_data_wait_measures_time_blocked_on_the_loader(tmp_path, image_folder, monkeypatch):
+    """data_wait in metrics.jsonl is the share of step time spent in next(loader): a loader that
+    sleeps 0.3 s per batch must show up as most of the step."""
+    import time as time_mod
+
+    import aegan_fast.train as train_mod
+
+    real = train_mod.make_loader
+
+    class Slow:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __next__(self):
+            time_mod.sleep(0.3)
+            return next(self.inner)
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(train_mod, "make_loader", lambda *a, **k: Slow(real(*a, **k)))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(kimg={"ae": 0.016, "embed": 0.0, "finetune": 0.0}, eval_metrics=())
+    train(cfg, run, progress=False, data=load_dataset(str(image_folder), R))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait"] for r in rows if "losses" in r]
+    assert waits and all(0.5 < w < 1 for w in waits), waits

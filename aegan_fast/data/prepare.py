@@ -23,6 +23,7 @@ and loaders refuse it, so a crash can never leave a corrupt set that looks compl
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +122,35 @@ def prepare(src, out, resolution: int, *, fit: str = "crop", background=(255, 25
         raise UserError(f"{src} holds no files")
     settings = (resolution, fit, background, dedup, min_side, max_pixels, VERSION)
     key = listing_key(kind, entries, *settings)
+    if kind == "folder" and out.resolve().is_relative_to(src.resolve()):
+        raise UserError(f"the output folder {out} must not be inside the source folder {src}")
+    out.mkdir(parents=True, exist_ok=True)
+    with _lock(out):  # a second preparation of the same OUT (two runs sharing a cache) waits for this one
+        return _prepare_locked(src, out, kind, entries, key, settings, encoded, jpeg_quality, workers, overwrite,
+                               progress)
 
+
+@contextmanager
+def _lock(out: Path):
+    with open(out / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s", out)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_locked(src, out, kind, entries, key, settings, encoded, jpeg_quality, workers, overwrite, progress):
+    resolution, fit, background, dedup, min_side, max_pixels, _ = settings
     done = read_manifest(out)
     if done is not None:
         if done.get("key") == key:
             if encoded != "none":
-                ensure_encoded(out, encoded, jpeg_quality, workers, progress)
+                ensure_encoded(out, encoded, jpeg_quality, workers, progress, _lock_held=True)
             return read_manifest(out)
         if not overwrite:
             raise UserError(f"{out} already holds a prepared data set of another source or other settings; "
@@ -142,7 +167,7 @@ def prepare(src, out, resolution: int, *, fit: str = "crop", background=(255, 25
                             "pass --overwrite to start over")
         if old != key:
             shutil.rmtree(partial)
-    elif out.exists() and any(out.iterdir()) and done is None and not overwrite:
+    elif any(p.name != ".lock" for p in out.iterdir()) and done is None and not overwrite:
         raise UserError(f"{out} exists and is not a prepared data set; choose an empty or new folder "
                         "(or --overwrite)")
     if overwrite and done is not None:
@@ -180,7 +205,7 @@ def prepare(src, out, resolution: int, *, fit: str = "crop", background=(255, 25
     manifest = _assemble(src, kind, out, partial, have, resolution, key, settings, dedup)
     shutil.rmtree(partial)
     if encoded != "none":
-        ensure_encoded(out, encoded, jpeg_quality, workers, progress)
+        ensure_encoded(out, encoded, jpeg_quality, workers, progress, _lock_held=True)
         manifest = read_manifest(out)
     return manifest
 
@@ -236,9 +261,12 @@ def _assemble(src, kind, out, partial, chunk_paths, resolution, key, settings, d
 
 
 def ensure_encoded(out: Path, encoded: str = "png", jpeg_quality: int = 95, workers: int | None = None,
-                   progress: bool = True) -> list[Path]:
+                   progress: bool = True, _lock_held: bool = False) -> list[Path]:
     """The prepared set's images as encoded files (for DALI), written now if missing, then recorded
     in the manifest (files written first into a temporary folder, renamed, the manifest last)."""
+    if not _lock_held:
+        with _lock(Path(out)):
+            return ensure_encoded(out, encoded, jpeg_quality, workers, progress, _lock_held=True)
     manifest = read_manifest(out)
     if manifest is None:
         raise UserError(f"{out} is not a complete prepared data set")
