@@ -104,6 +104,7 @@ def test_prepare_nasty_folder_then_train(tmp_path):
 
     data = open_prepared(out)
     assert data.images.shape == (len(good), 3, R, R) and data.images.dtype == torch.uint8
+    assert torch.equal(load_dataset(str(out), R).images, data.images)    # what --data PREPARED_SET reads
     by_name = {r["source"]: r["index"] for r in m["images"]}
     gray16 = data.images[by_name["odd/gray16.png"]]
     assert (gray16 == 128).all()                               # scaled, not clipped
