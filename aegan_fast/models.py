@@ -15,7 +15,7 @@ Shape changes that make the family work at every R down to 64 (the embedding is 
 so 4×4×64 at R=64):
 - G_E ends in a 3×3 conv to the embedding channels (+ tanh) instead of ending on its last up layer,
   so at R=64, where no up layer exists, it still has a BN+ReLU+residual body.
-- D_E starts with a 3×3 stride-1 conv so it has a hidden layer even on a 4×4 embedding.
+- D_E starts with two 3×3 stride-1 convs so it has a hidden body even on a 4×4 embedding.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ class ModelConfig:
     z_dim: int = 100
     embed_channels: int = 64
     ae_channels: int = 64           # width of H and F (64 in the reference)
-    ge_base_channels: int = 128     # G_E width at R=64; doubles per extra up layer
-    max_channels: int = 512         # cap on G_E, D_E, φ and D_R widths
+    ge_base_channels: int = 256     # G_E width at R=64; doubles per extra up layer
+    embed_max_channels: int = 512   # cap on G_E and D_E widths (they work on R/16 maps: cheap)
+    max_channels: int = 512         # cap on φ and D_R widths (they work on images: the bulk of the cost)
     denoiser_skips: bool = False    # U-Net skip connections in φ (the paper has none)
     denoiser_dropout: float = 0.5
 
@@ -131,7 +132,7 @@ class EmbeddingGenerator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n_up = _log2(cfg.embed_size) - 2
-        c = min(cfg.max_channels, cfg.ge_base_channels * 2 ** n_up)
+        c = min(cfg.embed_max_channels, cfg.ge_base_channels * 2 ** n_up)
         layers: list[nn.Module] = [nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False),
                                    BatchNormAct2d(c, "relu"), ResBlock(c, "relu")]
         for _ in range(n_up):
@@ -146,15 +147,19 @@ class EmbeddingGenerator(nn.Module):
 
 
 class EmbeddingDiscriminator(nn.Module):
-    """D_E: embedding → one logit. 3×3 conv, stride-2 4×4 convs doubling channels down to 4×4, then a
-    4×4 conv to the logit."""
+    """D_E: embedding → one logit. Two 3×3 stride-1 convs (so it has a hidden body even on the 4×4
+    embedding of R=64, where a lone conv left it near chance and G_E without a signal), stride-2 4×4
+    convs doubling channels down to 4×4, then a 4×4 conv to the logit."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        c = min(cfg.max_channels, 128)
-        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_channels, c, 3, 1, 1), nn.LeakyReLU(0.2)]
+        c = min(cfg.embed_max_channels, 128)
+        c2 = min(cfg.embed_max_channels, 2 * c)
+        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_channels, c, 3, 1, 1), nn.LeakyReLU(0.2),
+                                   nn.Conv2d(c, c2, 3, 1, 1, bias=False), BatchNormAct2d(c2, "leaky_relu", 0.2)]
+        c = c2
         for _ in range(_log2(cfg.embed_size) - 2):
-            cout = min(cfg.max_channels, c * 2)
+            cout = min(cfg.embed_max_channels, c * 2)
             layers.append(_down(c, cout, norm=True))
             c = cout
         layers.append(nn.Conv2d(c, 1, 4, 1, 0))

@@ -62,7 +62,12 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> None:
                 a.axvline(r["kimg"], color="gray", ls="--", lw=0.8)
             ax.text(r["kimg"], ax.get_ylim()[1], f" {r['stage']}", va="top", fontsize=8, color="gray")
             prev = r["stage"]
-    ax.set_yscale("symlog", linthresh=0.1)
+    # Log scale shows every net's loss on one axis; hinge/LSGAN generator losses can go negative,
+    # and then a linear region around zero keeps them visible.
+    if all(v > 0 for r in rows for v in r["losses"].values()):
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=0.1)
     ax.set_ylabel("loss")
     ax.legend(fontsize=8, ncol=3)
     ax.set_title("AEGAN training losses")

@@ -14,7 +14,8 @@ def tiny_config(**overrides) -> TrainConfig:
     """R=64 with narrow nets: same structure as the real thing, a fraction of the cost."""
     cfg = TrainConfig(
         preset="test",
-        model=ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32, max_channels=32),
+        model=ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32, embed_max_channels=32,
+                          max_channels=32),
         batch=4, kimg={"ae": 0.016, "embed": 0.016, "finetune": 0.016},
         lr={"H": 2e-3, "F": 2e-3, "G_E": 2e-4, "D_E": 2e-4, "phi": 2e-4, "D_R": 2e-4},
         sample_every_kimg=0.008, ckpt_every_kimg=0.008, log_every_steps=2, grid_size=16, ema_kimg=0.01, eval_n=16,
