@@ -264,9 +264,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     else:
         cfg.save(run_dir / "config.json")
 
-    # The loader's order is a function of (seed, images consumed): a resumed run gets the same batches.
+    # A resumed run gets the same batches: the torch loader's order is a function of (seed, images
+    # consumed), DALI's restores from the checkpoint it saved.
     loader = make_loader(cfg.loader, data, cfg.batch, cfg.seed, device, start=counters["total_img"],
-                         workers=cfg.loader_workers)
+                         workers=cfg.loader_workers, state=state.get("loader") if resume else None)
     fixed_z = sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device)
     fixed_real = data.spread(32, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
             "config": cfg.to_dict(), "nets": nets.state_dict(),
             "opts": {k: o.state_dict() for k, o in opts.items()},
             "ema": ema.state_dict() if ema is not None else None,
-            "counters": dict(counters), "rng": rng_state(data_gen)})
+            "counters": dict(counters), "rng": rng_state(data_gen), "loader": loader.state_dict()})
 
     steps_this_call = 0
     while counters["stage"] in STAGES:
@@ -327,8 +328,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
                     checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     bar.close()
-                    loader.close()
                     checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
+                    loader.close()
                     return run_dir
         except KeyboardInterrupt:
             bar.close()

@@ -335,3 +335,32 @@ def test_trainer_data_wait_measures_time_blocked_on_the_loader(tmp_path, image_f
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     waits = [r["data_wait"] for r in rows if "losses" in r]
     assert waits and all(0.5 < w < 1 for w in waits), waits
+
+
+@pytest.mark.skipif(dali_reason is not None, reason=f"DALI not installed: {dali_reason}")
+def test_dali_loader_resumes_from_its_checkpoint(tmp_path):
+    data = _prepared(tmp_path, n=7)
+    a = DaliLoader(data, 3, seed=2, device="cpu", workers=1)
+    for _ in range(3):
+        next(a)
+    state = a.state_dict()
+    want = [next(a) for _ in range(4)]                         # crosses epoch ends
+    b = DaliLoader(data, 3, seed=2, device="cpu", workers=1, start=9, state=state)
+    for (xw, iw, mw), (xg, ig, mg) in zip(want, (next(b) for _ in range(4))):
+        assert torch.equal(iw, ig) and torch.equal(mw, mg) and torch.equal(xw, xg)
+
+
+@pytest.mark.skipif(dali_reason is not None, reason=f"DALI not installed: {dali_reason}")
+def test_resume_with_dali_matches_an_uninterrupted_run(tmp_path, image_folder):
+    from aegan_fast.checkpoint import load_checkpoint
+    data = load_dataset(str(image_folder), R)
+    cfg = tiny_config(loader="dali", kimg={"ae": 0.016, "embed": 0.008, "finetune": 0.0}, eval_metrics=())
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    train(cfg, straight, progress=False, data=data)
+    train(cfg, split, progress=False, data=data, stop_after_steps=3)
+    train(cfg, split, resume=True, progress=False, data=data)
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert a["counters"] == b["counters"]
+    for k in a["nets"]:
+        torch.testing.assert_close(a["nets"][k], b["nets"][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -17,8 +17,10 @@ initialised, rank r of W takes every W-th slice of B images of that stream. So a
 (shard_id/num_shards by rank, a fresh shuffle each epoch), ``fn.decoders.image`` on device "mixed"
 (nvJPEG on the GPU, JPEG files; other formats decode on the CPU) or "cpu", a coin-flip mirror and
 ``crop_mirror_normalize`` to the same [-1, 1] CHW float32, through ``DALIGenericIterator`` with
-auto_reset. Resuming: the reader restarts its stream from the same seed, so a resumed run sees
-statistically equivalent but not the same batches as an uninterrupted one.
+auto_reset. Resuming: the pipeline runs with DALI's checkpointing on; ``state_dict()`` holds the
+iterator's checkpoint (reader position, shuffle and coin-flip RNG states, accounting for prefetched
+batches), which the trainer saves with its own, so a resumed run gets the same batches as an
+uninterrupted one (tested on the CPU pipeline; a checkpoint without it restarts the stream).
 
 ``auto``: DALI pays for decoding every image every epoch, which on a CPU is far slower than gathering
 uint8 images (bench/RESULTS.md): it is chosen only on a GPU, with DALI installed, for a set that does
@@ -136,6 +138,9 @@ class TorchLoader:
             x = to_float(x.to(self.device, non_blocking=True))
         return x, idx, mirror
 
+    def state_dict(self) -> dict:
+        return {"kind": "torch", "consumed": self.consumed}  # the order itself is a function of (seed, consumed)
+
     def close(self) -> None:
         self._queue.clear()
         self._finalizer()
@@ -152,7 +157,7 @@ class DaliLoader:
 
     def __init__(self, data: ImageSet, batch: int, seed: int, device, start: int = 0, flip: bool = True,
                  shuffle: bool = True, workers: int = 2, shard: tuple[int, int] | None = None,
-                 encoded: str | None = None, prefetch: int = 2):
+                 encoded: str | None = None, prefetch: int = 2, state: dict | None = None):
         reason = dali_unavailable()
         if reason:
             raise UserError(f"--loader dali: {reason}")
@@ -173,14 +178,15 @@ class DaliLoader:
         pipe = _dali_pipeline(batch_size=batch, num_threads=max(1, workers), device_id=device_id,
                               seed=seed * 1009 + self.rank, prefetch_queue_depth=prefetch,
                               files=[str(f) for f in files], shard_id=self.rank, num_shards=self.world,
-                              decode="mixed" if gpu else "cpu", flip=flip, shuffle=shuffle)
+                              decode="mixed" if gpu else "cpu", flip=flip, shuffle=shuffle,
+                              checkpoint=_dali_checkpoint(state))
         pipe.build()
         self._iter = DALIGenericIterator([pipe], ["x", "idx", "mirror"], reader_name="Reader", auto_reset=True,
                                          last_batch_policy=LastBatchPolicy.DROP)
         self.consumed = start
-        if start:
-            log.warning("--loader dali: a resumed run restarts DALI's reader stream (same seed); its batches "
-                        "are statistically equivalent, not identical, to an uninterrupted run's")
+        if start and _dali_checkpoint(state) is None:
+            log.warning("--loader dali: no DALI checkpoint to resume from; the reader restarts its stream (same "
+                        "seed): batches statistically equivalent, not identical, to an uninterrupted run's")
 
     def __iter__(self):
         return self
@@ -197,16 +203,29 @@ class DaliLoader:
             x = x.to(self.device, non_blocking=True)
         return x, out["idx"].view(-1).long().cpu(), out["mirror"].view(-1).bool().cpu()
 
+    def state_dict(self) -> dict:
+        """The iterator's DALI checkpoint as a uint8 tensor (checkpoints load with weights_only=True)."""
+        cp = self._iter.checkpoints()[0]
+        cp = cp.encode() if isinstance(cp, str) else bytes(cp)
+        return {"kind": "dali", "consumed": self.consumed,
+                "checkpoint": torch.frombuffer(bytearray(cp), dtype=torch.uint8).clone()}
+
     def close(self) -> None:
         self._iter = None
 
 
+def _dali_checkpoint(state: dict | None):
+    if not state or state.get("kind") != "dali" or state.get("checkpoint") is None:
+        return None
+    return bytes(state["checkpoint"].numpy().tobytes())
+
+
 def _dali_pipeline(*, batch_size, num_threads, device_id, seed, prefetch_queue_depth, files, shard_id,
-                   num_shards, decode, flip, shuffle):
+                   num_shards, decode, flip, shuffle, checkpoint=None):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=prefetch_queue_depth)
+                  prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True)
     def pipeline():
         encoded, labels = fn.readers.file(files=files, labels=list(range(len(files))), shard_id=shard_id,
                                           num_shards=num_shards, shuffle_after_epoch=shuffle,
@@ -217,11 +236,11 @@ def _dali_pipeline(*, batch_size, num_threads, device_id, seed, prefetch_queue_d
                                           mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
         return images, labels, mirror
 
-    return pipeline()
+    return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
 
 
 def make_loader(kind: str, data: ImageSet, batch: int, seed: int, device, start: int = 0, workers: int = 2,
-                flip: bool = True, shuffle: bool = True):
+                flip: bool = True, shuffle: bool = True, state: dict | None = None):
     """The loader named by ``--loader`` (auto resolved as in the module docstring); logs the choice."""
     device = torch.device(device)
     if kind not in LOADERS:
@@ -231,8 +250,10 @@ def make_loader(kind: str, data: ImageSet, batch: int, seed: int, device, start:
         log.info("loader: %s (auto: %s)", kind, why)
     else:
         log.info("loader: %s", kind)
-    cls = DaliLoader if kind == "dali" else TorchLoader
-    return cls(data, batch, seed, device, start=start, flip=flip, shuffle=shuffle, workers=workers)
+    if kind == "dali":
+        return DaliLoader(data, batch, seed, device, start=start, flip=flip, shuffle=shuffle, workers=workers,
+                          state=state)
+    return TorchLoader(data, batch, seed, device, start=start, flip=flip, shuffle=shuffle, workers=workers)
 
 
 def choose_loader(data: ImageSet, device: torch.device) -> tuple[str, str]:
