@@ -324,8 +324,8 @@ def test_trainer_data_wait_measures_time_blocked_on_the_loader(tmp_path, image_f
             time_mod.sleep(0.3)
             return next(self.inner)
 
-        def close(self):
-            self.inner.close()
+        def __getattr__(self, name):  # close, state_dict
+            return getattr(self.inner, name)
 
     monkeypatch.setattr(train_mod, "make_loader", lambda *a, **k: Slow(real(*a, **k)))
     run = tmp_path / "run"
