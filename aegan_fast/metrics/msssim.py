@@ -94,8 +94,10 @@ def msssim(a: torch.Tensor, b: torch.Tensor, *, weights=WEIGHTS, filter_size: in
         mcs.append(cs)
         if level < levels - 1:
             x, y = _box_down(x), _box_down(y)
-    mcs_t = torch.stack(mcs[:-1]).clamp_min(0.0)                         # (levels-1) x N
-    score = torch.prod(mcs_t ** w[:-1, None], dim=0) * ssim.clamp_min(0.0) ** w[-1]
+    # SSIM and CS are ≤ 1 in exact arithmetic; fp32 rounding can put identical images a few ulps
+    # above, and a score outside [0, 1] would only be noise.
+    mcs_t = torch.stack(mcs[:-1]).clamp(0.0, 1.0)                        # (levels-1) x N
+    score = torch.prod(mcs_t ** w[:-1, None], dim=0) * ssim.clamp(0.0, 1.0) ** w[-1]
     if reduction == "none":
         return score
     if reduction != "mean":
