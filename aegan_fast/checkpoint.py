@@ -17,6 +17,7 @@ from .errors import UserError
 from .models import build_nets
 
 LATEST = "latest"
+PERIODIC = "ckpt-"  # periodic checkpoints, pruned to the newest few; stage-end ones are kept
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -28,16 +29,30 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_checkpoint(run_dir: Path, name: str, state: dict) -> Path:
-    path = run_dir / "checkpoints" / name
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(run_dir: Path, name: str, state: dict, keep_periodic: int = 3) -> Path:
+    """Write a checkpoint, point `latest` at it, then drop all but the newest ``keep_periodic``
+    periodic (``ckpt-*``) checkpoints: a long run at R=512 would otherwise fill the disk."""
+    folder = run_dir / "checkpoints"
+    path = folder / name
     atomic_write_bytes(path, lambda f: torch.save(state, f))
-    atomic_write_bytes(run_dir / "checkpoints" / LATEST, lambda f: f.write(name.encode() + b"\n"))
+    atomic_write_bytes(folder / LATEST, lambda f: f.write(name.encode() + b"\n"))
+    periodic = sorted(folder.glob(f"{PERIODIC}*.pt"))  # names carry a zero-padded image count
+    for old in periodic[:max(0, len(periodic) - keep_periodic)]:
+        if old != path:
+            old.unlink(missing_ok=True)
     return path
 
 

@@ -37,6 +37,8 @@ def test_full_run_writes_every_artifact(tmp_path, image_folder):
     assert state["counters"]["stage"] == "done" and state["counters"]["total_img"] == 3 * 16
     assert state["ema"] is not None
     assert not list(run.rglob("*.tmp"))
+    assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) <= 3  # older periodic ones pruned
+    assert (run / "checkpoints" / "stage-ae.pt").stat().st_mode & 0o044  # readable like any file
 
 
 def test_checkpoint_round_trip(tmp_path, image_folder):
@@ -155,3 +157,13 @@ def test_doctor_reports_backends():
     r = _cli(["aegan_fast.doctor"])
     assert r.returncode == 0
     assert "reference" in r.stdout and "cpp" in r.stdout and "onnxruntime" in r.stdout
+
+
+def test_periodic_checkpoints_are_pruned(tmp_path):
+    from aegan_fast.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path, "stage-ae.pt", {"n": 0})
+    for n in range(1, 6):
+        save_checkpoint(tmp_path, f"ckpt-{n * 1000:09d}.pt", {"n": n})
+    left = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert left == ["ckpt-000003000.pt", "ckpt-000004000.pt", "ckpt-000005000.pt", "stage-ae.pt"]
+    assert load_checkpoint(tmp_path)["n"] == 5
