@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -36,41 +35,23 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from aegan_fast import ops  # noqa: E402
 from aegan_fast.config import TrainConfig  # noqa: E402
+from aegan_fast.export.fold import lively_weights  # noqa: E402
 from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
 from aegan_fast.sample import Sampler, sampler_backends  # noqa: E402
 
 BATCHES = (1, 8, 32)
 
 
-def lively(nets: nn.Module, seed: int = 0) -> nn.Module:
-    """Weights that make images fill [-1, 1] (see the module docstring)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in nets.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                w = m.weight
-                fan_in = w[0].numel() if isinstance(m, nn.Conv2d) else w.shape[0] * w[0, 0].numel() / 4
-                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
-            elif isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) * 0.4 + 0.8)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return nets
 
 
 def make_checkpoint(folder: Path, resolution: int) -> Path:
     cfg = TrainConfig(model=ModelConfig(resolution=resolution), device="cpu")
-    nets = lively(build_nets(cfg.model)).eval()
+    nets = lively_weights(build_nets(cfg.model)).eval()
     path = folder / f"bench-r{resolution}.pt"
     torch.save({"config": cfg.to_dict(), "nets": nets.state_dict()}, path)
     return path

@@ -9,7 +9,6 @@ CompiledKernel, whose ``asm`` dict holds "ttir", "ttgir", "llir", "ptx" and "cub
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 
 from . import _common, bn_act, bn_add_act

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from aegan_fast.data import load_folder, to_uint8
 from aegan_fast.errors import UserError
 from aegan_fast.export import build_inference_graph
 from aegan_fast.export.cli import main as export_main
-from aegan_fast.export.fold import fold_conv_bn, uses_custom_ops
+from aegan_fast.export.fold import fold_conv_bn, lively_weights, uses_custom_ops
 from aegan_fast.export.onnx_export import (TOLERANCE, exporter, onnx_io, onnx_metadata, ort_session)
 from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sha256_file, sidecar_path,
                                    tensorrt_unavailable, write_sidecar)
@@ -36,31 +35,11 @@ if exporter()[0] is None:
 TINY = dict(resolution=64, ae_channels=16, ge_base_channels=32, max_channels=32)
 
 
-def lively(nets: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-draw weights so images fill [-1, 1] without saturating (convs N(0, 1/fan_in), non-trivial
-    BatchNorm statistics and affines): at the DCGAN init N(0, 0.02) the chain's output is ~0.005 and
-    any error bound would be vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in nets.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                w = m.weight
-                fan_in = w[0].numel() if isinstance(m, nn.Conv2d) else w.shape[0] * w[0, 0].numel() / 4
-                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
-            elif isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) * 0.4 + 0.8)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return nets
 
 
 def save_lively_checkpoint(path, **model) -> tuple[TrainConfig, nn.Module]:
     cfg = TrainConfig(model=ModelConfig(**{**TINY, **model}), device="cpu")
-    nets = lively(build_nets(cfg.model)).eval()
+    nets = lively_weights(build_nets(cfg.model)).eval()
     torch.save({"config": cfg.to_dict(), "nets": nets.state_dict()}, path)
     return cfg, nets
 
@@ -120,7 +99,7 @@ def test_fold_conv_bn_layout(kind):
     for groups, bias in ((1, False), (2, True)):
         conv = (nn.Conv2d(4, 6, 3, 1, 1, groups=groups, bias=bias) if kind == "conv"
                 else nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=groups, bias=bias))
-        bn = lively(nn.Sequential(nn.BatchNorm2d(6)), seed=groups)[0].eval()
+        bn = lively_weights(nn.Sequential(nn.BatchNorm2d(6)), seed=groups)[0].eval()
         x = torch.randn(2, 4, 5, 5)
         folded = fold_conv_bn(conv, bn)
         torch.testing.assert_close(folded(x), bn(conv(x)), rtol=0, atol=1e-5)
@@ -134,7 +113,7 @@ def test_folded_graph_equals_unfolded(backend, skips, restore_ops_backend):
         pytest.skip(f"op backend {backend!r} unavailable: {ops.availability()[backend]}")
     ops.set_backend(backend)
     cfg = ModelConfig(**TINY, denoiser_skips=skips)
-    nets = lively(build_nets(cfg)).eval()
+    nets = lively_weights(build_nets(cfg)).eval()
     state = copy.deepcopy(nets.state_dict())
     graph = build_inference_graph(nets, cfg.z_dim, cfg.resolution)
     assert uses_custom_ops(nets) and not uses_custom_ops(graph)

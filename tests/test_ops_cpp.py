@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aegan_fast.ops import BatchNormAct2d, BatchNormAddAct2d, dispatch, reference

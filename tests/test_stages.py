@@ -1,8 +1,7 @@
 """A few steps of each stage on a tiny fixed batch lower that stage's objective."""
-import pytest
 import torch
 
-from aegan_fast.data import ImageSet, load_folder
+from aegan_fast.data import load_folder
 from aegan_fast.models import build_nets
 from aegan_fast.stages import STEPS, Batch, RealEmbeddings, prepare_stage
 from conftest import tiny_config

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from aegan_fast import checkpoint as ckpt_mod
-from aegan_fast.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint
+from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint
 from aegan_fast.data import load_folder
 from aegan_fast.train import main as train_main
 from aegan_fast.train import train
