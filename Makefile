@@ -16,10 +16,11 @@ setup: $(STAMP)
 # The native extension (aegan_fast._C) is rebuilt when any csrc source changes.
 NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-$(STAMP): requirements.txt constraints.txt setup.py $(NATIVE_SRC)
+$(STAMP): requirements.txt constraints.txt setup.py pyproject.toml $(NATIVE_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -r requirements.txt
 	$(PIP) install -q $(FIND_LINKS) -c constraints.txt --no-build-isolation --no-deps -e .
+	@$(PY) -c "import torch, aegan_fast._C" || { echo "make setup: the native extension aegan_fast._C did not build" >&2; exit 1; }
 	touch $(STAMP)
 
 train: setup

@@ -32,12 +32,15 @@ def _rel(pattern):
 
 
 def native_extensions():
-    """(ext_modules, cmdclass) for aegan_fast._C; empty when torch is not importable (nothing to build against)."""
+    """(ext_modules, cmdclass) for aegan_fast._C. Without torch there is nothing to build against:
+    that is an error, not a quiet install without the fast CPU kernels (pip's build isolation, or
+    the deprecated `setup.py develop` path, hides the installed torch)."""
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        return [], {}
+        raise SystemExit("aegan_fast: building the native extension needs torch installed first; install torch, "
+                         "then `pip install -e . --no-build-isolation` (or `make setup`)") from None
     sources = _rel("csrc/*.cpp")
     if not sources:
         return [], {}
