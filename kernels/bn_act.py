@@ -23,11 +23,12 @@ MIN_ABS_WEIGHT: tl.constexpr = tl.constexpr(1e-6)
 
 
 @triton.jit
-def _bn_act_fwd_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+def _bn_act_fwd_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                        C, NI, sO, sC, sI, n_tiles_i, eps, slope,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
-    """y = act(x * scale + shift), scale = w * invstd, shift = b - mean * scale; one tile per program."""
+    """y = act(x * scale + shift (+ residual)), scale = w * invstd, shift = b - mean * scale; one tile
+    per program. The forward of bn_act and of bn_add_act (HAS_RES)."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mean, invstd, w, b = channel_affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B)
@@ -36,7 +37,10 @@ def _bn_act_fwd_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
     offs, imask = tile_offsets(tl.program_id(0), c, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
     mask = cmask[:, None] & imask[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = activate(x * scale[:, None] + shift[:, None], ACT, slope)
+    z = x * scale[:, None] + shift[:, None]
+    if HAS_RES:
+        z += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = activate(z, ACT, slope)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -137,9 +141,9 @@ def check_inputs(x, weight, bias, running_mean, running_var, training):
 
 def bn_act_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                   eps: float, activation: str, negative_slope: float):
-    """y = act(BatchNorm(x)). Returns (y, mean, var): the batch mean and biased batch variance in
-    fp32 when training; empty tensors in eval mode (the running statistics are used)."""
+                   eps: float, activation: str, negative_slope: float, residual: torch.Tensor | None = None):
+    """y = act(BatchNorm(x) (+ residual)). Returns (y, mean, var): the batch mean and biased batch
+    variance in fp32 when training; empty tensors in eval mode (the running statistics are used)."""
     check_inputs(x, weight, bias, running_mean, running_var, training)
     x = contiguous_input(x)
     lay = Layout(x)
@@ -147,11 +151,15 @@ def bn_act_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         mean, var = batch_stats(x, lay)
     else:
         mean, var = running_mean, running_var
-    y = torch.empty_like(x)
+    if residual is None:
+        y = torch.empty_like(x)
+    else:
+        residual = lay.like(residual)
+        y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
     launch(_bn_act_fwd_kernel)[(lay.n_tiles, lay.n_cblocks)](
-        x, y, mean, var, or_dummy(weight, x), or_dummy(bias, x), *lay.strides(), float(eps), float(negative_slope),
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_code(activation),
-        BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
+        x, or_dummy(residual, x), y, mean, var, or_dummy(weight, x), or_dummy(bias, x), *lay.strides(), float(eps),
+        float(negative_slope), HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+        ACT=act_code(activation), BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
     if not training:
         mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
     return y, mean, var

@@ -1,6 +1,7 @@
 """act(BatchNorm2d(x) + residual) in Triton: the end of a residual block.
 
-Forward (training): statistics pass -> apply pass (reads x and residual) -> running-stat update.
+Forward (training): statistics pass -> apply pass (bn_act's kernel with HAS_RES: reads x and residual) ->
+running-stat update.
 Backward: the reduction pass reads grad_y, x and residual, recomputes z = x*scale + shift + residual,
 writes dz = act'(z) * grad_y (which *is* grad_residual) and sums dz, dz*xhat per channel; the apply
 pass reads dz and x for grad_x. With identity activation dz = grad_y and nothing is written.
@@ -11,27 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Layout, act_code, activate, activation_grad, batch_stats, channel_affine, contiguous_input,
-                      launch, or_dummy, sum_partials, tile_offsets, update_running_stats)
-from .bn_act import check_inputs
-
-
-@triton.jit
-def _bn_add_act_fwd_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
-                           C, NI, sO, sC, sI, n_tiles_i, eps, slope,
-                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mean, invstd, w, b = channel_affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B)
-    scale = w * invstd
-    shift = b - mean * scale
-    offs, imask = tile_offsets(tl.program_id(0), c, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
-    mask = cmask[:, None] & imask[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = activate(x * scale[:, None] + shift[:, None] + r, ACT, slope)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+from ._common import (Layout, act_code, activation_grad, channel_affine, contiguous_input, launch, or_dummy,
+                      sum_partials, tile_offsets, update_running_stats)
+from .bn_act import bn_act_forward
 
 
 @triton.jit
@@ -99,25 +82,12 @@ def bn_add_act_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                        bias: torch.Tensor | None, running_mean: torch.Tensor | None,
                        running_var: torch.Tensor | None, training: bool, eps: float, activation: str,
                        negative_slope: float):
-    """y = act(BatchNorm(x) + residual). Returns (y, mean, var) as ``bn_act_forward`` does."""
-    check_inputs(x, weight, bias, running_mean, running_var, training)
+    """y = act(BatchNorm(x) + residual). Returns (y, mean, var) as ``bn_act_forward`` does, whose
+    kernel it runs with the residual added before the activation."""
     if residual.shape != x.shape or residual.device != x.device:
         raise ValueError(f"residual must match x: got {tuple(residual.shape)} for {tuple(x.shape)}")
-    x = contiguous_input(x)
-    lay = Layout(x)
-    residual = lay.like(residual)
-    if training:
-        mean, var = batch_stats(x, lay)
-    else:
-        mean, var = running_mean, running_var
-    y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
-    launch(_bn_add_act_fwd_kernel)[(lay.n_tiles, lay.n_cblocks)](
-        x, residual, y, mean, var, or_dummy(weight, x), or_dummy(bias, x), *lay.strides(), float(eps),
-        float(negative_slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_code(activation),
-        BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
-    if not training:
-        mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    return y, mean, var
+    return bn_act_forward(x, weight, bias, running_mean, running_var, training, eps, activation, negative_slope,
+                          residual=residual)
 
 
 def bn_add_act_backward(grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, mean: torch.Tensor,
