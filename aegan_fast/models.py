@@ -39,6 +39,7 @@ class ModelConfig:
     ge_base_channels: int = 256     # G_E width at R=64; doubles per extra up layer
     embed_max_channels: int = 512   # cap on G_E and D_E widths (they work on R/16 maps: cheap)
     max_channels: int = 512         # cap on φ and D_R widths (they work on images: the bulk of the cost)
+    denoiser: bool = True           # False: no φ (an identity), the sampling chain ends at F
     denoiser_skips: bool = False    # U-Net skip connections in φ (the paper has none)
     denoiser_dropout: float = 0.5
 
@@ -254,7 +255,8 @@ def init_weights(module: nn.Module) -> None:
 def build_nets(cfg: ModelConfig) -> nn.ModuleDict:
     nets = nn.ModuleDict({
         "H": Encoder(cfg), "F": Decoder(cfg), "G_E": EmbeddingGenerator(cfg),
-        "D_E": EmbeddingDiscriminator(cfg), "phi": Denoiser(cfg), "D_R": ImageDiscriminator(cfg),
+        "D_E": EmbeddingDiscriminator(cfg), "phi": Denoiser(cfg) if cfg.denoiser else nn.Identity(),
+        "D_R": ImageDiscriminator(cfg),
     })
     init_weights(nets)
     return nets

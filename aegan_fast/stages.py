@@ -10,6 +10,8 @@ Stage 3, ``finetune`` (our design; the paper names the stage without a recipe): 
   judges G_E(z) against real embeddings (G_E stays on the embedding manifold); F keeps reconstructing
   real images from H(x) (F stays a decoder; H is frozen so that target does not drift); φ keeps its L1
   tie to x̂ (it stays a denoiser, not a second generator). All learning rates are scaled down.
+Without a denoiser (``ModelConfig.denoiser=False``, an ablation) φ is an identity: stage 2 trains
+  G_E/D_E only and stage 3 trains G_E → F against D_R.
 
 Step functions return losses as detached tensors; the caller turns them into numbers only when it
 logs, so a GPU step never waits on a host sync.
@@ -26,7 +28,7 @@ from torch import nn
 from . import losses
 from .config import TrainConfig
 from .data import ImageSet
-from .models import sample_z
+from .models import SAMPLING_CHAIN, generate, sample_z
 
 TRAINED = {"ae": ("H", "F"), "embed": ("G_E", "D_E", "phi", "D_R"),
            "finetune": ("G_E", "F", "phi", "D_E", "D_R")}
@@ -124,6 +126,8 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
         d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake)
         g_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
         _step(opts["G_E"], g_e)
+    if not cfg.model.denoiser:
+        return {"D_E": d_e, "G_E": g_e.detach()}
 
     with torch.no_grad():  # x̂ is detached: φ's loss must not reach G_E in this stage
         x_hat = nets["F"](e_fake)
@@ -152,8 +156,10 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     adv_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
     rec = F.l1_loss(x_rec, x)
     fid = F.l1_loss(x_gen, x_hat.detach())
-    loss = adv + cfg.finetune_embed_adv * adv_e + cfg.finetune_rec * rec + cfg.denoiser_l1 * fid
-    chain = [opts[k] for k in ("G_E", "F", "phi")]
+    loss = adv + cfg.finetune_embed_adv * adv_e + cfg.finetune_rec * rec
+    if cfg.model.denoiser:
+        loss = loss + cfg.denoiser_l1 * fid
+    chain = [opts[k] for k in ("G_E", "F", "phi") if k in opts]  # no φ optimizer without a denoiser
     for opt in chain:
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -164,6 +170,23 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
 
 
 STEPS = {"ae": ae_step, "embed": embed_step, "finetune": finetune_step}
+
+
+def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: TrainConfig) -> dict:
+    """Not an AEGAN stage: the baseline of bench/paper_claim.py. The same sampling chain G_E → F → φ
+    trained from scratch as one generator, noise straight to pixels against D_R (no autoencoder, no
+    embedding discriminator, no L1 ties): what the autoencoder bridge is measured against."""
+    x = batch.x
+    x_gen = generate(nets, sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen)
+    adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
+    chain = [opts[k] for k in SAMPLING_CHAIN if k in opts]
+    for opt in chain:
+        opt.zero_grad(set_to_none=True)
+    adv.backward()
+    for opt in chain:
+        opt.step()
+    return {"D_R": d_r, "G_adv": adv.detach()}
 
 
 class EMA:

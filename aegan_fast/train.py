@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", choices=LOSSES, help="adversarial loss")
     p.add_argument("--ema-kimg", type=float, help="half-life of the sampling chain's EMA in kimg (0: off)")
     p.add_argument("--denoiser-skips", action="store_true", default=None, help="U-Net skips in the denoiser")
+    p.add_argument("--no-denoiser", action="store_true", help="ablation: no φ, the sampling chain ends at F")
     p.add_argument("--seed", type=int)
     p.add_argument("--ops", choices=("auto",) + ops.BACKENDS, help="fused-op backend (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -97,6 +98,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             setattr(cfg, name, getattr(args, name))
     if args.denoiser_skips:
         cfg.model.denoiser_skips = True
+    if args.no_denoiser:
+        cfg.model.denoiser = False
     return cfg
 
 
@@ -226,6 +229,12 @@ def stage_end_evaluation(stage: str, nets, ema: EMA | None, data: ImageSet, cfg:
 
 # --------------------------------------------------------------------------- the run
 
+def make_optimizers(nets, cfg: TrainConfig) -> dict:
+    """One Adam per net that has weights (φ is a weightless identity in the no-denoiser ablation)."""
+    return {name: torch.optim.Adam(net.parameters(), lr=cfg.lr[name], betas=cfg.betas)
+            for name, net in nets.items() if any(True for _ in net.parameters())}
+
+
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_after_steps: int | None = None, data: ImageSet | None = None) -> Path:
     """Run (or continue) all stages in run_dir. ``stop_after_steps`` ends the call after that many
@@ -246,7 +255,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     np.random.seed(cfg.seed)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     nets = build_nets(cfg.model).to(device)
-    opts = {name: torch.optim.Adam(nets[name].parameters(), lr=cfg.lr[name], betas=cfg.betas) for name in nets}
+    opts = make_optimizers(nets, cfg)
     ema: EMA | None = None
     counters = {"stage": STAGES[0], "stage_img": 0, "total_img": 0, "step": 0}
 

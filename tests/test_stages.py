@@ -3,19 +3,24 @@ import torch
 
 from aegan_fast.data import load_folder
 from aegan_fast.models import build_nets
-from aegan_fast.stages import STEPS, Batch, RealEmbeddings, prepare_stage
+from aegan_fast.stages import STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage
+from aegan_fast.train import make_optimizers
 from conftest import tiny_config
 
 
-def _setup(stage, image_folder, cache_mb=1e9, **overrides):
+def _setup(stage, image_folder, cache_mb=1e9, denoiser=True, **overrides):
     torch.manual_seed(0)
     cfg = tiny_config(**overrides)
+    cfg.model.denoiser = denoiser
     data = load_folder(image_folder, 64)
     nets = build_nets(cfg.model)
-    opts = {k: torch.optim.Adam(nets[k].parameters(), lr=cfg.lr[k], betas=cfg.betas) for k in nets}
-    prepare_stage(stage, nets, opts, cfg)
+    opts = make_optimizers(nets, cfg)
+    if stage == "direct":
+        nets.train()
+    else:
+        prepare_stage(stage, nets, opts, cfg)
     gen = torch.Generator().manual_seed(0)
-    emb = None if stage == "ae" else RealEmbeddings(nets["H"], data, gen, "cpu", 64 * 16, cache_mb * 2**20)
+    emb = None if stage in ("ae", "direct") else RealEmbeddings(nets["H"], data, gen, "cpu", 64 * 16, cache_mb * 2**20)
     idx, mirror = torch.arange(4), torch.tensor([False, True, False, True])
     return cfg, nets, opts, Batch(data.gather(idx, mirror, "cpu"), idx, mirror), emb
 
@@ -69,3 +74,41 @@ def test_embedding_cache_equals_encoder(image_folder):
         torch.testing.assert_close(emb.of(batch), nets["H"](batch.x))
     _, _, _, _, uncached = _setup("embed", image_folder, cache_mb=0)
     assert uncached.table is None and uncached.random(3).shape == (3, 64, 4, 4)
+
+
+def _weights(nets, names):
+    return {f"{n}.{k}": v.clone() for n in names for k, v in nets[n].state_dict().items()}
+
+
+def _moved(before, nets):
+    after = {f"{n}.{k}": v for n in nets for k, v in nets[n].state_dict().items()}
+    return {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_direct_gan_trains_the_whole_chain_against_d_r_only(image_folder):
+    """The experiment's baseline: G_E, F and φ all learn from D_R's verdict on the final image;
+    H and D_E (the autoencoder bridge) play no part."""
+    cfg, nets, opts, batch, _ = _setup("direct", image_folder)
+    before = _weights(nets, nets.keys())
+    parts = [{k: v.item() for k, v in direct_gan_step(nets, opts, batch, None, cfg).items()} for _ in range(15)]
+    assert _moved(before, nets) == {"G_E", "F", "phi", "D_R"}
+    assert min(p["D_R"] for p in parts[-3:]) < parts[0]["D_R"], parts
+
+
+def test_without_denoiser_stage_2_trains_the_embedding_gan_only(image_folder):
+    cfg, nets, opts, batch, emb = _setup("embed", image_folder, denoiser=False)
+    assert isinstance(nets["phi"], torch.nn.Identity) and "phi" not in opts
+    before = _weights(nets, nets.keys())
+    d_e = [STEPS["embed"](nets, opts, batch, emb, cfg) for _ in range(15)]
+    assert set(d_e[0]) == {"D_E", "G_E"}
+    assert _moved(before, nets) == {"G_E", "D_E"}  # D_R waits for stage 3: nothing to judge yet
+    assert min(l["D_E"].item() for l in d_e[-3:]) < d_e[0]["D_E"].item()
+
+
+def test_without_denoiser_stage_3_trains_g_e_and_f_against_d_r(image_folder):
+    cfg, nets, opts, batch, emb = _setup("finetune", image_folder, denoiser=False)
+    before = _weights(nets, nets.keys())
+    parts = [{k: v.item() for k, v in STEPS["finetune"](nets, opts, batch, emb, cfg).items()} for _ in range(15)]
+    assert _moved(before, nets) == {"G_E", "F", "D_E", "D_R"}
+    assert parts[-1]["F_rec"] < 0.95 * parts[0]["F_rec"], parts
+    assert all(p["phi_l1"] == 0 for p in parts)  # φ is the identity: its output is its input

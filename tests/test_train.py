@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint
+from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets
 from aegan_fast.data import load_folder
+from aegan_fast.models import generate
 from aegan_fast.train import main as train_main
 from aegan_fast.train import train
 from aegan_fast.sample import main as sample_main
@@ -150,6 +151,23 @@ def test_cli_train_resume_and_sample(tmp_path, image_folder):
     sample_main(["--ckpt", str(run), "--n", "3", "--out", str(tmp_path / "imgs") + "/"])
     assert (tmp_path / "grid.png").exists()
     assert len(list((tmp_path / "imgs").glob("*.png"))) == 3
+
+
+def test_no_denoiser_ablation_trains_and_samples_f_of_g_e(tmp_path, image_folder):
+    run = tmp_path / "run"
+    r = _cli(["aegan_fast.train", "--data", str(image_folder), "--run-dir", str(run), "--batch", "4",
+              "--kimg-ae", "0.008", "--kimg-embed", "0.008", "--kimg-finetune", "0.008", "--no-progress",
+              "--device", "cpu", "--no-denoiser"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = load_checkpoint(run)
+    assert state["config"]["model"]["denoiser"] is False
+    assert not any(k.startswith("phi.") for k in state["nets"]) and "phi" not in state["opts"]
+    cfg, nets = load_sampling_nets(run)
+    z = torch.rand(3, cfg.model.z_dim) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(generate(nets, z), nets["F"](nets["G_E"](z)), rtol=0, atol=0)
+    sample_main(["--ckpt", str(run), "--n", "4", "--out", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").stat().st_size > 100
 
 
 def test_doctor_reports_backends():
