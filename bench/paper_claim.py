@@ -1,0 +1,283 @@
+"""The paper's claim at small scale: does the autoencoder bridge beat a GAN on pixels? (issue 6)
+
+Four variants at R=64 on the built-in emoji set, the demo preset's nets and learning rates, each
+trained for the same wall-clock budget, with two seeds each:
+
+    aegan        the three stages: ae -> embed -> finetune
+    direct       the same generator (G_E -> F -> phi, same widths, same parameter count) trained from
+                 scratch against D_R, noise straight to pixels: no autoencoder, no D_E, no L1 ties
+    no_denoiser  AEGAN with phi an identity: samples are F(G_E(z)); stages ae -> embed -> finetune
+    no_finetune  AEGAN stopped after stage 2
+
+Equal budget: each variant splits the budget over its stages by fixed time shares (SHARES). Before the
+runs, a calibration times a few steps of every stage in this process and turns the shares into
+kimg, so each run is a deterministic kimg-based training run whose measured wall time is reported
+beside the budget. Every run is then scored on the same footing: its EMA sampling chain, n images
+(fixed evaluation seed) against n real images spread through the set, by SWD, fid_efflite and
+MS-SSIM diversity.
+
+    .venv/bin/python bench/paper_claim.py                      # 8 min x 4 variants x 2 seeds
+    .venv/bin/python bench/paper_claim.py --budget-min 0.2 --seeds 0 --out /tmp/pc   # a smoke run
+
+Writes OUT/<variant>-s<seed>/ (run directory + result.json), OUT/results.json, OUT/table.md and
+OUT/grids.png (seed 0 of each variant, same z, side by side). A finished run is not trained again,
+so an interrupted experiment continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from aegan_fast.checkpoint import load_sampling_nets, save_checkpoint
+from aegan_fast.config import STAGES, TrainConfig, preset
+from aegan_fast.data import load_dataset, make_loader
+from aegan_fast.eval import evaluate_run
+from aegan_fast.metrics import evaluate
+from aegan_fast.models import SAMPLING_CHAIN, build_nets, sample_z
+from aegan_fast.sample import sample_images
+from aegan_fast.stages import EMA, STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage
+from aegan_fast.train import make_optimizers, train
+from aegan_fast.viz import make_grid
+
+VARIANTS = ("aegan", "direct", "no_denoiser", "no_finetune")
+# Share of the budget per stage. AEGAN's shares are the demo preset's (about 10 / 8 / 2 kimg in
+# 8 minutes); no_finetune hands stage 3's share to stages 1 and 2 in the same ratio.
+SHARES = {
+    "aegan": {"ae": 0.3, "embed": 0.5, "finetune": 0.2},
+    "direct": {"direct": 1.0},
+    "no_denoiser": {"ae": 0.3, "embed": 0.5, "finetune": 0.2},
+    "no_finetune": {"ae": 0.375, "embed": 0.625},
+}
+METRICS = ("swd", "fid_efflite", "msssim")
+EVAL_SEED = 12345  # z and metric randomness of the evaluation: the same for every run
+
+
+def variant_config(variant: str, seed: int) -> TrainConfig:
+    cfg = preset("demo")
+    cfg.seed = seed
+    cfg.model.denoiser = variant != "no_denoiser"
+    cfg.loader = "torch"
+    # No mid-run grids, periodic checkpoints or stage-end metrics: the budget is training time.
+    cfg.sample_every_kimg = cfg.ckpt_every_kimg = 0.0
+    cfg.eval_metrics = ()
+    return cfg
+
+
+def generator_parameters(cfg: TrainConfig) -> int:
+    nets = build_nets(cfg.model)
+    return sum(p.numel() for name in SAMPLING_CHAIN for p in nets[name].parameters())
+
+
+# --------------------------------------------------------------------------- calibration
+
+def seconds_per_image(cfg: TrainConfig, stage: str, data, device, warmup: int = 2, steps: int = 6) -> float:
+    """Median seconds per real image of one stage's training step (with the EMA update the run does),
+    from fresh nets: step time does not depend on what the weights are."""
+    torch.manual_seed(0)
+    nets = build_nets(cfg.model).to(device)
+    opts = make_optimizers(nets, cfg)
+    if stage == "direct":
+        nets.train()
+        step_fn, emb = direct_gan_step, None
+    else:
+        prepare_stage(stage, nets, opts, cfg)
+        step_fn = STEPS[stage]
+        emb = None if stage == "ae" else RealEmbeddings(
+            nets["H"], data, torch.Generator().manual_seed(0), device,
+            cfg.model.embed_channels * cfg.model.embed_size ** 2, cfg.embed_cache_mb * 2 ** 20)
+    ema = EMA(nets, cfg.ema_kimg) if stage != "ae" else None
+    loader = make_loader("torch", data, cfg.batch, 0, device, workers=cfg.loader_workers)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step_fn(nets, opts, Batch(*next(loader)), emb, cfg)
+        if ema is not None:
+            ema.update(nets, cfg.batch)
+        times.append(time.perf_counter() - t0)
+    loader.close()
+    return statistics.median(times[warmup:]) / cfg.batch
+
+
+def plan_kimg(budget_s: float, data, device) -> dict:
+    """{variant: {stage: kimg}} filling each variant's budget by its shares."""
+    per_image: dict = {}
+    plan = {}
+    for variant in VARIANTS:
+        cfg = variant_config(variant, 0)
+        plan[variant] = {}
+        for stage, share in SHARES[variant].items():
+            key = (stage, cfg.model.denoiser)
+            if key not in per_image:
+                per_image[key] = seconds_per_image(cfg, stage, data, device)
+                print(f"calibration: {stage:<8} denoiser={cfg.model.denoiser!s:<5} "
+                      f"{1 / per_image[key]:6.1f} img/s", flush=True)
+            plan[variant][stage] = round(share * budget_s / per_image[key] / 1000, 2)
+    return plan
+
+
+# --------------------------------------------------------------------------- training
+
+def train_direct(cfg: TrainConfig, run_dir: Path, kimg: float, data, device) -> None:
+    """The baseline's training loop: direct_gan_step for kimg, EMA of the chain as in AEGAN's runs.
+    Saves a checkpoint in the trainer's format so the sampler and evaluator read it like any run."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    nets = build_nets(cfg.model).to(device)
+    opts = {k: v for k, v in make_optimizers(nets, cfg).items() if k in SAMPLING_CHAIN + ("D_R",)}
+    nets.train()
+    ema = EMA(nets, cfg.ema_kimg)
+    loader = make_loader("torch", data, cfg.batch, cfg.seed, device, workers=cfg.loader_workers)
+    total = int(kimg * 1000)
+    shown = 0
+    with tqdm(total=total, unit="img", unit_scale=True, desc="direct GAN", mininterval=5.0,
+              file=sys.stdout) as bar:
+        while shown < total:
+            losses = direct_gan_step(nets, opts, Batch(*next(loader)), None, cfg)
+            ema.update(nets, cfg.batch)
+            shown += cfg.batch
+            bar.update(cfg.batch)
+            if shown % (cfg.batch * cfg.log_every_steps) == 0:
+                bar.set_postfix_str(" ".join(f"{k}={float(v):.3f}" for k, v in losses.items()))
+    loader.close()
+    cfg.kimg = {stage: 0.0 for stage in STAGES}
+    cfg.save(run_dir / "config.json")
+    save_checkpoint(run_dir, "stage-direct.pt", {
+        "config": cfg.to_dict(), "nets": nets.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
+        "ema": ema.state_dict(), "counters": {"stage": "done", "stage_img": 0, "total_img": shown, "step": 0}})
+
+
+def run_one(variant: str, seed: int, kimg: dict, out: Path, data, device, n_eval: int) -> dict:
+    run_dir = out / f"{variant}-s{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        print(f"{run_dir.name}: done before, kept", flush=True)
+        return json.loads(result_path.read_text())
+    if run_dir.exists():  # an interrupted run: start it again from nothing, the budget is per run
+        for p in sorted(run_dir.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() or p.is_symlink() else p.rmdir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = variant_config(variant, seed)
+    print(f"\n=== {run_dir.name}: {kimg} kimg", flush=True)
+    started = time.perf_counter()
+    if variant == "direct":
+        train_direct(cfg, run_dir, kimg["direct"], data, device)
+    else:
+        cfg.kimg = {stage: kimg.get(stage, 0.0) for stage in STAGES}
+        train(cfg, run_dir, progress=False, data=data)
+    train_s = time.perf_counter() - started
+
+    _, nets = load_sampling_nets(run_dir, device)  # EMA weights, eval mode
+    started = time.perf_counter()
+    metrics = evaluate_run(nets, data, METRICS, n_eval, EVAL_SEED, cfg.model.z_dim, device)
+    result = {"variant": variant, "seed": seed, "kimg": kimg, "train_min": round(train_s / 60, 2),
+              "eval_s": round(time.perf_counter() - started, 1), "n_eval": min(n_eval, len(data)),
+              "metrics": metrics}
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{run_dir.name}: trained {train_s / 60:.1f} min; " +
+          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in METRICS), flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+def mean_spread(values: list[float]) -> str:
+    """mean ± half the range over the seeds (with two seeds: ± half their difference)."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3g} ± {(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else f"{mean:.3g}"
+
+
+def write_table(results: list[dict], msssim_real: float, budget_min: float, out: Path) -> str:
+    lines = [f"| variant | generator params | kimg per stage | train min (budget {budget_min:g}) | "
+             "SWD ×1e3 ↓ | fid_efflite ↓ | MS-SSIM (real {:.3f}) |".format(msssim_real),
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for variant in VARIANTS:
+        rows = [r for r in results if r["variant"] == variant]
+        if not rows:
+            continue
+        params = generator_parameters(variant_config(variant, 0)) / 1e6
+        kimg = " / ".join(f"{s} {k:g}" for s, k in rows[0]["kimg"].items())
+        seeds = " ".join(str(r["seed"]) for r in rows)
+        lines.append(f"| {variant} (seeds {seeds}) | {params:.2f} M | {kimg} | "
+                     f"{mean_spread([r['train_min'] for r in rows])} | " +
+                     " | ".join(mean_spread([r["metrics"][m] for r in rows]) for m in METRICS) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    return table
+
+
+def write_grids(out: Path, device, seed: int = 0, n: int = 36) -> Path:
+    """One PNG: the same n latent vectors through each variant's seed-0 EMA chain, side by side."""
+    panels = []
+    for variant in VARIANTS:
+        run_dir = out / f"{variant}-s{seed}"
+        if not (run_dir / "result.json").exists():
+            continue
+        cfg, nets = load_sampling_nets(run_dir, device)
+        images = sample_images(nets, n, EVAL_SEED, cfg.model.z_dim, device)
+        panels.append((variant, Image.fromarray(make_grid(images).permute(1, 2, 0).numpy())))
+    font = ImageFont.load_default(size=22)
+    gap, label_h = 16, 36
+    w, h = panels[0][1].size
+    sheet = Image.new("RGB", (len(panels) * w + (len(panels) + 1) * gap, h + label_h + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, panel) in enumerate(panels):
+        left = gap + i * (w + gap)
+        draw.text((left, 6), name, fill="black", font=font)
+        sheet.paste(panel, (left, label_h))
+    path = out / "grids.png"
+    sheet.save(path, optimize=True)
+    return path
+
+
+def real_diversity(data, n: int) -> float:
+    """MS-SSIM diversity of the real images the runs are compared with: the target for the fakes'."""
+    real = data.spread(min(n, len(data)), "cpu")
+    return evaluate(real, real, ["msssim_real"], seed=EVAL_SEED)["msssim_real"]
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-min", type=float, default=8.0, help="training wall-clock budget per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--n", type=int, default=1000, help="images per set for the metrics")
+    p.add_argument("--out", default="runs/paper_claim")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
+    data = load_dataset(None, 64)
+    print(f"data: {len(data)} images; device {device}; torch {torch.__version__}; "
+          f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}", flush=True)
+
+    plan_path = out / "plan.json"
+    if plan_path.exists():  # a continued experiment keeps its kimg, so its runs stay comparable
+        plan = json.loads(plan_path.read_text())
+    else:
+        plan = {"budget_min": args.budget_min, "kimg": plan_kimg(args.budget_min * 60, data, device)}
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    print("kimg per stage:", json.dumps(plan["kimg"]), flush=True)
+
+    results = [run_one(v, s, plan["kimg"][v], out, data, device, args.n) for s in args.seeds for v in args.variants]
+    real = real_diversity(data, args.n)
+    (out / "results.json").write_text(json.dumps({"plan": plan, "msssim_real": real, "runs": results}, indent=2) + "\n")
+    print("\n" + write_table(results, real, plan["budget_min"], out))
+    print(f"grids: {write_grids(out, device, seed=args.seeds[0])}")
+
+
+if __name__ == "__main__":
+    main()
