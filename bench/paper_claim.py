@@ -8,6 +8,7 @@ trained for the same wall-clock budget, with two seeds each:
                  scratch against D_R, noise straight to pixels: no autoencoder, no D_E, no L1 ties
     no_denoiser  AEGAN with phi an identity: samples are F(G_E(z)); stages ae -> embed -> finetune
     no_finetune  AEGAN stopped after stage 2
+    aegan_unet   (extra, not in the default set) AEGAN with U-Net skips in phi (--denoiser-skips)
 
 Equal budget: each variant splits the budget over its stages by fixed time shares (SHARES). Before the
 runs, a calibration times a few steps of every stage in this process and turns the shares into
@@ -20,8 +21,8 @@ MS-SSIM diversity.
     .venv/bin/python bench/paper_claim.py --budget-min 0.2 --seeds 0 --out /tmp/pc   # a smoke run
 
 Writes OUT/<variant>-s<seed>/ (run directory + result.json), OUT/results.json, OUT/table.md and
-OUT/grids.png (seed 0 of each variant, same z, side by side). A finished run is not trained again,
-so an interrupted experiment continues where it stopped.
+OUT/grids.png (real images and every variant on the same z, side by side, a row per seed). A
+finished run is not trained again, so an interrupted experiment continues where it stopped.
 """
 from __future__ import annotations
 
@@ -45,13 +46,14 @@ from aegan_fast.config import STAGES, TrainConfig, preset
 from aegan_fast.data import load_dataset, make_loader
 from aegan_fast.eval import evaluate_run
 from aegan_fast.metrics import evaluate
-from aegan_fast.models import SAMPLING_CHAIN, build_nets, sample_z
+from aegan_fast.models import SAMPLING_CHAIN, build_nets
 from aegan_fast.sample import sample_images
 from aegan_fast.stages import EMA, STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage
 from aegan_fast.train import make_optimizers, train
 from aegan_fast.viz import make_grid
 
 VARIANTS = ("aegan", "direct", "no_denoiser", "no_finetune")
+EXTRA_VARIANTS = ("aegan_unet",)
 # Share of the budget per stage. AEGAN's shares are the demo preset's (about 10 / 8 / 2 kimg in
 # 8 minutes); no_finetune hands stage 3's share to stages 1 and 2 in the same ratio.
 SHARES = {
@@ -59,6 +61,7 @@ SHARES = {
     "direct": {"direct": 1.0},
     "no_denoiser": {"ae": 0.3, "embed": 0.5, "finetune": 0.2},
     "no_finetune": {"ae": 0.375, "embed": 0.625},
+    "aegan_unet": {"ae": 0.3, "embed": 0.5, "finetune": 0.2},
 }
 METRICS = ("swd", "fid_efflite", "msssim")
 EVAL_SEED = 12345  # z and metric randomness of the evaluation: the same for every run
@@ -68,6 +71,7 @@ def variant_config(variant: str, seed: int) -> TrainConfig:
     cfg = preset("demo")
     cfg.seed = seed
     cfg.model.denoiser = variant != "no_denoiser"
+    cfg.model.denoiser_skips = variant == "aegan_unet"
     cfg.loader = "torch"
     # No mid-run grids, periodic checkpoints or stage-end metrics: the budget is training time.
     cfg.sample_every_kimg = cfg.ckpt_every_kimg = 0.0
@@ -110,18 +114,18 @@ def seconds_per_image(cfg: TrainConfig, stage: str, data, device, warmup: int = 
     return statistics.median(times[warmup:]) / cfg.batch
 
 
-def plan_kimg(budget_s: float, data, device) -> dict:
+def plan_kimg(variants, budget_s: float, data, device) -> dict:
     """{variant: {stage: kimg}} filling each variant's budget by its shares."""
     per_image: dict = {}
     plan = {}
-    for variant in VARIANTS:
+    for variant in variants:
         cfg = variant_config(variant, 0)
         plan[variant] = {}
         for stage, share in SHARES[variant].items():
-            key = (stage, cfg.model.denoiser)
+            key = (stage, cfg.model.denoiser, cfg.model.denoiser_skips)  # what changes a step's cost
             if key not in per_image:
                 per_image[key] = seconds_per_image(cfg, stage, data, device)
-                print(f"calibration: {stage:<8} denoiser={cfg.model.denoiser!s:<5} "
+                print(f"calibration: {stage:<8} denoiser={cfg.model.denoiser!s:<5} skips={cfg.model.denoiser_skips!s:<5} "
                       f"{1 / per_image[key]:6.1f} img/s", flush=True)
             plan[variant][stage] = round(share * budget_s / per_image[key] / 1000, 2)
     return plan
@@ -203,7 +207,7 @@ def write_table(results: list[dict], msssim_real: float, budget_min: float, out:
     lines = [f"| variant | generator params | kimg per stage | train min (budget {budget_min:g}) | "
              "SWD ×1e3 ↓ | fid_efflite ↓ | MS-SSIM (real {:.3f}) |".format(msssim_real),
              "|---|---:|---|---:|---:|---:|---:|"]
-    for variant in VARIANTS:
+    for variant in VARIANTS + EXTRA_VARIANTS:
         rows = [r for r in results if r["variant"] == variant]
         if not rows:
             continue
@@ -218,25 +222,32 @@ def write_table(results: list[dict], msssim_real: float, budget_min: float, out:
     return table
 
 
-def write_grids(out: Path, device, seed: int = 0, n: int = 36) -> Path:
-    """One PNG: the same n latent vectors through each variant's seed-0 EMA chain, side by side."""
-    panels = []
-    for variant in VARIANTS:
-        run_dir = out / f"{variant}-s{seed}"
-        if not (run_dir / "result.json").exists():
-            continue
-        cfg, nets = load_sampling_nets(run_dir, device)
-        images = sample_images(nets, n, EVAL_SEED, cfg.model.z_dim, device)
-        panels.append((variant, Image.fromarray(make_grid(images).permute(1, 2, 0).numpy())))
+def write_grids(out: Path, data, device, seeds, n: int = 36) -> Path:
+    """One PNG: real images, then each variant's EMA chain on the same n latent vectors, side by
+    side; one row per seed (the seeds disagree enough that one row would mislead)."""
+    def tile(images):
+        return Image.fromarray(make_grid(images).permute(1, 2, 0).numpy())
+
+    columns = ["real"] + [v for v in VARIANTS + EXTRA_VARIANTS if (out / f"{v}-s{seeds[0]}" / "result.json").exists()]
+    real = tile(data.spread(n, "cpu"))
+    w, h = real.size
     font = ImageFont.load_default(size=22)
     gap, label_h = 16, 36
-    w, h = panels[0][1].size
-    sheet = Image.new("RGB", (len(panels) * w + (len(panels) + 1) * gap, h + label_h + gap), "white")
+    sheet = Image.new("RGB", (len(columns) * (w + gap) + gap + 40, len(seeds) * (h + gap) + label_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (name, panel) in enumerate(panels):
-        left = gap + i * (w + gap)
+    for col, name in enumerate(columns):
+        left = 40 + gap + col * (w + gap)
         draw.text((left, 6), name, fill="black", font=font)
-        sheet.paste(panel, (left, label_h))
+        for row, seed in enumerate(seeds):
+            top = label_h + row * (h + gap)
+            if col == 0:
+                draw.text((6, top + h // 2), f"s{seed}", fill="black", font=font)
+                sheet.paste(real, (left, top))
+                continue
+            run_dir = out / f"{name}-s{seed}"
+            if (run_dir / "result.json").exists():
+                cfg, nets = load_sampling_nets(run_dir, device)
+                sheet.paste(tile(sample_images(nets, n, EVAL_SEED, cfg.model.z_dim, device)), (left, top))
     path = out / "grids.png"
     sheet.save(path, optimize=True)
     return path
@@ -253,7 +264,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-min", type=float, default=8.0, help="training wall-clock budget per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     p.add_argument("--n", type=int, default=1000, help="images per set for the metrics")
     p.add_argument("--out", default="runs/paper_claim")
     args = p.parse_args(argv)
@@ -264,19 +275,26 @@ def main(argv=None) -> None:
     print(f"data: {len(data)} images; device {device}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}", flush=True)
 
+    # A continued experiment keeps its budget and the kimg it planned, so its runs stay comparable;
+    # a variant it has not planned yet is calibrated now.
     plan_path = out / "plan.json"
-    if plan_path.exists():  # a continued experiment keeps its kimg, so its runs stay comparable
-        plan = json.loads(plan_path.read_text())
-    else:
-        plan = {"budget_min": args.budget_min, "kimg": plan_kimg(args.budget_min * 60, data, device)}
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else {"budget_min": args.budget_min, "kimg": {}}
+    if plan["budget_min"] != args.budget_min:
+        print(f"{plan_path} planned a {plan['budget_min']:g}-min budget: continuing with it", flush=True)
+    missing = [v for v in args.variants if v not in plan["kimg"]]
+    if missing:
+        plan["kimg"].update(plan_kimg(missing, plan["budget_min"] * 60, data, device))
         plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     print("kimg per stage:", json.dumps(plan["kimg"]), flush=True)
 
-    results = [run_one(v, s, plan["kimg"][v], out, data, device, args.n) for s in args.seeds for v in args.variants]
+    for seed in args.seeds:
+        for variant in args.variants:
+            run_one(variant, seed, plan["kimg"][variant], out, data, device, args.n)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]  # this call's and earlier ones
     real = real_diversity(data, args.n)
     (out / "results.json").write_text(json.dumps({"plan": plan, "msssim_real": real, "runs": results}, indent=2) + "\n")
     print("\n" + write_table(results, real, plan["budget_min"], out))
-    print(f"grids: {write_grids(out, device, seed=args.seeds[0])}")
+    print(f"grids: {write_grids(out, data, device, args.seeds)}")
 
 
 if __name__ == "__main__":
