@@ -195,6 +195,19 @@ def run_one(variant: str, seed: int, kimg: dict, out: Path, data, device, n_eval
     return result
 
 
+def score_before_denoiser(run_dir: Path, data, device, n_eval: int) -> None:
+    """For a run with a denoiser: the same evaluation of F(G_E(z)), phi skipped, kept in result.json
+    as ``metrics_before_phi``; it tells whether phi itself helps the samples it was trained on."""
+    result_path = run_dir / "result.json"
+    result = json.loads(result_path.read_text())
+    if "metrics_before_phi" in result:
+        return
+    cfg, nets = load_sampling_nets(run_dir, device)
+    chain = dict(nets.items()) | {"phi": torch.nn.Identity()}
+    result["metrics_before_phi"] = evaluate_run(chain, data, METRICS, n_eval, EVAL_SEED, cfg.model.z_dim, device)
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------- report
 
 def mean_spread(values: list[float]) -> str:
@@ -217,6 +230,10 @@ def write_table(results: list[dict], msssim_real: float, budget_min: float, out:
         lines.append(f"| {variant} (seeds {seeds}) | {params:.2f} M | {kimg} | "
                      f"{mean_spread([r['train_min'] for r in rows])} | " +
                      " | ".join(mean_spread([r["metrics"][m] for r in rows]) for m in METRICS) + " |")
+        before = [r for r in rows if "metrics_before_phi" in r]
+        if before:
+            lines.append(f"| {variant}, phi skipped: F(G_E(z)) of the same runs | | | | " +
+                         " | ".join(mean_spread([r["metrics_before_phi"][m] for r in before]) for m in METRICS) + " |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     return table
@@ -290,6 +307,10 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         for variant in args.variants:
             run_one(variant, seed, plan["kimg"][variant], out, data, device, args.n)
+    for seed in args.seeds:
+        for variant in args.variants:
+            if variant in ("aegan", "aegan_unet"):
+                score_before_denoiser(out / f"{variant}-s{seed}", data, device, args.n)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]  # this call's and earlier ones
     real = real_diversity(data, args.n)
     (out / "results.json").write_text(json.dumps({"plan": plan, "msssim_real": real, "runs": results}, indent=2) + "\n")
