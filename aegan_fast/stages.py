@@ -33,6 +33,10 @@ from .models import SAMPLING_CHAIN, generate, sample_z
 TRAINED = {"ae": ("H", "F"), "embed": ("G_E", "D_E", "phi", "D_R"),
            "finetune": ("G_E", "F", "phi", "D_E", "D_R")}
 FROZEN = {"ae": (), "embed": ("H", "F"), "finetune": ("H",)}
+# Nets whose Adam moments are cleared when a stage starts. F last stepped in stage 1, on
+# reconstruction alone; its second moments are tiny next to stage 3's adversarial gradients, so the
+# first stage-3 updates were many times the learning rate and wrecked the decoder (bench/RESULTS.md).
+FRESH_OPTIMIZER = {"ae": (), "embed": (), "finetune": ("F",)}
 
 
 def requires_grad(net: nn.Module, flag: bool) -> None:
@@ -50,6 +54,13 @@ def prepare_stage(stage: str, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig)
     for name, opt in opts.items():
         for group in opt.param_groups:
             group["lr"] = cfg.lr[name] * scale
+
+
+def start_stage(stage: str, opts: dict) -> None:
+    """What happens once when a stage begins (not when a run resumes in the middle of one)."""
+    for name in FRESH_OPTIMIZER[stage]:
+        if name in opts:
+            opts[name].state.clear()
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:

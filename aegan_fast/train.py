@@ -34,7 +34,7 @@ from .device import pick_device
 from .errors import UserError, cli
 from .eval import evaluate_run
 from .models import build_nets, check_resolution, generate, sample_z
-from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage
+from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage, start_stage
 from .viz import plot_metrics, save_grid
 
 log = logging.getLogger("aegan_fast.train")
@@ -294,6 +294,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
         stage = counters["stage"]
         stage_len = int(cfg.kimg[stage] * 1000)
         prepare_stage(stage, nets, opts, cfg)
+        if counters["stage_img"] == 0:
+            start_stage(stage, opts)
         if ema is None and cfg.ema_kimg > 0 and stage != "ae":
             ema = EMA(nets, cfg.ema_kimg)
         step_fn = STEPS[stage]

@@ -3,7 +3,7 @@ import torch
 
 from aegan_fast.data import load_folder
 from aegan_fast.models import build_nets
-from aegan_fast.stages import STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage
+from aegan_fast.stages import STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage, start_stage
 from aegan_fast.train import make_optimizers
 from conftest import tiny_config
 
@@ -112,3 +112,22 @@ def test_without_denoiser_stage_3_trains_g_e_and_f_against_d_r(image_folder):
     assert _moved(before, nets) == {"G_E", "F", "D_E", "D_R"}
     assert parts[-1]["F_rec"] < 0.95 * parts[0]["F_rec"], parts
     assert all(p["phi_l1"] == 0 for p in parts)  # φ is the identity: its output is its input
+
+
+def test_stage_3_starts_f_with_fresh_adam_moments(image_folder):
+    """F's moments from stage 1 would scale its first stage-3 updates by their stale, tiny second
+    moments; cleared, Adam's first step moves no weight by more than the learning rate."""
+    cfg, nets, opts, batch, _ = _setup("ae", image_folder)
+    for _ in range(5):
+        STEPS["ae"](nets, opts, batch, None, cfg)
+    prepare_stage("finetune", nets, opts, cfg)
+    emb = RealEmbeddings(nets["H"], load_folder(image_folder, 64), torch.Generator().manual_seed(0), "cpu",
+                         64 * 16, max_bytes=0)
+    h_state = {id(p): v["exp_avg_sq"].clone() for p, v in opts["H"].state.items()}
+    start_stage("finetune", opts)
+    assert not opts["F"].state and len(opts["H"].state) == len(h_state)  # only F's are cleared
+    before = [p.detach().clone() for p in nets["F"].parameters()]
+    STEPS["finetune"](nets, opts, batch, emb, cfg)
+    lr = cfg.lr["F"] * cfg.finetune_lr_scale
+    largest = max((p.detach() - b).abs().max().item() for p, b in zip(nets["F"].parameters(), before))
+    assert 0 < largest <= lr * 1.001, (largest, lr)

@@ -56,7 +56,7 @@ def test_checkpoint_round_trip(tmp_path, image_folder):
     assert set(state["opts"]) == {"H", "F", "G_E", "D_E", "phi", "D_R"}
 
 
-@pytest.mark.parametrize("stop_at", [2, 6])  # inside stage 1, and inside stage 2 (4 steps a stage)
+@pytest.mark.parametrize("stop_at", [2, 6, 10])  # inside stage 1, 2 and 3 (4 steps a stage)
 def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, image_folder, stop_at):
     data = load_folder(image_folder, 64)
     cfg = tiny_config()
@@ -66,7 +66,7 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, image_folder, s
 
     train(cfg, split, progress=False, data=data, stop_after_steps=stop_at)
     mid = load_checkpoint(split)["counters"]
-    assert mid["step"] == stop_at and mid["stage"] == ("ae" if stop_at < 4 else "embed")
+    assert mid["step"] == stop_at and mid["stage"] == ("ae", "embed", "finetune")[stop_at // 4]
     train(cfg, split, resume=True, progress=False, data=data)
 
     a, b = load_checkpoint(straight), load_checkpoint(split)
