@@ -62,18 +62,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
-    """name → a function building that sampler, for the backends that run here."""
-    avail = sampler_backends("cpu")
-    makers = {
-        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", fold=False),
-        "eager-folded": lambda: Sampler.load(ckpt, backend="torch", device="cpu"),
-        "compile": lambda: Sampler.load(ckpt, backend="compile", device="cpu"),
-        "onnxruntime": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cpu"),
-    }
+def _runnable(makers: dict, backend_of: dict, device: str, only: set[str] | None) -> dict[str, callable]:
+    """The makers whose backend runs on device (and that --only names), each skip said aloud."""
+    avail = sampler_backends(device)
     out = {}
     for name, make in makers.items():
-        backend = {"eager": "torch", "eager-folded": "torch"}.get(name, name)
+        backend = backend_of.get(name, name)
         if only and name not in only:
             continue
         if avail.get(backend):
@@ -83,25 +77,24 @@ def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
     return out
 
 
+def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
+    """name → a function building that sampler, for the backends that run here."""
+    return _runnable({
+        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", fold=False),
+        "eager-folded": lambda: Sampler.load(ckpt, backend="torch", device="cpu"),
+        "compile": lambda: Sampler.load(ckpt, backend="compile", device="cpu"),
+        "onnxruntime": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cpu"),
+    }, {"eager": "torch", "eager-folded": "torch"}, "cpu", only)
+
+
 def gpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
-    avail = sampler_backends("cuda")
-    makers = {
+    return _runnable({
         "eager": lambda: Sampler.load(ckpt, backend="torch", device="cuda", fold=False),
         "eager-bf16-cl": lambda: Sampler.load(ckpt, backend="torch", device="cuda", dtype=torch.bfloat16,
                                               channels_last=True),
         "compile": lambda: Sampler.load(ckpt, backend="compile", device="cuda"),
         "onnxruntime-cuda": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cuda"),
-    }
-    out = {}
-    for name, make in makers.items():
-        backend = {"eager": "torch", "eager-bf16-cl": "torch", "onnxruntime-cuda": "onnxruntime"}.get(name, name)
-        if only and name not in only:
-            continue
-        if avail.get(backend):
-            print(f"  skip {name}: {avail[backend]}")
-            continue
-        out[name] = make
-    return out
+    }, {"eager": "torch", "eager-bf16-cl": "torch", "onnxruntime-cuda": "onnxruntime"}, "cuda", only)
 
 
 def run(device: torch.device, makers: dict, batches, reps: dict[int, int], z_dim: int) -> list[dict]:

@@ -203,17 +203,20 @@ def _walk_folder(root: Path) -> Iterator[Entry]:
                     seen.add((st.st_dev, st.st_ino))
                     stack.append(Path(child.path))
             elif stat.S_ISREG(st.st_mode):
-                reason = _suffix_reason(rel) or (f"larger than {MAX_FILE_BYTES} bytes" if st.st_size > MAX_FILE_BYTES else None)
+                reason = _skip_reason(rel, st.st_size)
                 yield Entry(rel, st.st_size, f"{st.st_size}:{st.st_mtime_ns}",
                             None if reason else (lambda p=child.path: Path(p).read_bytes()), reason)
             else:
                 yield Entry(rel, 0, "", None, "not a regular file (device, socket or fifo)")
 
 
-def _suffix_reason(name: str) -> str | None:
+def _skip_reason(name: str, size: int) -> str | None:
+    """Why a listed file is not read at all (wrong type or too large), or None."""
     suffix = os.path.splitext(name)[1].lower()
     if suffix not in IMAGE_SUFFIXES:
         return f"not an image file type ({suffix or 'no suffix'})"
+    if size > MAX_FILE_BYTES:
+        return f"larger than {MAX_FILE_BYTES} bytes"
     return None
 
 
@@ -233,8 +236,7 @@ def _list_zip(path: Path) -> Iterator[Entry]:
         if stat.S_ISLNK(info.external_attr >> 16):
             yield Entry(info.filename, 0, "", None, "symlink inside the archive (not followed)")
             continue
-        reason = _suffix_reason(info.filename) or (
-            f"larger than {MAX_FILE_BYTES} bytes" if info.file_size > MAX_FILE_BYTES else None)
+        reason = _skip_reason(info.filename, info.file_size)
         yield Entry(info.filename, info.file_size, f"{info.file_size}:{info.CRC}", None if reason else reader(info), reason)
 
 
@@ -255,7 +257,7 @@ def _list_tar(path: Path) -> Iterator[Entry]:
         if not m.isfile():
             yield Entry(m.name, 0, "", None, "link or special file inside the archive (not followed)")
             continue
-        reason = _suffix_reason(m.name) or (f"larger than {MAX_FILE_BYTES} bytes" if m.size > MAX_FILE_BYTES else None)
+        reason = _skip_reason(m.name, m.size)
         yield Entry(m.name, m.size, f"{m.size}:{m.mtime}", None if reason else reader(m), reason)
 
 
