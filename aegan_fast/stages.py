@@ -64,9 +64,16 @@ def start_stage(stage: str, opts: dict) -> None:
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
+    _step_together(loss, [opt])
+
+
+def _step_together(loss: torch.Tensor, optimizers) -> None:
+    """One backward of loss, then a step of every optimizer (the nets it trains jointly)."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
+    for opt in optimizers:
+        opt.step()
 
 
 def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -119,12 +126,7 @@ class RealEmbeddings:
 def ae_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: TrainConfig) -> dict:
     rec = nets["F"](nets["H"](batch.x))
     loss = F.l1_loss(rec, batch.x)
-    opt_h, opt_f = opts["H"], opts["F"]
-    opt_h.zero_grad(set_to_none=True)
-    opt_f.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_h.step()
-    opt_f.step()
+    _step_together(loss, [opts["H"], opts["F"]])
     return {"ae_l1": loss.detach()}
 
 
@@ -170,12 +172,7 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     loss = adv + cfg.finetune_embed_adv * adv_e + cfg.finetune_rec * rec
     if cfg.model.denoiser:
         loss = loss + cfg.denoiser_l1 * fid
-    chain = [opts[k] for k in ("G_E", "F", "phi") if k in opts]  # no φ optimizer without a denoiser
-    for opt in chain:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in chain:
-        opt.step()
+    _step_together(loss, [opts[k] for k in SAMPLING_CHAIN if k in opts])  # no φ optimizer without a denoiser
     return {"D_E": d_e, "D_R": d_r, "chain_adv": adv.detach(), "G_E": adv_e.detach(),
             "F_rec": rec.detach(), "phi_l1": fid.detach()}
 
@@ -191,12 +188,7 @@ def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: T
     x_gen = generate(nets, sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen)
     adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
-    chain = [opts[k] for k in SAMPLING_CHAIN if k in opts]
-    for opt in chain:
-        opt.zero_grad(set_to_none=True)
-    adv.backward()
-    for opt in chain:
-        opt.step()
+    _step_together(adv, [opts[k] for k in SAMPLING_CHAIN if k in opts])
     return {"D_R": d_r, "G_adv": adv.detach()}
 
 
@@ -204,7 +196,7 @@ class EMA:
     """Exponential moving average of the sampling chain (G_E, F, φ), by half-life in kimg.
     Buffers (BatchNorm running statistics) are copied, not averaged."""
 
-    NETS = ("G_E", "F", "phi")
+    NETS = SAMPLING_CHAIN
 
     def __init__(self, nets: nn.ModuleDict, half_life_kimg: float):
         self.half_life_kimg = half_life_kimg
