@@ -1,4 +1,9 @@
-"""User-facing errors: bad input gets one clear line and exit code 2, never a traceback."""
+"""User-facing errors and the one wrapper every CLI uses.
+
+Exit codes, the same for every command: 0 done; 1 the work ran and failed a check (``CheckFailed``,
+e.g. an export that ONNX Runtime disagrees with); 2 bad input the user can fix (``UserError``: a bad
+path, flag or data set); 130 interrupted (Ctrl-C). Each gets one line on stderr, never a traceback.
+"""
 from __future__ import annotations
 
 import functools
@@ -9,16 +14,27 @@ class UserError(Exception):
     """Something the user can fix (a bad path, flag or data set). The CLIs print it and exit 2."""
 
 
+class CheckFailed(RuntimeError):
+    """The command ran but its result failed a check; nothing wrong was left behind. Exit 1."""
+
+
+EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
 def cli(main):
-    """Wrap a CLI entry point: UserError -> 'error: ...' on stderr and exit 2; Ctrl-C -> exit 130."""
+    """Wrap a CLI entry point: UserError -> 'error: ...' and exit 2; CheckFailed -> exit 1;
+    Ctrl-C -> exit 130."""
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2)
+            raise SystemExit(EXIT_USER_ERROR)
+        except CheckFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_CHECK_FAILED)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            raise SystemExit(130)
+            raise SystemExit(EXIT_INTERRUPTED)
     return wrapper

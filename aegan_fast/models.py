@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .ops import BatchNormAct2d, BatchNormAddAct2d
 
@@ -267,7 +268,38 @@ def sample_z(n: int, z_dim: int, generator: torch.Generator | None = None, devic
     return (torch.rand(n, z_dim, generator=generator) * 2 - 1).to(device)
 
 
-def generate(nets, z: torch.Tensor, denoise: bool = True) -> torch.Tensor:
-    """The sampling chain z → G_E → F → φ (φ skipped with denoise=False)."""
-    x = nets["F"](nets["G_E"](z))
-    return nets["phi"](x) if denoise else x
+class SamplingChain(nn.Module):
+    """The sampling chain z → G_E → F → φ: the one place it is composed.
+
+    It holds the nets it is given (no copies): ``SamplingChain.of(nets)`` over a run's nets or its
+    EMA nets, or over folded copies for inference (aegan_fast.export.fold). ``phi=None`` ends the
+    chain at F (``denoise=False``, or a run without a denoiser). Training previews, EMA, eval,
+    folding, the Sampler and export all run it."""
+
+    def __init__(self, G_E: nn.Module, F: nn.Module, phi: nn.Module | None, z_dim: int):
+        super().__init__()
+        self.G_E, self.F, self.phi = G_E, F, phi
+        self.z_dim = z_dim
+
+    @classmethod
+    def of(cls, nets, denoise: bool = True) -> "SamplingChain":
+        """The chain over ``nets`` (a mapping with G_E, F and phi, e.g. ``build_nets``' ModuleDict)."""
+        return cls(nets["G_E"], nets["F"], nets["phi"] if denoise else None, nets["G_E"].z_dim)
+
+    @property
+    def denoise(self) -> bool:
+        return self.phi is not None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.F(self.G_E(z))
+        return self.phi(x) if self.phi is not None else x
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, batch: int = 64, progress: bool = False) -> torch.Tensor:
+        """n images in [-1, 1] (N×3×R×R, on the CPU) from z drawn for ``seed`` exactly as the sample
+        CLI draws it, run in chunks of ``batch`` on the chain's device."""
+        device = next(self.G_E.parameters()).device
+        z = sample_z(n, self.z_dim, torch.Generator().manual_seed(seed), device)
+        chunks = range(0, n, batch)
+        return torch.cat([self(z[i:i + batch]).cpu() for i in
+                          tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)])

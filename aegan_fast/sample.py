@@ -40,7 +40,7 @@ from .checkpoint import load_sampling_nets, resolve_checkpoint
 from .data import to_uint8
 from .device import pick_device
 from .errors import UserError, cli
-from .models import generate, sample_z
+from .models import SamplingChain, sample_z
 from .viz import save_grid, save_png
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
@@ -53,10 +53,7 @@ def sample_images(nets, n: int, seed: int, z_dim: int, device, batch: int = 64, 
                   progress: bool = False) -> torch.Tensor:
     """n images in [-1, 1] (N×3×R×R, on the CPU) for a given seed, generated in batches (the nets as
     trained, no folding)."""
-    z = sample_z(n, z_dim, torch.Generator().manual_seed(seed), device)
-    chunks = range(0, n, batch)
-    return torch.cat([generate(nets, z[i:i + batch], denoise).cpu()
-                      for i in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)])
+    return SamplingChain.of(nets, denoise).sample(n, seed, batch, progress)
 
 
 def sampler_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:

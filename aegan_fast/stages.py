@@ -28,7 +28,7 @@ from torch import nn
 from . import losses
 from .config import TrainConfig
 from .data import ImageSet
-from .models import SAMPLING_CHAIN, generate, sample_z
+from .models import SAMPLING_CHAIN, SamplingChain, sample_z
 
 TRAINED = {"ae": ("H", "F"), "embed": ("G_E", "D_E", "phi", "D_R"),
            "finetune": ("G_E", "F", "phi", "D_E", "D_R")}
@@ -185,7 +185,7 @@ def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: T
     trained from scratch as one generator, noise straight to pixels against D_R (no autoencoder, no
     embedding discriminator, no L1 ties): what the autoencoder bridge is measured against."""
     x = batch.x
-    x_gen = generate(nets, sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
+    x_gen = SamplingChain.of(nets)(sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen)
     adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
     _step_together(adv, [opts[k] for k in SAMPLING_CHAIN if k in opts])

@@ -33,7 +33,7 @@ from .data import LOADERS, ImageSet, load_dataset, make_loader
 from .device import pick_device
 from .errors import UserError, cli
 from .eval import evaluate_run
-from .models import build_nets, check_resolution, generate, sample_z
+from .models import SamplingChain, build_nets, check_resolution, sample_z
 from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage, start_stage
 from .viz import plot_metrics, save_grid
 
@@ -212,7 +212,7 @@ def save_samples(stage: str, nets, ema: EMA | None, fixed_z, fixed_real, path: P
             rows = torch.stack([real.view(4, 8, *real.shape[1:]), rec.view(4, 8, *rec.shape[1:])], 1)
             save_grid(rows.reshape(-1, *real.shape[1:]), path, nrow=8)
         else:
-            save_grid(generate(ema.nets if ema is not None else nets, fixed_z), path)
+            save_grid(SamplingChain.of(ema.nets if ema is not None else nets)(fixed_z), path)
 
 
 def stage_end_evaluation(stage: str, nets, ema: EMA | None, data: ImageSet, cfg: TrainConfig, device) -> dict:

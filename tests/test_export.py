@@ -21,7 +21,7 @@ from aegan_fast.export.fold import fold_conv_bn, lively_weights, uses_custom_ops
 from aegan_fast.export.onnx_export import (TOLERANCE, exporter, onnx_io, onnx_metadata, ort_session)
 from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sha256_file, sidecar_path,
                                    tensorrt_unavailable, write_sidecar)
-from aegan_fast.models import ModelConfig, build_nets, generate, sample_z
+from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z
 from aegan_fast.sample import Sampler, sample_images, sampler_backends
 from aegan_fast.sample import main as sample_main
 from aegan_fast.train import train
@@ -120,11 +120,11 @@ def test_folded_graph_equals_unfolded(backend, skips, restore_ops_backend):
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in graph.modules())
     z = sample_z(5, cfg.z_dim, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = generate(nets, z), graph(z)
+        want, got = SamplingChain.of(nets)(z), graph(z)
         assert want.std() > 0.15  # a meaningful comparison: images span the range
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         no_phi = build_inference_graph(nets, cfg.z_dim, cfg.resolution, denoise=False)
-        torch.testing.assert_close(no_phi(z), generate(nets, z, denoise=False), rtol=0, atol=1e-5)
+        torch.testing.assert_close(no_phi(z), SamplingChain.of(nets, denoise=False)(z), rtol=0, atol=1e-5)
         assert torch.equal(graph(z), got)  # deterministic: no dropout, no RNG
     for k, v in nets.state_dict().items():  # folding copies, never modifies the nets
         assert torch.equal(v, state[k]), k
@@ -151,7 +151,7 @@ def test_onnx_export_checks_and_matches_torch(lively_onnx, lively_ckpt):
     for n in (1, 7):
         z = sample_z(n, 100, torch.Generator().manual_seed(n))
         with torch.no_grad():
-            want = generate(nets, z)
+            want = SamplingChain.of(nets)(z)
         got = sampler(z)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - want).abs().max().item() <= 1e-4
@@ -189,7 +189,7 @@ def test_fp16_fixed_batch_export_is_bounded_and_chunked(lively_ckpt, tmp_path):
     assert sampler.max_batch == sampler.min_batch == 4
     z = sample_z(6, 100, torch.Generator().manual_seed(0))  # one full chunk of 4, one padded chunk of 2
     with torch.no_grad():
-        want = generate(nets, z)
+        want = SamplingChain.of(nets)(z)
     got = sampler(z)
     assert got.shape == (6, 3, 64, 64) and got.dtype == torch.float32
     err = (got - want).abs().max().item()
@@ -215,7 +215,7 @@ def test_sampler_torch_and_compile_backends(lively_ckpt, monkeypatch):
     _, nets = load_sampling_nets(lively_ckpt)
     z = sample_z(3, 100, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = generate(nets, z)
+        want = SamplingChain.of(nets)(z)
     eager = Sampler.load(lively_ckpt, backend="torch", device="cpu")
     torch.testing.assert_close(eager(z), want, rtol=0, atol=1e-5)
     unfolded = Sampler.load(lively_ckpt, backend="torch", device="cpu", fold=False)
@@ -332,7 +332,7 @@ def test_tensorrt_engine_build_and_run(lively_ckpt, tmp_path):
     _, nets = load_sampling_nets(lively_ckpt)
     z = sample_z(6, 100, torch.Generator().manual_seed(0))  # chunked: 4 + 2
     with torch.no_grad():
-        want = generate(nets, z)
+        want = SamplingChain.of(nets)(z)
     for cuda_graph in (False, True):
         sampler = Sampler.load(plan, device="cuda", cuda_graph=cuda_graph)
         got = sampler(z.cuda())
@@ -348,5 +348,5 @@ def test_onnxruntime_cuda_provider(lively_onnx, lively_ckpt):
     _, nets = load_sampling_nets(lively_ckpt)
     z = sample_z(3, 100, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = generate(nets, z)
+        want = SamplingChain.of(nets)(z)
     assert (sampler(z.cuda()).cpu() - want).abs().max().item() <= 1e-3

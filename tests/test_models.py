@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from aegan_fast.models import ModelConfig, build_nets, generate, sample_z
+from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z
 
 
 @pytest.mark.parametrize("R", [64, 128, 256])
@@ -26,7 +26,7 @@ def test_shapes_512_forward_batch1():
         z = sample_z(1, 100)
         e = nets["G_E"](z)
         assert e.shape == (1, 64, 32, 32)  # 32×32×64: ~12× fewer values than the 512² image
-        img = generate(nets, z)
+        img = SamplingChain.of(nets)(z)
         assert img.shape == (1, 3, 512, 512)
         assert nets["H"](img).shape == (1, 64, 32, 32)
         assert nets["D_E"](e).shape == (1,)

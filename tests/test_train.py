@@ -9,7 +9,7 @@ import torch
 
 from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets
 from aegan_fast.data import load_folder
-from aegan_fast.models import generate
+from aegan_fast.models import SamplingChain
 from aegan_fast.train import main as train_main
 from aegan_fast.train import train
 from aegan_fast.sample import main as sample_main
@@ -165,7 +165,7 @@ def test_no_denoiser_ablation_trains_and_samples_f_of_g_e(tmp_path, image_folder
     cfg, nets = load_sampling_nets(run)
     z = torch.rand(3, cfg.model.z_dim) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(generate(nets, z), nets["F"](nets["G_E"](z)), rtol=0, atol=0)
+        torch.testing.assert_close(SamplingChain.of(nets)(z), nets["F"](nets["G_E"](z)), rtol=0, atol=0)
     sample_main(["--ckpt", str(run), "--n", "4", "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").stat().st_size > 100
 

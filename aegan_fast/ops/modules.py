@@ -35,6 +35,27 @@ class _FusedBatchNorm(nn.BatchNorm2d):
             return self.running_mean, self.running_var
         return None, None
 
+    def plain_activation(self) -> nn.Module:
+        """The activation applied after normalising, as a stock torch module (for folding)."""
+        if self.activation == "relu":
+            return nn.ReLU()
+        if self.activation == "leaky_relu":
+            return nn.LeakyReLU(self.negative_slope)
+        return nn.Identity()
+
+    def fold(self, conv: nn.Module) -> nn.Module:
+        """A stock-module copy of ``conv`` with this BatchNorm (eval semantics: running statistics)
+        folded into its weight and bias; the caller adds ``plain_activation()`` (and, for
+        BatchNormAddAct2d, the residual) after it. Uses torch's own fuse_conv_bn_eval."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+            raise TypeError(f"can only fold a BatchNorm into Conv2d/ConvTranspose2d, not {type(conv).__name__}")
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(f"{self} keeps no running statistics and cannot be folded")
+        plain = nn.BatchNorm2d(self.num_features, eps=self.eps).to(self.weight.device, self.weight.dtype)
+        plain.load_state_dict(nn.BatchNorm2d.state_dict(self), strict=False)
+        return fuse_conv_bn_eval(conv.eval(), plain.eval(), transpose=isinstance(conv, nn.ConvTranspose2d))
+
     def extra_repr(self) -> str:
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
         return f"{super().extra_repr()}, activation={act}"
