@@ -7,8 +7,8 @@ Backends: ``reference`` (plain PyTorch, always there), ``cpp``, ``cuda``, ``trit
 ``dispatch.py`` for how one is chosen and ``python -m aegan_fast.doctor`` for which load here.
 """
 from .dispatch import (BACKENDS, BackendUnavailable, availability, bn_act, bn_add_act, get_backend, resolve,
-                       set_backend)
+                       set_backend, use_backend)
 from .modules import BatchNormAct2d, BatchNormAddAct2d
 
 __all__ = ["BACKENDS", "BackendUnavailable", "availability", "bn_act", "bn_add_act", "get_backend", "resolve",
-           "set_backend", "BatchNormAct2d", "BatchNormAddAct2d"]
+           "set_backend", "use_backend", "BatchNormAct2d", "BatchNormAddAct2d"]

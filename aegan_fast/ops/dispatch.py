@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,6 +77,18 @@ def set_backend(name: str) -> None:
         if not isinstance(b, Backend):
             raise BackendUnavailable(f"ops backend {name!r} is unavailable: {b}")
     _requested = name
+
+
+@contextmanager
+def use_backend(name: str):
+    """Run the enclosed code with ops backend ``name`` ('auto' or one of BACKENDS); raises ValueError
+    for an unknown name and BackendUnavailable for one that cannot load here."""
+    before = _requested
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
 
 
 def get_backend() -> str:
