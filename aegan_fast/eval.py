@@ -14,41 +14,16 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
 from .checkpoint import load_sampling_nets, resolve_checkpoint
-from .data import ImageSet, load_dataset
+from .data import load_dataset
 from .device import pick_device
 from .errors import UserError, cli
-from .metrics import evaluate, parse_metrics
-from .sample import sample_images
+from .evaluation import evaluate_run
+from .metrics import parse_metrics
 
-RECONSTRUCTION = ("l1", "psnr")
 BETTER = {"swd": "lower", "fid_efflite": "lower", "kid_efflite": "lower", "fid_inception": "lower",
           "kid_inception": "lower", "l1": "lower", "psnr": "higher", "msssim": "close to msssim_real"}
-
-
-@torch.no_grad()
-def reconstruct(nets, real: torch.Tensor, device, batch: int = 64) -> torch.Tensor:
-    return torch.cat([nets["F"](nets["H"](real[i:i + batch].to(device))).cpu() for i in range(0, len(real), batch)])
-
-
-def evaluate_run(nets, data: ImageSet, metrics, n: int, seed: int, z_dim: int, device,
-                 inception_weights=None) -> dict[str, float]:
-    """The named metrics for nets (eval mode) against n real images spread through data."""
-    names = parse_metrics(metrics)
-    n = min(n, len(data))
-    real = data.spread(n, "cpu")
-    results: dict[str, float] = {}
-    generative = [m for m in names if m not in RECONSTRUCTION]
-    if generative:
-        fake = sample_images(nets, n, seed, z_dim, device)
-        results.update(evaluate(real, fake, generative, seed=seed, inception_weights=inception_weights,
-                                device=device, kid_subset_size=min(1000, n)))
-    recon = [m for m in names if m in RECONSTRUCTION]
-    if recon:
-        results.update(evaluate(real, reconstruct(nets, real, device), recon))
-    return results
 
 
 def _json_safe(value: float):
@@ -88,7 +63,7 @@ def main(argv=None) -> None:
     cfg, nets = load_sampling_nets(ckpt, device)
     data = load_dataset(args.data if args.data else cfg.data, cfg.model.resolution)
     started = time.time()
-    results = evaluate_run(nets, data, metrics, args.n, args.seed, cfg.model.z_dim, device, args.inception_weights)
+    results = evaluate_run(nets, data, metrics, args.n, args.seed, device, args.inception_weights)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval-{ckpt.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(ckpt), "data": data.source, "n": min(args.n, len(data)),

@@ -32,7 +32,7 @@ from .config import LOSSES, STAGES, TrainConfig, preset
 from .data import LOADERS, ImageSet, load_dataset, make_loader
 from .device import pick_device
 from .errors import UserError, cli
-from .eval import evaluate_run
+from .evaluation import evaluate_run
 from .models import SamplingChain, build_nets, check_resolution, sample_z
 from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage, start_stage
 from .viz import plot_metrics, save_grid
@@ -220,11 +220,11 @@ def stage_end_evaluation(stage: str, nets, ema: EMA | None, data: ImageSet, cfg:
     sampling chain's (``cfg.eval_metrics`` on ``cfg.eval_n`` images) after the others."""
     with eval_mode(nets):
         if stage == "ae":
-            return evaluate_run(nets, data, ("l1", "psnr"), cfg.eval_n, cfg.seed, cfg.model.z_dim, device)
+            return evaluate_run(nets, data, ("l1", "psnr"), cfg.eval_n, cfg.seed, device)
         if not cfg.eval_metrics:
             return {}
         chain = dict(nets.items()) | (dict(ema.nets.items()) if ema is not None else {})
-        return evaluate_run(chain, data, cfg.eval_metrics, cfg.eval_n, cfg.seed, cfg.model.z_dim, device)
+        return evaluate_run(chain, data, cfg.eval_metrics, cfg.eval_n, cfg.seed, device)
 
 
 # --------------------------------------------------------------------------- the run

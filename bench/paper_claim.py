@@ -44,7 +44,7 @@ from tqdm import tqdm
 from aegan_fast.checkpoint import load_sampling_nets, save_checkpoint
 from aegan_fast.config import STAGES, TrainConfig, preset
 from aegan_fast.data import load_dataset, make_loader
-from aegan_fast.eval import evaluate_run
+from aegan_fast.evaluation import evaluate_run
 from aegan_fast.metrics import evaluate
 from aegan_fast.models import SAMPLING_CHAIN, build_nets
 from aegan_fast.sample import sample_images
@@ -185,7 +185,7 @@ def run_one(variant: str, seed: int, kimg: dict, out: Path, data, device, n_eval
 
     _, nets = load_sampling_nets(run_dir, device)  # EMA weights, eval mode
     started = time.perf_counter()
-    metrics = evaluate_run(nets, data, METRICS, n_eval, EVAL_SEED, cfg.model.z_dim, device)
+    metrics = evaluate_run(nets, data, METRICS, n_eval, EVAL_SEED, device)
     result = {"variant": variant, "seed": seed, "kimg": kimg, "train_min": round(train_s / 60, 2),
               "eval_s": round(time.perf_counter() - started, 1), "n_eval": min(n_eval, len(data)),
               "metrics": metrics}
@@ -204,7 +204,7 @@ def score_before_denoiser(run_dir: Path, data, device, n_eval: int) -> None:
         return
     cfg, nets = load_sampling_nets(run_dir, device)
     chain = dict(nets.items()) | {"phi": torch.nn.Identity()}
-    result["metrics_before_phi"] = evaluate_run(chain, data, METRICS, n_eval, EVAL_SEED, cfg.model.z_dim, device)
+    result["metrics_before_phi"] = evaluate_run(chain, data, METRICS, n_eval, EVAL_SEED, device)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -264,7 +264,7 @@ def write_grids(out: Path, data, device, seeds, n: int = 36) -> Path:
             run_dir = out / f"{name}-s{seed}"
             if (run_dir / "result.json").exists():
                 cfg, nets = load_sampling_nets(run_dir, device)
-                sheet.paste(tile(sample_images(nets, n, EVAL_SEED, cfg.model.z_dim, device)), (left, top))
+                sheet.paste(tile(sample_images(nets, n, EVAL_SEED, device)), (left, top))
     path = out / "grids.png"
     sheet.save(path, optimize=True)
     return path

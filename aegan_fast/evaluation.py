@@ -1,0 +1,36 @@
+"""Scoring a run's nets: the metrics of aegan_fast.metrics on its sampling chain and autoencoder.
+
+Library code shared by the trainer (stage-end evaluation), the eval CLI and the experiments.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data import ImageSet
+from .metrics import evaluate, parse_metrics
+from .models import SamplingChain
+
+RECONSTRUCTION = ("l1", "psnr")
+
+
+@torch.no_grad()
+def reconstruct(nets, real: torch.Tensor, device, batch: int = 64) -> torch.Tensor:
+    return torch.cat([nets["F"](nets["H"](real[i:i + batch].to(device))).cpu() for i in range(0, len(real), batch)])
+
+
+def evaluate_run(nets, data: ImageSet, metrics, n: int, seed: int, device, inception_weights=None) -> dict[str, float]:
+    """The named metrics for nets (eval mode; a mapping with H, F, G_E, phi) against n real images
+    spread through data: generated images from their SamplingChain, reconstructions from F(H(x))."""
+    names = parse_metrics(metrics)
+    n = min(n, len(data))
+    real = data.spread(n, "cpu")
+    results: dict[str, float] = {}
+    generative = [m for m in names if m not in RECONSTRUCTION]
+    if generative:
+        fake = SamplingChain.of(nets).sample(n, seed)
+        results.update(evaluate(real, fake, generative, seed=seed, inception_weights=inception_weights,
+                                device=device, kid_subset_size=min(1000, n)))
+    recon = [m for m in names if m in RECONSTRUCTION]
+    if recon:
+        results.update(evaluate(real, reconstruct(nets, real, device), recon))
+    return results
