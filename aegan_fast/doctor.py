@@ -5,6 +5,7 @@ each one that does not, why.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
 import os
@@ -53,9 +54,37 @@ def report() -> list[tuple[str, list[tuple[str, str | None, str]]]]:
         device = [("cuda", "no CUDA device visible to torch", "")]
     device.append(("cpu", None, f"{os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"))
 
-    backends = [(name, reason, "") for name, reason in ops.availability().items()]
-    backends.append(("selected", None, f"{ops.get_backend()} (AEGAN_OPS / --ops)"))
+    return [("environment", env), ("device", device), ("op backends", _rows(backend_rows, ops)),
+            ("data", _rows(data_rows, torch)), ("exporters", _rows(exporter_rows)),
+            ("sampler backends", _rows(sampler_rows, torch))]
 
+
+def _rows(section, *args) -> list[tuple[str, str | None, str]]:
+    """A section's rows; one that cannot even be asked (a module that fails to import) becomes one
+    failed row with the reason, so the doctor still reports everything else."""
+    try:
+        return section(*args)
+    except Exception as e:
+        return [("(this section)", f"{type(e).__name__}: {e}".splitlines()[0], "")]
+
+
+def backend_rows(ops) -> list[tuple[str, str | None, str]]:
+    """One row per op backend, straight from ``ops.availability()``, plus what AEGAN_OPS asks for
+    (an unavailable or unknown request is a failure here, before a training run trips on it)."""
+    available = ops.availability()
+    rows: list[tuple[str, str | None, str]] = [(name, reason, "available") for name, reason in available.items()]
+    requested = os.environ.get("AEGAN_OPS", "auto")
+    if requested == "auto":
+        why = None
+    elif requested not in available:
+        why = f"AEGAN_OPS={requested}: unknown backend (choose auto or one of {', '.join(available)})"
+    else:
+        why = available[requested] and f"AEGAN_OPS={requested}: {available[requested]}"
+    rows.append(("requested", why, f"{requested} (AEGAN_OPS; aegan_fast.train --ops overrides it)"))
+    return rows
+
+
+def data_rows(torch) -> list[tuple[str, str | None, str]]:
     npm = shutil.which("npm")
     from .data import dali_unavailable
     dali_why = dali_unavailable()
@@ -64,10 +93,12 @@ def report() -> list[tuple[str, list[tuple[str, str | None, str]]]]:
                ("dali (gpu decode)", dali_why or (None if torch.cuda.is_available() else "no CUDA device"),
                 "--loader dali on a GPU, JPEG files"),
                ("built-in emoji set", None if npm else "npm not found (needed once to fetch it)", npm or "")]
-    exporters = [("onnx", _module("onnx"), ""), ("onnxruntime", _module("onnxruntime"), ""),
-                 ("tensorrt", _module("tensorrt"), "")]
-    return [("environment", env), ("device", device), ("op backends", backends), ("data", loaders),
-            ("exporters", exporters), ("sampler backends", sampler_rows(torch))]
+    return loaders
+
+
+def exporter_rows() -> list[tuple[str, str | None, str]]:
+    return [("onnx", _module("onnx"), ""), ("onnxruntime", _module("onnxruntime"), ""),
+            ("tensorrt", _module("tensorrt"), "")]
 
 
 def sampler_rows(torch) -> list[tuple[str, str | None, str]]:
@@ -86,8 +117,17 @@ def sampler_rows(torch) -> list[tuple[str, str | None, str]]:
             for backend, reason in sampler_backends(device).items()]
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m aegan_fast.doctor",
+                                description="Report versions, the device, and which op backends, data loaders, "
+                                            "exporters and sampler backends load here, and for each one that "
+                                            "does not, why. It reports and does not judge: whatever it finds, it exits 0.")
+    return p.parse_args(argv)
+
+
 @cli
 def main(argv=None) -> None:
+    parse_args(argv)
     for title, rows in report():
         print(f"\n{title}")
         for name, reason, detail in rows:
