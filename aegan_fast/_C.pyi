@@ -1,21 +1,28 @@
-# Type stub for the native extension aegan_fast._C (csrc/bindings.cpp). Use it through
-# aegan_fast.ops (the cpp backend's custom ops), not directly.
+# Type stub for the native extension aegan_fast._C (csrc/bindings.cpp, csrc/cuda/bn_cuda_binding.cpp).
+# Use it through aegan_fast.ops (the cpp / cuda kernel adapters behind the ops' one contract), not directly.
 from typing import Optional
 
 from torch import Tensor
 
 openmp: bool
 with_cuda: bool
+ACTIVATION_CODES: dict[str, int]  # aegan_fast::Act (csrc/bn_params.h)
 
 def bn_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
-               act: int, slope: float, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """act(BN(x) [+ residual]) -> (out, mean, invstd, var_unbiased); act: 0 identity, 1 relu, 2 leaky_relu."""
+               act: int, slope: float, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """act(BN(x) [+ residual]) -> (out, batch mean, biased batch var) in training, (out, empty, empty) in eval."""
 
-def bn_backward(dy: Tensor, src: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                mean: Tensor, invstd: Tensor, training: bool, act: int, slope: float, memory_efficient: bool,
-                want_dres: bool, dx: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dres, dweight, dbias); src is x, or the output when memory_efficient."""
+def bn_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                mean: Tensor, var: Tensor, training: bool, eps: float, act: int, slope: float, want_dres: bool,
+                dx: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dres, dweight, dbias); dweight / dbias are fp32 sums; dres is empty unless want_dres."""
 
-def bn_running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var_unbiased: Tensor,
-                      momentum: float) -> None: ...
+# CUDA builds only (with_cuda): the same contract on CUDA tensors.
+def cuda_bn_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+                    act: int, slope: float) -> tuple[Tensor, Tensor, Tensor]: ...
+
+def cuda_bn_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                     bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float, act: int,
+                     slope: float, want_dres: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...

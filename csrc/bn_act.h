@@ -22,7 +22,6 @@ namespace cpu {
 using ::aegan_fast::Act;
 using ::aegan_fast::BnParams;
 using ::aegan_fast::DType;
-using ::aegan_fast::kMinAbsWeight;
 using ::aegan_fast::Layout;
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -38,18 +37,12 @@ void bn_forward_apply(const BnParams& p, const void* x, const void* residual, co
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// Where backward gets xhat (the normalised input) and the activation's derivative from.
+// What backward reads. It recomputes the pre-activation z = x * scale + shift (+ residual) from the
+// saved input, exactly as the forward computed it, for the activation's derivative.
 struct BnBackwardArgs {
-  const void* dy = nullptr;   // gradient of the output, p.dtype
-  // src: x itself (xhat = (x - mean) * invstd), or, in memory-efficient mode, the output y
-  // (xhat = (act^-1(y) - b) / w). The activation must then be invertible: identity or LeakyReLU
-  // with slope > 0.
-  const void* src = nullptr;
-  bool src_is_output = false;
-  // y: the output, used for the activation's derivative (y > 0 <=> pre-activation > 0 for ReLU and
-  // LeakyReLU with slope >= 0). Null: the derivative comes from z = x * scale + shift recomputed
-  // from x (bn_act), or from src when src_is_output. Needed for bn_add_act (z includes residual).
-  const void* y = nullptr;
+  const void* dy = nullptr;        // gradient of the output, p.dtype
+  const void* x = nullptr;         // the forward's input
+  const void* residual = nullptr;  // bn_add_act with a non-identity activation; null otherwise
   // Per-channel fp32 vectors of length C.
   const float* mean = nullptr;    // batch mean (training) or running mean (eval)
   const float* invstd = nullptr;  // 1 / sqrt(var + eps) of the same statistics

@@ -311,29 +311,29 @@ void forward_apply_impl(const BnParams& p, const T* x, const T* res, const float
 }
 
 // ---- backward -----------------------------------------------------------------------------------
-enum class Mask { kNone, kFromZ, kFromY };
+// Where the activation's derivative comes from: none (identity), z = x*sc + sh recomputed from x, or
+// z = x*sc + sh + residual (bn_add_act: the residual is saved, so z is exactly the forward's).
+enum class Mask { kNone, kFromZ, kFromZRes };
 
 // Per-channel constants of the backward passes.
 struct BwdConst {
-  std::vector<float> m1, m2;   // xhat = (src' - m1) * m2   (src' = src, or act^-1(src) in memory-efficient mode)
-  std::vector<float> sc, sh;   // z = x * sc + sh           (activation mask recomputed from x)
+  std::vector<float> m1, m2;   // xhat = (x - m1) * m2
+  std::vector<float> sc, sh;   // z = x * sc + sh (+ residual)  (activation mask recomputed from x)
   std::vector<float> k1;       // w * invstd                 (grad input scale)
   std::vector<float> ga, gb;   // mean(dz), mean(dz * xhat)  (training apply pass)
 };
 
 // dz (the gradient of the pre-activation) and xhat for one element.
-template <typename T, Act A, bool kSrcIsY, Mask kMask>
-inline void bwd_elem(const T* dy, const T* src, const T* y, int64_t i, float m1, float m2, float sc, float sh,
-                     float slope, float inv_slope, float& dz, float& xhat) {
+template <typename T, Act A, Mask kMask>
+inline void bwd_elem(const T* dy, const T* src, const T* res, int64_t i, float m1, float m2, float sc, float sh,
+                     float slope, float& dz, float& xhat) {
   const float g = ld(dy[i]);
   const float s = ld(src[i]);
-  if constexpr (A == Act::kIdentity) {
+  if constexpr (A == Act::kIdentity || kMask == Mask::kNone) {
     dz = g;
   } else {
-    float pre;  // a value with the sign of the pre-activation
-    if constexpr (kMask == Mask::kFromZ) pre = s * sc + sh;
-    else if constexpr (kSrcIsY) pre = s;
-    else pre = ld(y[i]);
+    float pre = s * sc + sh;  // exactly the forward's z, so the sign test agrees
+    if constexpr (kMask == Mask::kFromZRes) pre += ld(res[i]);
     if constexpr (A == Act::kRelu) {
       dz = pre > 0.f ? g : 0.f;
     } else {
@@ -341,21 +341,16 @@ inline void bwd_elem(const T* dy, const T* src, const T* y, int64_t i, float m1,
       dz = pre > 0.f ? g : gneg;
     }
   }
-  float v = s;
-  if constexpr (kSrcIsY && A == Act::kLeakyRelu) {
-    const float sneg = s * inv_slope;
-    v = s < 0.f ? sneg : s;
-  }
-  xhat = (v - m1) * m2;
+  xhat = (s - m1) * m2;
 }
 
 // Reduction pass: per-channel sum(dz), sum(dz * xhat) into sd, sdx (fp64, length C). Writes dres = dz
 // when kDres, and in eval mode (kEval) grad input dx = dz * k1 too.
-template <typename T, Act A, bool kSrcIsY, Mask kMask, bool kDres, bool kEval>
-void bwd_reduce(const BnParams& p, const T* dy, const T* src, const T* y, const BwdConst& k, T* dres, T* dx,
+template <typename T, Act A, Mask kMask, bool kDres, bool kEval>
+void bwd_reduce(const BnParams& p, const T* dy, const T* src, const T* res, const BwdConst& k, T* dres, T* dx,
                 double* sd, double* sdx) {
   const int64_t C = p.C, HW = p.HW;
-  const float slope = p.slope, inv_slope = p.slope != 0.f ? 1.f / p.slope : 0.f;
+  const float slope = p.slope;
   const int nt = threads_for(p, p.numel());
   if (p.layout == Layout::kNCHW) {
     const int64_t tpp = (HW + kTile - 1) / kTile, tiles = p.N * C * tpp;
@@ -367,14 +362,14 @@ void bwd_reduce(const BnParams& p, const T* dy, const T* src, const T* y, const 
       const float m1 = k.m1[c], m2 = k.m2[c], sc = k.sc[c], sh = k.sh[c], k1 = k.k1[c];
       const T* dys = dy + off;
       const T* ss = src + off;
-      const T* ys = y ? y + off : nullptr;
+      const T* rs = res ? res + off : nullptr;
       T* __restrict drs = kDres ? dres + off : nullptr;
       T* __restrict dxs = kEval ? dx + off : nullptr;
       float a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
       for (int64_t i = 0; i < n; ++i) {
         float dz, xh;
-        bwd_elem<T, A, kSrcIsY, kMask>(dys, ss, ys, i, m1, m2, sc, sh, slope, inv_slope, dz, xh);
+        bwd_elem<T, A, kMask>(dys, ss, rs, i, m1, m2, sc, sh, slope, dz, xh);
         a += dz;
         b += dz * xh;
         if constexpr (kDres) st(drs + i, dz);
@@ -419,13 +414,13 @@ void bwd_reduce(const BnParams& p, const T* dy, const T* src, const T* y, const 
           const int64_t off = r * C;
           const T* dys = dy + off;
           const T* ss = src + off;
-          const T* ys = y ? y + off : nullptr;
+          const T* rs = res ? res + off : nullptr;
           T* __restrict drs = kDres ? dres + off : nullptr;
           T* __restrict dxs = kEval ? dx + off : nullptr;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             float dz, xh;
-            bwd_elem<T, A, kSrcIsY, kMask>(dys, ss, ys, c, m1[c], m2[c], sc[c], sh[c], slope, inv_slope, dz, xh);
+            bwd_elem<T, A, kMask>(dys, ss, rs, c, m1[c], m2[c], sc[c], sh[c], slope, dz, xh);
             a_[c] += dz;
             b_[c] += dz * xh;
             if constexpr (kDres) st(drs + c, dz);
@@ -451,10 +446,10 @@ void bwd_reduce(const BnParams& p, const T* dy, const T* src, const T* y, const 
 }
 
 // Apply pass (training): dx = k1 * (dz - mean(dz) - xhat * mean(dz * xhat)).
-template <typename T, Act A, bool kSrcIsY, Mask kMask>
-void bwd_apply(const BnParams& p, const T* dy, const T* src, const T* y, const BwdConst& k, T* dx) {
+template <typename T, Act A, Mask kMask>
+void bwd_apply(const BnParams& p, const T* dy, const T* src, const T* res, const BwdConst& k, T* dx) {
   const int64_t C = p.C, HW = p.HW;
-  const float slope = p.slope, inv_slope = p.slope != 0.f ? 1.f / p.slope : 0.f;
+  const float slope = p.slope;
   const int nt = threads_for(p, p.numel());
   if (p.layout == Layout::kNCHW) {
     const int64_t tpp = (HW + kTile - 1) / kTile, tiles = p.N * C * tpp;
@@ -466,12 +461,12 @@ void bwd_apply(const BnParams& p, const T* dy, const T* src, const T* y, const B
       const float k1 = k.k1[c], ga = k.ga[c], gb = k.gb[c];
       const T* dys = dy + off;
       const T* ss = src + off;
-      const T* ys = y ? y + off : nullptr;
+      const T* rs = res ? res + off : nullptr;
       T* __restrict dxs = dx + off;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         float dz, xh;
-        bwd_elem<T, A, kSrcIsY, kMask>(dys, ss, ys, i, m1, m2, sc, sh, slope, inv_slope, dz, xh);
+        bwd_elem<T, A, kMask>(dys, ss, rs, i, m1, m2, sc, sh, slope, dz, xh);
         st(dxs + i, k1 * (dz - ga - xh * gb));
       }
     }
@@ -492,12 +487,12 @@ void bwd_apply(const BnParams& p, const T* dy, const T* src, const T* y, const B
         const int64_t off = r * C;
         const T* dys = dy + off;
         const T* ss = src + off;
-        const T* ys = y ? y + off : nullptr;
+        const T* rs = res ? res + off : nullptr;
         T* __restrict dxs = dx + off;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           float dz, xh;
-          bwd_elem<T, A, kSrcIsY, kMask>(dys, ss, ys, c, m1[c], m2[c], sc[c], sh[c], slope, inv_slope, dz, xh);
+          bwd_elem<T, A, kMask>(dys, ss, rs, c, m1[c], m2[c], sc[c], sh[c], slope, dz, xh);
           st(dxs + c, k1[c] * (dz - ga[c] - xh * gb[c]));
         }
       }
@@ -505,7 +500,7 @@ void bwd_apply(const BnParams& p, const T* dy, const T* src, const T* y, const B
   }
 }
 
-template <typename T, Act A, bool kSrcIsY, Mask kMask>
+template <typename T, Act A, Mask kMask>
 void backward_impl(const BnParams& p, const BnBackwardArgs& a, const BnBackwardOut& o) {
   const int64_t C = p.C;
   const double count = double(p.count());
@@ -516,32 +511,26 @@ void backward_impl(const BnParams& p, const BnBackwardArgs& a, const BnBackwardO
     k.k1[c] = w * is;
     k.sc[c] = w * is;           // same expression as the forward's scale/shift, so z matches bit for bit
     k.sh[c] = b - mu * k.sc[c];
-    if constexpr (kSrcIsY) {
-      const float aw = std::max(std::fabs(w), kMinAbsWeight);
-      k.m1[c] = b;
-      k.m2[c] = 1.f / std::copysign(aw, w);
-    } else {
-      k.m1[c] = mu;
-      k.m2[c] = is;
-    }
+    k.m1[c] = mu;
+    k.m2[c] = is;
   }
   const T* dy = static_cast<const T*>(a.dy);
-  const T* src = static_cast<const T*>(a.src);
-  const T* y = static_cast<const T*>(a.y);
+  const T* src = static_cast<const T*>(a.x);
+  const T* res = static_cast<const T*>(a.residual);
   T* dx = static_cast<T*>(o.dx);
   T* dres = static_cast<T*>(o.dres);
   std::vector<double> sd(C), sdx(C);
   if (a.training) {
-    if (dres) bwd_reduce<T, A, kSrcIsY, kMask, true, false>(p, dy, src, y, k, dres, dx, sd.data(), sdx.data());
-    else bwd_reduce<T, A, kSrcIsY, kMask, false, false>(p, dy, src, y, k, dres, dx, sd.data(), sdx.data());
+    if (dres) bwd_reduce<T, A, kMask, true, false>(p, dy, src, res, k, dres, dx, sd.data(), sdx.data());
+    else bwd_reduce<T, A, kMask, false, false>(p, dy, src, res, k, dres, dx, sd.data(), sdx.data());
     for (int64_t c = 0; c < C; ++c) {
       k.ga[c] = float(sd[c] / count);
       k.gb[c] = float(sdx[c] / count);
     }
-    bwd_apply<T, A, kSrcIsY, kMask>(p, dy, src, y, k, dx);
+    bwd_apply<T, A, kMask>(p, dy, src, res, k, dx);
   } else {
-    if (dres) bwd_reduce<T, A, kSrcIsY, kMask, true, true>(p, dy, src, y, k, dres, dx, sd.data(), sdx.data());
-    else bwd_reduce<T, A, kSrcIsY, kMask, false, true>(p, dy, src, y, k, dres, dx, sd.data(), sdx.data());
+    if (dres) bwd_reduce<T, A, kMask, true, true>(p, dy, src, res, k, dres, dx, sd.data(), sdx.data());
+    else bwd_reduce<T, A, kMask, false, true>(p, dy, src, res, k, dres, dx, sd.data(), sdx.data());
   }
   for (int64_t c = 0; c < C; ++c) {
     o.dbias[c] = float(sd[c]);
@@ -551,17 +540,9 @@ void backward_impl(const BnParams& p, const BnBackwardArgs& a, const BnBackwardO
 
 template <typename T, Act A>
 void backward_act(const BnParams& p, const BnBackwardArgs& a, const BnBackwardOut& o) {
-  if constexpr (A == Act::kIdentity) {
-    if (a.src_is_output) backward_impl<T, A, true, Mask::kNone>(p, a, o);
-    else backward_impl<T, A, false, Mask::kNone>(p, a, o);
-  } else if constexpr (A == Act::kRelu) {  // not invertible: src is always x
-    if (a.y) backward_impl<T, A, false, Mask::kFromY>(p, a, o);
-    else backward_impl<T, A, false, Mask::kFromZ>(p, a, o);
-  } else {
-    if (a.src_is_output) backward_impl<T, A, true, Mask::kFromY>(p, a, o);
-    else if (a.y) backward_impl<T, A, false, Mask::kFromY>(p, a, o);
-    else backward_impl<T, A, false, Mask::kFromZ>(p, a, o);
-  }
+  if constexpr (A == Act::kIdentity) backward_impl<T, A, Mask::kNone>(p, a, o);
+  else if (a.residual) backward_impl<T, A, Mask::kFromZRes>(p, a, o);
+  else backward_impl<T, A, Mask::kFromZ>(p, a, o);
 }
 
 template <typename T>

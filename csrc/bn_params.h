@@ -8,6 +8,8 @@
 
 namespace aegan_fast {
 
+// The one C++ definition of the activation codes (CPU and CUDA kernels alike); the Python table
+// aegan_fast/ops/activations.py must agree (tests/test_ops_cpp.py compares it with _C.ACTIVATION_CODES).
 enum class Act : int32_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // kNCHW: plain contiguous (N, C, H, W). kNHWC: channels_last, i.e. (N, H, W, C) in memory.
@@ -26,10 +28,5 @@ struct BnParams {
   int64_t numel() const { return N * C * HW; }
 };
 
-// The memory-efficient backward divides by the weight to recover xhat. |w| is clamped to this floor
-// (sign kept) on every backend: channels whose |w| falls below it get approximate gradients instead
-// of inf/NaN. inplace_abn avoids this by normalising with |w| + eps in the forward; we do not,
-// because our forward must equal nn.BatchNorm2d's (state_dict compatibility, parity with the reference).
-constexpr float kMinAbsWeight = 1e-6f;
 
 }  // namespace aegan_fast

@@ -24,28 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+from aegan_fast.ops import activations
+
 TILE_OVERRIDE: int | None = None  # tests only: elements per tile (a power of two)
 
 
 def act_code(activation: str) -> int:
-    try:
-        return ACTIVATIONS[activation]
-    except KeyError:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}") from None
-
-
-def invertible(activation: str, negative_slope: float) -> bool:
-    """Whether memory_efficient mode can recover the pre-activation from the output."""
-    return activation == "identity" or (activation == "leaky_relu" and negative_slope > 0)
-
-
-def check_memory_efficient(memory_efficient: bool, activation: str, negative_slope: float) -> None:
-    """memory_efficient with an activation that cannot be inverted is a caller error, as in the cpp
-    backend: silently keeping the input instead would hide that no memory is saved."""
-    if memory_efficient and not invertible(activation, negative_slope):
-        raise ValueError(f"memory_efficient needs an invertible activation (identity, or leaky_relu with "
-                         f"slope > 0), got {activation}({negative_slope})")
+    """The constexpr ACT of the kernels: the code of aegan_fast.ops.activations (= aegan_fast::Act)."""
+    return activations.code(activation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +73,7 @@ class Layout:
         # Tiles of ~tile elements; the unit-stride axis gets the wide side of the tile. Large tiles
         # under the interpreter (it runs one program at a time); TILE_OVERRIDE lets the tests force
         # small tiles so the multi-tile loops and cross-program merges run on small tensors.
-        tile = TILE_OVERRIDE or (4096 if _interpreting() else 2048)
+        tile = TILE_OVERRIDE or (4096 if interpreting() else 2048)
         max_block_i = 1024 if tile == 2048 else tile  # on a GPU: at most 1024 contiguous values a row
         if self.sC == 1:  # channels_last: rows of channels
             self.BLOCK_C = min(triton.next_power_of_2(C), 256)
@@ -123,7 +109,8 @@ def contiguous_input(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether triton runs its interpreter (TRITON_INTERPRET=1): kernels then run on CPU tensors."""
     try:
         from triton import knobs
         return bool(knobs.runtime.interpret)
@@ -259,22 +246,6 @@ def _stats_finalize_kernel(pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C,
 
 
 @triton.jit
-def _update_running_kernel(rmean_ptr, rvar_ptr, mean_ptr, var_ptr, C, momentum, unbias, BLOCK_C: tl.constexpr):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance,
-    in fp32 whatever the buffers' dtype (as nn.BatchNorm2d's kernels do)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    rm = tl.load(rmean_ptr + c, mask=cmask, other=0.0)
-    rv = tl.load(rvar_ptr + c, mask=cmask, other=0.0)
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
-    var = tl.load(var_ptr + c, mask=cmask, other=0.0)
-    new_rm = momentum * mean + (1.0 - momentum) * rm.to(tl.float32)
-    new_rv = momentum * (var * unbias) + (1.0 - momentum) * rv.to(tl.float32)
-    tl.store(rmean_ptr + c, new_rm.to(rm.dtype), mask=cmask)
-    tl.store(rvar_ptr + c, new_rv.to(rv.dtype), mask=cmask)
-
-
-@triton.jit
 def _sum_partials_kernel(pa_ptr, pb_ptr, a_ptr, b_ptr, C, S, BLOCK_C: tl.constexpr):
     """a[c] = sum_s pa[s, c]; b[c] = sum_s pb[s, c] (fixed order: deterministic)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -312,12 +283,3 @@ def sum_partials(pa: torch.Tensor, pb: torch.Tensor) -> tuple[torch.Tensor, torc
     b = torch.empty(C, device=pa.device, dtype=torch.float32)
     launch(_sum_partials_kernel)[(triton.cdiv(C, FINALIZE_BLOCK),)](pa, pb, a, b, C, S, BLOCK_C=FINALIZE_BLOCK)
     return a, b
-
-
-def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, momentum: float, count: int) -> None:
-    """In place, exactly nn.BatchNorm2d's rule (unbiased variance for the running estimate)."""
-    C = running_mean.numel()
-    unbias = count / (count - 1) if count > 1 else 1.0
-    launch(_update_running_kernel)[(triton.cdiv(C, FINALIZE_BLOCK),)](
-        running_mean, running_var, mean, var, C, float(momentum), float(unbias), BLOCK_C=FINALIZE_BLOCK)

@@ -16,7 +16,7 @@ from . import _common, bn_act, bn_add_act
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # Pointer arguments that carry activations (the input dtype); every other pointer is fp32.
 DATA_POINTERS = {"x_ptr", "y_ptr", "r_ptr", "dy_ptr", "src_ptr", "dx_ptr", "dz_ptr"}
-FLOAT_SCALARS = {"eps", "slope", "momentum", "unbias", "inv_count"}
+FLOAT_SCALARS = {"eps", "slope", "inv_count"}
 
 
 def kernels():
@@ -25,13 +25,10 @@ def kernels():
     return {
         "stats_partial": (_common._stats_partial_kernel, tile),
         "stats_finalize": (_common._stats_finalize_kernel, dict(BLOCK_C=_common.FINALIZE_BLOCK)),
-        "update_running": (_common._update_running_kernel, dict(BLOCK_C=_common.FINALIZE_BLOCK)),
         "sum_partials": (_common._sum_partials_kernel, dict(BLOCK_C=_common.FINALIZE_BLOCK)),
         "bn_act_fwd": (bn_act._bn_act_fwd_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=False)),
-        "bn_act_bwd_reduce": (bn_act._bn_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True, FROM_OUTPUT=False)),
-        "bn_act_bwd": (bn_act._bn_act_bwd_kernel, dict(tile, HAS_W=True, HAS_B=True, FROM_OUTPUT=False, TRAINING=True)),
-        "bn_act_bwd_reduce_from_output": (bn_act._bn_act_bwd_reduce_kernel,
-                                          dict(tile, HAS_W=True, HAS_B=True, FROM_OUTPUT=True)),
+        "bn_act_bwd_reduce": (bn_act._bn_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
+        "bn_act_bwd": (bn_act._bn_act_bwd_kernel, dict(tile, HAS_W=True, HAS_B=True, TRAINING=True)),
         "bn_add_act_fwd": (bn_act._bn_act_fwd_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=True)),
         "bn_add_act_bwd_reduce": (bn_add_act._bn_add_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
         "bn_add_act_bwd": (bn_add_act._bn_add_act_bwd_kernel, dict(tile, HAS_W=True, TRAINING=True)),

@@ -1,7 +1,6 @@
 """act(BatchNorm2d(x) + residual) in Triton: the end of a residual block.
 
-Forward (training): statistics pass -> apply pass (bn_act's kernel with HAS_RES: reads x and residual) ->
-running-stat update.
+Forward (training): statistics pass -> apply pass (bn_act's kernel with HAS_RES: reads x and residual).
 Backward: the reduction pass reads grad_y, x and residual, recomputes z = x*scale + shift + residual,
 writes dz = act'(z) * grad_y (which *is* grad_residual) and sums dz, dz*xhat per channel; the apply
 pass reads dz and x for grad_x. With identity activation dz = grad_y and nothing is written.
@@ -13,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import (Layout, act_code, activation_grad, channel_affine, contiguous_input, launch, or_dummy,
-                      sum_partials, tile_offsets, update_running_stats)
+                      sum_partials, tile_offsets)
 from .bn_act import bn_act_forward
 
 
@@ -114,37 +113,3 @@ def bn_add_act_backward(grad_y: torch.Tensor, x: torch.Tensor, residual: torch.T
         1.0 / lay.count, float(eps), HAS_W=weight is not None, TRAINING=training,
         BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
     return grad_x, sum_dzx, sum_dz, grad_r
-
-
-class BatchNormAddActFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                negative_slope):
-        y, mean, var = bn_add_act_forward(x, residual, weight, bias, running_mean, running_var, training, eps,
-                                          activation, negative_slope)
-        if training and running_mean is not None and running_var is not None:
-            update_running_stats(running_mean, running_var, mean, var, momentum, Layout(x).count)
-        if not training:
-            mean, var = running_mean, running_var
-        ctx.save_for_backward(x, residual, mean, var, weight, bias)
-        ctx.args = (training, eps, activation, negative_slope)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, residual, mean, var, weight, bias = ctx.saved_tensors
-        training, eps, activation, negative_slope = ctx.args
-        gx, gw, gb, gr = bn_add_act_backward(grad_y, x, residual, mean, var, weight, bias, training, eps,
-                                             activation, negative_slope)
-        if gr.numel() == 0:
-            gr = grad_y
-        gw = gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[4] else None
-        gb = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[5] else None
-        return gx, gr, None, None, gw, gb, None, None, None, None, None
-
-
-def bn_add_act(x, residual, running_mean, running_var, weight, bias, training, momentum, eps,
-               activation="identity", negative_slope=0.01):
-    """act(BatchNorm2d(x) + residual) with Triton kernels; the signature of ``aegan_fast.ops.bn_add_act``."""
-    return BatchNormAddActFunction.apply(x, residual, running_mean, running_var, weight, bias, training, momentum,
-                                         eps, activation, negative_slope)

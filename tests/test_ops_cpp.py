@@ -1,5 +1,6 @@
-"""cpp backend (csrc/, aegan_fast._C): parity with aegan_fast.ops.reference, the torch.library
-registration, memory-efficient mode, and the plain CMake build with its C++ tests (ctest).
+"""cpp kernel (csrc/, aegan_fast._C): parity with aegan_fast.ops.reference, the torch.library
+ops (opcheck, double backward, torch.compile), the activation codes shared with C++, and the plain
+CMake build with its C++ tests (ctest).
 
 Tolerances. fp32: rtol 1e-5, with atol = 1e-5 x the largest |value| of the expected tensor: the
 weight and bias gradients are sums over N*H*W values, and the two sides sum in different orders
@@ -19,15 +20,26 @@ import pytest
 import torch
 from torch import nn
 
-from aegan_fast.ops import BatchNormAct2d, BatchNormAddAct2d, dispatch, reference
+from aegan_fast import ops
+from aegan_fast.ops import BatchNormAct2d, BatchNormAddAct2d, activations, dispatch, library, reference
 
-try:
-    from aegan_fast.ops import _cpp
-    CPP = _cpp.backend()
-    WHY_NOT = None
-except dispatch.BackendUnavailable as e:
-    CPP, WHY_NOT = None, str(e)
+WHY_NOT = dispatch.availability()["cpp"]
 
+
+class _Kernel:
+    """The functional ops on one kernel, with the reference functions' signatures."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def bn_act(self, x, rm, rv, w, b, training, momentum, eps, act="relu", slope=0.01):
+        return library.run(self.kernel, x, None, rm, rv, w, b, training, momentum, eps, act, slope)
+
+    def bn_add_act(self, x, r, rm, rv, w, b, training, momentum, eps, act="identity", slope=0.01):
+        return library.run(self.kernel, x, r, rm, rv, w, b, training, momentum, eps, act, slope)
+
+
+CPP = _Kernel("cpp") if WHY_NOT is None else None
 needs_cpp = pytest.mark.skipif(CPP is None, reason=f"cpp backend unavailable: {WHY_NOT}")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +49,7 @@ def close(actual, expected, rtol=1e-5, name=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def run(fn, op, x, residual, w, b, rm, rv, training, act, slope, grad, memory_efficient=False, momentum=0.1,
-        eps=1e-5):
+def run(fn, op, x, residual, w, b, rm, rv, training, act, slope, grad, momentum=0.1, eps=1e-5):
     """One forward + backward; returns the output, every gradient and the running statistics."""
     x = x.detach().clone().requires_grad_()
     r = residual.detach().clone().requires_grad_() if residual is not None else None
@@ -47,8 +58,7 @@ def run(fn, op, x, residual, w, b, rm, rv, training, act, slope, grad, memory_ef
     rm = rm.clone() if rm is not None else None
     rv = rv.clone() if rv is not None else None
     if op == "bn_act":
-        kw = dict(memory_efficient=memory_efficient) if fn is not reference.bn_act else {}
-        y = fn(x, rm, rv, w, b, training, momentum, eps, act, slope, **kw)
+        y = fn(x, rm, rv, w, b, training, momentum, eps, act, slope)
     else:
         y = fn(x, r, rm, rv, w, b, training, momentum, eps, act, slope)
     y.backward(grad)
@@ -90,8 +100,7 @@ def away_from_kink(op, x, r, w, b, rm, rv, training, gap=1e-3):
     return (x.double() + step / k.view(1, -1, 1, 1)).to(x.dtype), r
 
 
-def check_parity(op, shape, act, training, channels_last=False, memory_efficient=False, slope=0.2,
-                 affine=True):
+def check_parity(op, shape, act, training, channels_last=False, slope=0.2, affine=True):
     x, r, grad, w, b, rm, rv = make_inputs(*shape, channels_last=channels_last)
     if not affine:
         w = b = None
@@ -100,7 +109,7 @@ def check_parity(op, shape, act, training, channels_last=False, memory_efficient
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x, r = x.contiguous(memory_format=fmt), r.contiguous(memory_format=fmt)
     res = r if op == "bn_add_act" else None
-    got = run(getattr(CPP, op), op, x, res, w, b, rm, rv, training, act, slope, grad, memory_efficient)
+    got = run(getattr(CPP, op), op, x, res, w, b, rm, rv, training, act, slope, grad)
     want = run(getattr(reference, op), op, x, res, w, b, rm, rv, training, act, slope, grad)
     for k in ("out", "dx", "dres", "dw", "db", "rm", "rv"):
         if want[k] is None:
@@ -125,14 +134,12 @@ def test_parity_odd_shape(op, act, training, channels_last):
 
 
 @needs_cpp
-@pytest.mark.parametrize("act,slope", [("identity", 0.0), ("leaky_relu", 0.2), ("leaky_relu", 3.0)])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_parity_memory_efficient(act, slope, training, channels_last):
-    """Same output and gradients as the reference with only the output saved. The gradients go
-    through xhat = (act^-1(y) - b) / w instead of (x - mean) * invstd: a few fp32 roundings more,
-    still within 1e-5 of the tensor's scale for |w| ~ 1."""
-    check_parity("bn_act", ODD, act, training, channels_last, memory_efficient=True, slope=slope)
+@pytest.mark.parametrize("op", ["bn_act", "bn_add_act"])
+@pytest.mark.parametrize("slope", [0.0, 3.0, -0.5])
+def test_parity_other_slopes(op, slope):
+    """The derivative comes from z recomputed from x (and the residual), never from the output's
+    sign, so any slope is right, a negative one included."""
+    check_parity(op, ODD, "leaky_relu", True, slope=slope)
 
 
 @needs_cpp
@@ -185,14 +192,8 @@ def test_low_precision(dtype, op, channels_last):
 def cpp_backend():
     if CPP is None:
         pytest.skip(f"cpp backend unavailable: {WHY_NOT}")
-    before = dispatch.get_backend()
-    dispatch.set_backend("cpp")
-    yield
-    dispatch.set_backend(before)
-
-
-def _use(backend):
-    dispatch.set_backend(backend)
+    with ops.use_backend("cpp"):
+        yield
 
 
 def no_worse_than_reference(got, ref32, truth64, name, factor=3.0):
@@ -207,7 +208,11 @@ def no_worse_than_reference(got, ref32, truth64, name, factor=3.0):
 
 
 def _train_modules(backend, momentum, dtype=torch.float32, steps=5):
-    _use(backend)
+    with ops.use_backend(backend):
+        return _train_modules_here(momentum, dtype, steps)
+
+
+def _train_modules_here(momentum, dtype, steps):
     torch.manual_seed(0)
     a = BatchNormAct2d(5, "leaky_relu", 0.2, momentum=momentum).to(dtype)
     s = BatchNormAddAct2d(5, "relu", momentum=momentum).to(dtype)
@@ -227,7 +232,6 @@ def test_modules_running_stats_after_steps(cpp_backend, momentum):
     cpp = _train_modules("cpp", momentum)
     ref = _train_modules("reference", momentum)
     f64 = _train_modules("reference", momentum, torch.float64)
-    _use("cpp")
     plain = nn.BatchNorm2d(5)
     for m, rm, tm in zip(cpp, ref, f64):
         assert set(m.state_dict()) == set(plain.state_dict())
@@ -239,19 +243,18 @@ def test_modules_running_stats_after_steps(cpp_backend, momentum):
     x = torch.randn(3, 5, 7, 9)
     cpp[0].eval(), ref[0].eval()
     out_cpp = cpp[0](x)
-    _use("reference")
-    out_ref = ref[0](x)
-    _use("cpp")
+    with ops.use_backend("reference"):
+        out_ref = ref[0](x)
     close(out_cpp, out_ref, name="eval output")
 
 
 class _Block(nn.Module):
     """The models' residual block: conv3x3 -> BN+act -> conv3x3 -> BN, + identity."""
 
-    def __init__(self, c, memory_efficient):
+    def __init__(self, c):
         super().__init__()
         self.c1 = nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect", bias=False)
-        self.bn1 = BatchNormAct2d(c, "leaky_relu", 0.2, memory_efficient=memory_efficient)
+        self.bn1 = BatchNormAct2d(c, "leaky_relu", 0.2)
         self.c2 = nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect", bias=False)
         self.bn2 = BatchNormAddAct2d(c, "identity")
 
@@ -259,9 +262,9 @@ class _Block(nn.Module):
         return self.bn2(self.c2(self.bn1(self.c1(x))), x)
 
 
-def _stack(memory_efficient, depth=3, c=8, seed=0):
+def _stack(depth=3, c=8, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(*[_Block(c, memory_efficient) for _ in range(depth)])
+    return nn.Sequential(*[_Block(c) for _ in range(depth)])
 
 
 def _saved_bytes(model, x):
@@ -281,76 +284,101 @@ def _saved_bytes(model, x):
 
 
 @needs_cpp
-def test_memory_efficient_saves_less_same_grads(cpp_backend):
-    """A 3-block residual stack: memory_efficient gives the same output and gradients (to fp32
-    precision, judged against an fp64 run) and saves one activation-sized tensor less per block."""
+def test_saves_less_than_reference_same_grads(cpp_backend):
+    """A 3-block residual stack: the fused ops give the reference's output and gradients (to fp32
+    precision, judged against an fp64 run) and autograd keeps fewer bytes than with the reference
+    (which saves the BatchNorm output and the activation's input separately)."""
     x = torch.randn(4, 8, 16, 16)
-    results = {}
-    for me in (False, True):
-        model = _stack(me)
-        out, nbytes = _saved_bytes(model, x)
-        out.square().mean().backward()
-        results[me] = (out.detach(), nbytes, [p.grad.clone() for p in model.parameters()])
-    _use("reference")
-    ref = _stack(False)
-    out_ref, ref_bytes = _saved_bytes(ref, x)
-    out_ref.square().mean().backward()
-    f64 = _stack(False).double()
-    f64(x.double()).square().mean().backward()
-    _use("cpp")
-    (o0, b0, g0), (o1, b1, g1) = results[False], results[True]
-    close(o1, o0, name="output")
-    close(o0, out_ref.detach(), name="output vs reference")
+    model = _stack()
+    out, nbytes = _saved_bytes(model, x)
+    out.square().mean().backward()
+    with ops.use_backend("reference"):
+        ref = _stack()
+        out_ref, ref_bytes = _saved_bytes(ref, x)
+        out_ref.square().mean().backward()
+        f64 = _stack().double()
+        f64(x.double()).square().mean().backward()
+    close(out.detach(), out_ref.detach(), name="output vs reference")
     names = [n for n, _ in ref.named_parameters()]
-    for n, a, b_, r, t in zip(names, g1, g0, [p.grad for p in ref.parameters()], [p.grad for p in f64.parameters()]):
-        no_worse_than_reference(a, r, t, f"memory_efficient {n}")
-        no_worse_than_reference(b_, r, t, f"normal {n}")
-    act_bytes = x.numel() * 4
-    # Per block, normal mode saves x1 = conv1's output on top of what the convs keep; memory-efficient
-    # saves only bn1's output, which conv2 saves anyway: one activation-sized tensor less per block.
-    assert b1 <= b0 - 3 * act_bytes + 1024, (b0, b1)
-    assert b0 < ref_bytes, (b0, ref_bytes)
-    print(f"saved bytes over 3 blocks: reference {ref_bytes}, cpp {b0}, cpp memory_efficient {b1}")
+    for n, a, r, t in zip(names, [p.grad for p in model.parameters()], [p.grad for p in ref.parameters()],
+                          [p.grad for p in f64.parameters()]):
+        no_worse_than_reference(a, r, t, n)
+    assert nbytes < ref_bytes, (nbytes, ref_bytes)
 
 
 @needs_cpp
-def test_inplace_after_memory_efficient_is_caught(cpp_backend):
-    """The saved output is version-checked: modifying it in place before backward is an error,
-    not a silent wrong gradient."""
-    bn = BatchNormAct2d(5, "leaky_relu", 0.2, memory_efficient=True)
+def test_inplace_on_saved_input_is_caught(cpp_backend):
+    """The saved input is version-checked: modifying it in place before backward is an error, not
+    a silent wrong gradient."""
+    bn = BatchNormAct2d(5, "leaky_relu", 0.2)
     x = torch.randn(3, 5, 7, 9, requires_grad=True)
-    y = bn(x)
-    y.mul_(2)
+    h = x * 1.0
+    y = bn(h)
+    h.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
-    # an in-place op on a copy is fine
-    y = bn(x)
-    z = y.clone().relu_()
-    z.sum().backward()
+    # an in-place op on the output is fine: the output is not saved
+    y = bn(x * 1.0)
+    y.relu_()
+    y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @needs_cpp
+@pytest.mark.parametrize("op", ["bn_act", "bn_add_act"])
+def test_double_backward_is_a_clear_error(op):
+    x = torch.randn(3, 5, 7, 9, requires_grad=True)
+    r = torch.randn(3, 5, 7, 9, requires_grad=True)
+    w = torch.rand(5, requires_grad=True)
+    y = CPP.bn_act(x, None, None, w, None, True, 0.1, 1e-5, "leaky_relu", 0.2) if op == "bn_act" else \
+        CPP.bn_add_act(x, r, None, None, w, None, True, 0.1, 1e-5, "leaky_relu", 0.2)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(gx.sum(), x)
+
+
+@needs_cpp
+def test_activation_codes_match_cpp():
+    """One table in Python (ops/activations.py), one enum in C++ (csrc/bn_params.h): they agree."""
+    from aegan_fast import _C
+    assert _C.ACTIVATION_CODES == activations.CODES
+
+
+@needs_cpp
 def test_opcheck():
-    ops = torch.ops.aegan_fast
+    """torch.library.opcheck on the one schema of each op (and its backward op) with the cpp kernel:
+    schema, fake kernel, autograd registration and AOT dispatch agree with the real kernel."""
+    aeg = torch.ops.aegan_fast
     x, r, grad, w, b, rm, rv = make_inputs(*ODD)
     xc, rc, gc = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, grad))
     wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
     cases = [
-        (ops.bn_act_fwd_cpp, (x.requires_grad_(), None, wg, bg, rm, rv, True, 1e-5, "leaky_relu", 0.2, False)),
-        (ops.bn_act_fwd_cpp, (x, None, wg, bg, rm, rv, True, 1e-5, "leaky_relu", 0.2, True)),
-        (ops.bn_act_fwd_cpp, (xc, rc, wg, bg, rm, rv, True, 1e-5, "relu", 0.0, False)),
-        (ops.bn_act_fwd_cpp, (x, r, None, None, rm, rv, False, 1e-5, "identity", 0.0, False)),
+        (aeg.bn_act, (x.clone().requires_grad_(), wg, bg, None, None, True, 1e-5, "leaky_relu", 0.2, "cpp")),
+        (aeg.bn_act, (xc, None, None, rm, rv, False, 1e-5, "relu", 0.0, "cpp")),
+        (aeg.bn_add_act, (xc.clone().requires_grad_(), rc.clone().requires_grad_(), wg, bg, None, None, True, 1e-5,
+                          "relu", 0.0, "cpp")),
+        (aeg.bn_add_act, (x, r, None, None, rm, rv, False, 1e-5, "identity", 0.0, "cpp")),
     ]
-    out, mean, invstd, _ = ops.bn_act_fwd_cpp(x.detach(), None, w, b, rm, rv, True, 1e-5, "leaky_relu", 0.2, False)
+    _, mean, var = aeg.bn_act(x, w, b, None, None, True, 1e-5, "leaky_relu", 0.2, "cpp")
     cases += [
-        (ops.bn_act_bwd_cpp, (grad, x.detach(), None, w, b, mean, invstd, True, "leaky_relu", 0.2, False, False)),
-        (ops.bn_act_bwd_cpp, (grad, out, None, w, b, mean, invstd, False, "leaky_relu", 0.2, True, False)),
-        (ops.bn_act_bwd_cpp, (gc, xc, None, None, None, mean, invstd, True, "relu", 0.0, False, True)),
-        (ops.bn_running_update_cpp, (rm.clone(), rv.clone(), mean, invstd, 0.1)),
+        (aeg.bn_act_backward, (grad, x, w, b, mean, var, True, 1e-5, "leaky_relu", 0.2, "cpp")),
+        (aeg.bn_act_backward, (gc, xc, None, None, rm, rv, False, 1e-5, "relu", 0.0, "cpp")),
+        (aeg.bn_add_act_backward, (gc, xc, rc, w, b, mean, var, True, 1e-5, "relu", 0.0, "cpp")),
+        (aeg.bn_add_act_backward, (grad, x, None, w, b, mean, var, True, 1e-5, "identity", 0.0, "cpp")),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_one_registration_per_op():
+    """The ops are defined, faked and differentiated in one place, not once per backend."""
+    import re
+    text = "\n".join(p.read_text() for d in ("aegan_fast", "kernels") for p in (ROOT / d).rglob("*.py"))
+    fakes = re.findall(r"(\w+)\.register_fake", text)
+    autograds = re.findall(r"(\w+)\.register_autograd", text)
+    ops_ = ["bn_act_op", "bn_add_act_op", "bn_act_backward_op", "bn_add_act_backward_op"]
+    assert sorted(fakes) == sorted(ops_), fakes
+    assert sorted(autograds) == sorted(ops_), autograds
 
 
 @needs_cpp
@@ -358,7 +386,7 @@ def test_compile_residual_block_fullgraph(cpp_backend):
     """torch.compile(fullgraph=True) (inductor) of a residual block on the cpp backend: no graph
     break, the custom ops in the graph, and the same output, gradients and running stats as eager."""
     torch._dynamo.reset()
-    eager, compiled_src = _stack(False, depth=1), _stack(False, depth=1)
+    eager, compiled_src = _stack(depth=1), _stack(depth=1)
     compiled = torch.compile(compiled_src, fullgraph=True)
     x = torch.randn(2, 8, 12, 12)
     for step in range(2):
@@ -372,7 +400,7 @@ def test_compile_residual_block_fullgraph(cpp_backend):
         close(pc.grad, pe.grad, rtol=1e-4, name=f"compiled grad {n}")
     for (n, be), bc in zip(eager.named_buffers(), compiled_src.buffers()):
         close(bc.float(), be.float(), name=f"compiled buffer {n}")
-    explained = torch._dynamo.explain(_stack(False, depth=1))(x)
+    explained = torch._dynamo.explain(_stack(depth=1))(x)
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -387,7 +415,6 @@ def test_model_steps_match_reference(cpp_backend):
     cfg = ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32, max_channels=32)
     losses = {}
     for backend, dtype in (("cpp", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
-        _use(backend)
         torch.manual_seed(0)
         nets = build_nets(cfg).to(dtype)
         H, F_, G = nets["H"], nets["F"], nets["G_E"]
@@ -395,15 +422,15 @@ def test_model_steps_match_reference(cpp_backend):
         x = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(dtype)
         z = sample_z(4, cfg.z_dim, torch.Generator().manual_seed(2)).to(dtype)
         trace = []
-        for _ in range(4):
-            rec = (F_(H(x)) - x).abs().mean()
-            emb = G(z).square().mean()  # any smooth loss through G_E's BN+ReLU and residual blocks
-            opt.zero_grad()
-            (rec + emb).backward()
-            opt.step()
-            trace += [rec.item(), emb.item()]
+        with ops.use_backend(backend):
+            for _ in range(4):
+                rec = (F_(H(x)) - x).abs().mean()
+                emb = G(z).square().mean()  # any smooth loss through G_E's BN+ReLU and residual blocks
+                opt.zero_grad()
+                (rec + emb).backward()
+                opt.step()
+                trace += [rec.item(), emb.item()]
         losses[(backend, dtype)] = torch.tensor(trace, dtype=torch.float64)
-    _use("cpp")
     cpp, ref, exact = losses[("cpp", torch.float32)], losses[("reference", torch.float32)], \
         losses[("reference", torch.float64)]
     torch.testing.assert_close(cpp, ref, rtol=3e-4, atol=0)
@@ -428,10 +455,14 @@ def test_bad_input_gives_clear_errors():
         _C.bn_forward(x, None, None, None, None, None, False, 1e-5, 0, 0.0)
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
         _C.bn_forward(x[:1, :, :1, :1].contiguous(), None, None, None, None, None, True, 1e-5, 0, 0.0)
-    with pytest.raises(RuntimeError, match="invertible activation"):
-        _C.bn_backward(x, x, None, None, None, torch.zeros(3), torch.ones(3), True, 1, 0.0, True, False)
-    with pytest.raises(ValueError, match="invertible activation"):
-        CPP.bn_act(x, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0, True)
+    with pytest.raises(RuntimeError, match="eps must be >= 0"):
+        _C.bn_forward(x, None, None, None, None, None, True, -1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="activation code must be"):
+        _C.bn_backward(x, x, None, None, None, torch.zeros(3), torch.ones(3), True, 1e-5, 7, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad_output has shape"):
+        _C.bn_backward(x[:1], x, None, None, None, torch.zeros(3), torch.ones(3), True, 1e-5, 1, 0.0, False)
+    with pytest.raises(RuntimeError, match="kernel 'cuda' does not run on cpu tensors|kernel 'cuda' is unavailable"):
+        library.run("cuda", x, None, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0)
     with pytest.raises(ValueError, match="unknown activation"):
         CPP.bn_act(x, None, None, None, None, True, 0.1, 1e-5, "gelu", 0.0)
     # a non-contiguous input in neither layout is made contiguous by the backend, not rejected

@@ -8,18 +8,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dispatch
-from .reference import ACTIVATIONS
+from . import activations, dispatch
 
 
 class _FusedBatchNorm(nn.BatchNorm2d):
     def __init__(self, num_features: int, activation: str, negative_slope: float = 0.2,
                  eps: float = 1e-5, momentum: float | None = 0.1):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        activations.get(activation)  # ValueError for an unknown name
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.activation = activation
         self.negative_slope = negative_slope
+        self._kernels: dict[tuple, str] = {}  # (device type, requested backend, below auto's size) -> kernel
+
+    def _kernel(self, x: torch.Tensor) -> str:
+        """The kernel for x, resolved once per (device type, requested backend, auto's size class)."""
+        key = (x.device.type, dispatch.requested(), dispatch.small(x.device.type, x.numel()))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = dispatch.resolve(key[0], x.numel(), key[1])
+        return kernel
 
     def _mode(self) -> tuple[bool, float]:
         """(use batch statistics, running-average factor), exactly as nn.BatchNorm2d decides them."""
@@ -62,22 +69,17 @@ class _FusedBatchNorm(nn.BatchNorm2d):
 
 
 class BatchNormAct2d(_FusedBatchNorm):
-    """act(BatchNorm2d(x)), one fused op. ``memory_efficient`` keeps only the output for backward and
-    inverts the activation there (identity or LeakyReLU with slope > 0 only)."""
+    """act(BatchNorm2d(x)), one fused op."""
 
     def __init__(self, num_features: int, activation: str = "relu", negative_slope: float = 0.2,
-                 memory_efficient: bool = False, eps: float = 1e-5, momentum: float | None = 0.1):
+                 eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__(num_features, activation, negative_slope, eps, momentum)
-        if memory_efficient and not (activation == "identity" or
-                                     (activation == "leaky_relu" and negative_slope > 0)):
-            raise ValueError("memory_efficient needs an invertible activation: identity or leaky_relu with slope > 0")
-        self.memory_efficient = memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_batch_stats, factor = self._mode()
         mean, var = self._running()
-        return dispatch.bn_act(x, mean, var, self.weight, self.bias, use_batch_stats, factor, self.eps,
-                               self.activation, self.negative_slope, self.memory_efficient)
+        return dispatch.run(self._kernel(x), x, None, mean, var, self.weight, self.bias, use_batch_stats, factor,
+                            self.eps, self.activation, self.negative_slope)
 
 
 class BatchNormAddAct2d(_FusedBatchNorm):
@@ -90,5 +92,5 @@ class BatchNormAddAct2d(_FusedBatchNorm):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         use_batch_stats, factor = self._mode()
         mean, var = self._running()
-        return dispatch.bn_add_act(x, residual, mean, var, self.weight, self.bias, use_batch_stats, factor,
-                                   self.eps, self.activation, self.negative_slope)
+        return dispatch.run(self._kernel(x), x, residual, mean, var, self.weight, self.bias, use_batch_stats, factor,
+                            self.eps, self.activation, self.negative_slope)

@@ -1,6 +1,6 @@
 """Plain-PyTorch definitions of the fused ops: the meaning of "correct" and the fallback backend.
 
-Every fast backend is tested against these functions. Running statistics are updated in place by
+Every fast kernel is tested against these functions. Running statistics are updated in place by
 ``F.batch_norm`` itself, so the reference matches ``nn.BatchNorm2d`` by construction.
 """
 from __future__ import annotations
@@ -8,25 +8,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu")
+from . import activations
 
 
 def activate(y: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    if activation == "identity":
-        return y
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return activations.get(activation).fn(y, negative_slope)
 
 
 def bn_act(x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,
-           activation: str = "relu", negative_slope: float = 0.01, memory_efficient: bool = False):
+           activation: str = "relu", negative_slope: float = 0.01):
     """act(BatchNorm2d(x)). With training=True batch statistics are used and the running ones
-    updated (unbiased variance, like nn.BatchNorm2d); with training=False the running ones are used.
-    ``memory_efficient`` only changes what fast backends save for backward, never the result, so the
-    reference accepts and ignores it."""
+    updated (unbiased variance, like nn.BatchNorm2d); with training=False the running ones are used."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return activate(y, activation, negative_slope)
 

@@ -176,15 +176,6 @@ __global__ void stats_finalize_kernel(int64_t C, int64_t S, const float* __restr
   var[c] = acc.n > 0.f ? acc.m2 / acc.n : 0.f;
 }
 
-__global__ void running_update_kernel(int64_t C, float* __restrict__ rm, float* __restrict__ rv,
-                                      const float* __restrict__ mean, const float* __restrict__ var, float momentum,
-                                      float unbias) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  rm[c] = momentum * mean[c] + (1.f - momentum) * rm[c];
-  rv[c] = momentum * (var[c] * unbias) + (1.f - momentum) * rv[c];
-}
-
 __global__ void sum_partials_kernel(int64_t C, int64_t S, const float* __restrict__ pa, const float* __restrict__ pb,
                                     float* __restrict__ a, float* __restrict__ b) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -244,33 +235,24 @@ __global__ void __launch_bounds__(kThreads) forward_apply_kernel(Walk w, const T
 // ---- backward -----------------------------------------------------------------------------------
 struct BwdArgs {
   const void* dy;
-  const void* src;
+  const void* x;
   const void* residual;
   const float *mean, *var, *weight, *bias;
   float eps, slope;
-  bool src_is_output;
 };
 
-// dz (the gradient at the pre-activation) and xhat at one element, from x or from the output.
+// dz (the gradient at the pre-activation) and xhat at one element, from x (and the residual).
 template <typename T, int ACT>
 __device__ __forceinline__ void dz_xhat(const BwdArgs& a, const Channel& k, int64_t off, float& dz, float& xhat) {
   const float dy = to_f(static_cast<const T*>(a.dy)[off]);
-  const float src = to_f(static_cast<const T*>(a.src)[off]);
-  if (a.src_is_output) {  // invertible activation: identity or LeakyReLU with slope > 0
-    float z = src;
+  const float x = to_f(static_cast<const T*>(a.x)[off]);
+  xhat = (x - k.mean) * k.invstd;
+  if (ACT == 0) {
     dz = dy;
-    if (ACT == 2 && !(src > 0.f)) { z = src / a.slope; dz = dy * a.slope; }
-    const float aw = fmaxf(fabsf(k.w), kMinAbsWeight);
-    xhat = (z - k.b) / copysignf(aw, k.w);
   } else {
-    xhat = (src - k.mean) * k.invstd;
-    if (ACT == 0) {
-      dz = dy;
-    } else {
-      float z = src * k.scale + k.shift;  // exactly the forward's z, so the sign test agrees
-      if (a.residual != nullptr) z += to_f(static_cast<const T*>(a.residual)[off]);
-      dz = activation_grad<ACT>(dy, z, a.slope);
-    }
+    float z = x * k.scale + k.shift;  // exactly the forward's z, so the sign test agrees
+    if (a.residual != nullptr) z += to_f(static_cast<const T*>(a.residual)[off]);
+    dz = activation_grad<ACT>(dy, z, a.slope);
   }
 }
 
@@ -330,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) backward_apply_kernel(Walk w, BwdArg
       float dz, xhat;
       if (dz_in != nullptr) {
         dz = to_f(dz_in[off]);
-        xhat = (to_f(static_cast<const T*>(a.src)[off]) - k.mean) * k.invstd;
+        xhat = (to_f(static_cast<const T*>(a.x)[off]) - k.mean) * k.invstd;
       } else {
         dz_xhat<T, ACT>(a, k, off, dz, xhat);
       }
@@ -405,16 +387,10 @@ void bn_forward_apply(const BnParams& p, const void* x, const void* residual, co
   });
 }
 
-void bn_running_update(int64_t C, float* running_mean, float* running_var, const float* mean, const float* var,
-                       float momentum, float unbias, cudaStream_t stream) {
-  running_update_kernel<<<grid_1d(C, kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
-      C, running_mean, running_var, mean, var, momentum, unbias);
-}
-
 void bn_backward(const BnParams& p, const BnBackwardArgs& a, const BnBackwardOut& o, int splits, float* partials,
                  cudaStream_t stream) {
   const Walk w = make_walk(p);
-  const BwdArgs args{a.dy, a.src, a.residual, a.mean, a.var, a.weight, a.bias, p.eps, p.slope, a.src_is_output};
+  const BwdArgs args{a.dy, a.x, a.residual, a.mean, a.var, a.weight, a.bias, p.eps, p.slope};
   float* pdz = partials;
   float* pdzx = partials + int64_t(splits) * p.C;
   dispatch(p, [&](auto t, auto cl, auto act) {

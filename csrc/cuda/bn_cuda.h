@@ -31,7 +31,6 @@ namespace cuda {
 using ::aegan_fast::Act;
 using ::aegan_fast::BnParams;
 using ::aegan_fast::DType;
-using ::aegan_fast::kMinAbsWeight;
 using ::aegan_fast::Layout;
 
 // How many programs share one channel block in the reduction passes, for a device with num_sms
@@ -49,17 +48,12 @@ void bn_stats(const BnParams& p, const void* x, int splits, float* partials, flo
 void bn_forward_apply(const BnParams& p, const void* x, const void* residual, const float* mean, const float* var,
                       const float* weight, const float* bias, void* y, cudaStream_t stream);
 
-// running = (1 - momentum) * running + momentum * batch (var * unbias for the variance), fp32, in place.
-void bn_running_update(int64_t C, float* running_mean, float* running_var, const float* mean, const float* var,
-                       float momentum, float unbias, cudaStream_t stream);
-
 // ---- backward ---------------------------------------------------------------------------------
 
 struct BnBackwardArgs {
   const void* dy = nullptr;        // gradient of the output
-  const void* src = nullptr;       // x, or the output y when src_is_output (memory-efficient mode)
-  bool src_is_output = false;      // needs an invertible activation: identity or LeakyReLU, slope > 0
-  const void* residual = nullptr;  // bn_add_act: z = x*scale + shift + residual (src must be x)
+  const void* x = nullptr;         // the forward's input
+  const void* residual = nullptr;  // bn_add_act: z = x*scale + shift + residual
   const float* mean = nullptr;     // batch (training) or running (eval) statistics
   const float* var = nullptr;
   const float* weight = nullptr;   // may be null (1)
