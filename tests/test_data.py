@@ -136,6 +136,19 @@ def test_no_usable_image_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("r", [100, 32, 96])
+def test_an_untrainable_resolution_is_refused_before_any_work(tmp_path, image_folder, capsys, r):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        data_main(["prepare", str(image_folder), str(out), "-r", str(r), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "power of two ≥ 64" in err and f"got {r}" in err and "Traceback" not in err
+    assert not out.exists()                                  # nothing decoded, nothing written
+    with pytest.raises(UserError, match="power of two"):     # the library call that --data uses, too
+        prepare(image_folder, out, r, progress=False)
+    assert prepare(image_folder, out, 2 * R, encoded="none", progress=False)["resolution"] == 2 * R
+
+
 def test_archives_give_the_same_set_as_the_folder(tmp_path):
     src = make_image_folder(tmp_path / "imgs", n=6, size=72)
     (src / "readme.txt").write_text("x")

@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import UserError, cli
+from ..errors import cli
 from .prepare import ENCODINGS, prepare
 
 
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("src", help="folder of images (searched recursively) or a .zip/.tar(.gz) archive")
     q.add_argument("out", help="output folder of the prepared data set")
-    q.add_argument("--resolution", "-r", type=int, required=True, help="side R of the square images")
+    q.add_argument("--resolution", "-r", type=int, required=True, help="side R of the square images: a power of two ≥ 64, as training needs")
     q.add_argument("--fit", choices=("crop", "pad"), default="crop",
                    help="centre-crop to a square, or pad to one with the background colour")
     q.add_argument("--background", type=_color, default=(255, 255, 255),
@@ -46,8 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    if args.resolution < 8:
-        raise UserError("--resolution must be at least 8")
     m = prepare(args.src, args.out, args.resolution, fit=args.fit, background=args.background, dedup=args.dedup,
                 encoded=args.encoded, jpeg_quality=args.jpeg_quality, min_side=args.min_side,
                 max_pixels=args.max_pixels, workers=args.workers, overwrite=args.overwrite,

@@ -99,8 +99,11 @@ def prepare(src, out, resolution: int, *, fit: str = "crop", background=(255, 25
     """Prepare src (a folder or a zip/tar archive) into out; returns the manifest. Idempotent: an
     already complete set with the same source and settings is returned as is."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
-    if resolution < 1:
-        raise UserError(f"--resolution must be positive, got {resolution}")
+    from ..models import check_resolution  # lazily: the models pull in the ops backends
+    try:  # refused here, before any decoding, rather than by the trainer after hours of it
+        check_resolution(resolution)
+    except ValueError as e:
+        raise UserError(f"--{e}: training could not use a set prepared at {resolution}²") from None
     if fit not in FITS:
         raise UserError(f"--fit must be one of {FITS}")
     if encoded not in ENCODINGS:
