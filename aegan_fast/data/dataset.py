@@ -73,9 +73,9 @@ def fetch_emoji(cache: Path | None = None) -> Path:
 
 
 class ImageSet:
-    """A decoded image set (uint8, in RAM or memory-mapped); ``batch`` draws random images as floats
-    in [-1, 1]. The trainer reads it through a loader (loaders.py); ``sample_indices``/``gather`` serve
-    the stage code's own draws and ``spread`` fixed evaluation images."""
+    """A decoded image set (uint8, in RAM or memory-mapped). The trainer reads it through a loader
+    (loaders.py); ``sample_indices``/``gather`` serve the stage code's own draws (as floats in
+    [-1, 1]) and ``spread`` fixed evaluation images."""
 
     def __init__(self, images: torch.Tensor, source: str, skipped: int = 0, root: Path | None = None,
                  manifest: dict | None = None, in_ram: bool = True):
@@ -103,9 +103,6 @@ class ImageSet:
         x = self.images[idx]
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         return to_float(x.to(device, non_blocking=True))
-
-    def batch(self, n: int, generator: torch.Generator, device, flip: bool = True) -> torch.Tensor:
-        return self.gather(*self.sample_indices(n, generator, flip), device)
 
     def spread(self, n: int, device) -> torch.Tensor:
         """n images evenly spaced through the set (repeating when it is smaller): fixed real images

@@ -142,11 +142,6 @@ def decode(data: bytes, resolution: int, fit: str = "crop", background=(255, 255
         raise Skip(f"cannot decode: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
-def load_image(path: Path, resolution: int, background=(255, 255, 255), fit: str = "crop") -> np.ndarray:
-    """One image file as uint8 HWC RGB at resolution² (raises Skip when unusable)."""
-    return decode(Path(path).read_bytes(), resolution, fit, background)
-
-
 # --------------------------------------------------------------------------- sources
 
 @dataclass
