@@ -24,6 +24,7 @@ CLIS = {
     "aegan-doctor": "aegan_fast.doctor:main",
     "aegan-eval": "aegan_fast.eval:main",
     "aegan-export": "aegan_fast.export.cli:main",
+    "aegan-data": "aegan_fast.data.__main__:main",
 }
 
 
