@@ -1,31 +1,45 @@
 """Training configuration: one dataclass, two presets, command-line overrides on top.
 
-The resolved config is written to ``RUN_DIR/config.json`` and is all a run needs to be resumed or
-sampled from.
+The checkpoint's copy of the config is the run's one source: ``RUN_DIR/config.json`` is written from
+the same dict for people to read, and a resumed run takes the checkpoint's config (only the fields in
+RESUMABLE, where and how a run executes, may change then).
+
+Every field is a command-line flag, derived from the dataclasses by ``add_config_arguments`` (one
+loop over ``dataclasses.fields``): ``--batch 8``, ``--model.resolution 128``, ``--kimg ae=5 embed=2``,
+``--betas 0.5 0.99``, ``--ema-kimg 0``, ``--model.denoiser/--no-model.denoiser``. A field's help is
+the comment beside (or above) it in this file or models.py.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 
 from .models import ModelConfig
 
-STAGES = ("ae", "embed", "finetune")
+STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (aegan_fast/stages.py has "direct" too)
 LOSSES = ("bce", "hinge", "lsgan")
+# Where and how a run executes, not what it trains: these may differ when a run is resumed.
+RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb")
 
 
 @dataclass
 class TrainConfig:
     preset: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
-    batch: int = 16
+    batch: int = 16                 # images per step (≥ 2: BatchNorm)
+    # Stages run in order: ae, embed, finetune (AEGAN) or direct (the baseline GAN on pixels).
+    stages: tuple[str, ...] = STAGES
     # Length of each stage in thousands of real images shown.
-    kimg: dict = field(default_factory=lambda: {"ae": 10.0, "embed": 10.0, "finetune": 2.0})
+    kimg: dict[str, float] = field(default_factory=lambda: {"ae": 10.0, "embed": 10.0, "finetune": 2.0})
     # Adam learning rates per net; betas shared (paper: 0.5, 0.999).
-    lr: dict = field(default_factory=lambda: {"H": 1e-5, "F": 1e-5, "G_E": 2e-4, "D_E": 2e-4,
-                                              "phi": 2e-4, "D_R": 2e-4})
-    betas: tuple = (0.5, 0.999)
+    lr: dict[str, float] = field(default_factory=lambda: {"H": 1e-5, "F": 1e-5, "G_E": 2e-4, "D_E": 2e-4,
+                                                          "phi": 2e-4, "D_R": 2e-4})
+    betas: tuple[float, float] = (0.5, 0.999)
     loss: str = "bce"               # adversarial loss: bce | hinge | lsgan
     denoiser_l1: float = 100.0      # φ loss = adversarial + denoiser_l1 × L1(φ(x̂), x̂)
     embed_steps: int = 1            # G_E/D_E steps per φ/D_R step in stage 2 (the paper alternates 1:1)
@@ -35,16 +49,16 @@ class TrainConfig:
     finetune_rec: float = 10.0      # weight of L1(F(H(x)), x), keeps F a decoder of real embeddings
     finetune_embed_adv: float = 1.0  # weight of D_E's adversarial term on G_E(z)
     ema_kimg: float = 0.0           # half-life of the sampling chain's EMA in kimg; 0 = off
-    seed: int = 0
-    sample_every_kimg: float = 2.0
-    ckpt_every_kimg: float = 5.0
-    log_every_steps: int = 20
+    seed: int = 0                   # seeds nets, data order, z and dropout: a run is a function of its config
+    sample_every_kimg: float = 2.0  # sample grids every this many kimg of a stage (0: only at its end)
+    ckpt_every_kimg: float = 5.0    # periodic checkpoints every this many kimg (0: only at stage ends)
+    log_every_steps: int = 20       # a metrics.jsonl row (and the only host sync) every this many steps
     grid_size: int = 64              # images in each sample grid (fixed z)
-    eval_metrics: tuple = ("swd", "msssim")  # cheap metrics of the sampling chain at each stage end
+    eval_metrics: tuple[str, ...] = ("swd", "msssim")  # cheap metrics of the sampling chain at each stage end
     eval_n: int = 256                # images per set for those metrics
-    ops: str = "auto"
-    device: str = "auto"
-    data: str | None = None          # None: the built-in emoji set
+    ops: str = "auto"               # fused-op backend: auto | reference | cpp | cuda | triton
+    device: str = "auto"            # cpu, cuda, cuda:1, ... (auto: cuda when available)
+    data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
     loader: str = "auto"             # auto | torch | dali (aegan_fast/data/loaders.py)
     loader_workers: int = 2          # loader threads (torch) or DALI CPU threads
     data_cache_mb: float = 4096      # read a prepared set into RAM up to this size, else memory-map it
@@ -58,6 +72,7 @@ class TrainConfig:
         d["model"] = ModelConfig(**d["model"])
         d["betas"] = tuple(d["betas"])
         d["eval_metrics"] = tuple(d.get("eval_metrics", ()))
+        d["stages"] = tuple(d.get("stages", STAGES))  # checkpoints from before stages were a field
         return cls(**d)
 
     def save(self, path) -> None:
@@ -92,3 +107,89 @@ def preset(name: str) -> TrainConfig:
             log_every_steps=50,
         )
     raise ValueError(f"unknown preset {name!r}; choose demo or paper")
+
+
+# --------------------------------------------------------------------------- command line
+
+def field_help(cls) -> dict[str, str]:
+    """{field: its comment}: the comment at the end of the field's line, else the comment lines just
+    above it. The comments stay where a reader of the dataclass sees them, and the CLI says the same."""
+    helps, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+#\s?(.*)", line):
+            above.append(m.group(1))
+        elif m := re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line):
+            text = m.group(2) or " ".join(above)
+            if text:
+                helps[m.group(1)] = text.replace("%", "%%")
+            above = []
+        else:
+            above = []
+    return helps
+
+
+def _key_value(value_type):
+    def parse(text: str):
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        return key, value_type(value)
+    return parse
+
+
+def _config_fields(cls, prefix: str = ""):
+    """(dotted name, field, resolved type) of every leaf field; nested dataclasses get a prefix."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            yield from _config_fields(t, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, t, cls
+
+
+NOT_FLAGS = ("preset",)  # set by --preset, which chooses the defaults every other flag overrides
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig/ModelConfig field, its type from the annotation. Unset flags leave the
+    preset's value (default=SUPPRESS), so the namespace holds exactly what the user gave."""
+    group = parser.add_argument_group("configuration (every TrainConfig / ModelConfig field)")
+    helps = {}
+    for name, f, t, cls in _config_fields(TrainConfig):
+        if name in NOT_FLAGS:
+            continue
+        helps.setdefault(cls, field_help(cls))
+        flag = "--" + name.replace("_", "-")
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=helps[cls].get(f.name))
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if t is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif origin is dict:
+            group.add_argument(flag, nargs="+", type=_key_value(args[1]), metavar="KEY=VALUE", **kw)
+        elif origin is tuple:
+            group.add_argument(flag, nargs="+" if ... in args else len(args), type=args[0], **kw)
+        elif args and type(None) in args:  # X | None
+            group.add_argument(flag, type=next(a for a in args if a is not type(None)), **kw)
+        else:
+            group.add_argument(flag, type=t, **kw)
+
+
+def config_overrides(ns: argparse.Namespace) -> dict:
+    """{dotted field name: value} of the config flags the user gave."""
+    names = {name for name, *_ in _config_fields(TrainConfig)} - set(NOT_FLAGS)
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    """Set each dotted field; dict fields are merged key by key (``--kimg ae=5`` keeps embed's)."""
+    for name, value in overrides.items():
+        *path, leaf = name.split(".")
+        target = cfg
+        for part in path:
+            target = getattr(target, part)
+        if isinstance(getattr(target, leaf), dict):
+            getattr(target, leaf).update(dict(value))
+        else:
+            setattr(target, leaf, tuple(value) if isinstance(value, list) else value)
+    return cfg

@@ -19,7 +19,9 @@ logs, so a GPU step never waits on a host sync.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,41 +32,11 @@ from .config import TrainConfig
 from .data import ImageSet
 from .models import SAMPLING_CHAIN, SamplingChain, sample_z
 
-TRAINED = {"ae": ("H", "F"), "embed": ("G_E", "D_E", "phi", "D_R"),
-           "finetune": ("G_E", "F", "phi", "D_E", "D_R")}
-FROZEN = {"ae": (), "embed": ("H", "F"), "finetune": ("H",)}
-# Nets whose Adam moments are cleared when a stage starts. F last stepped in stage 1, on
-# reconstruction alone; its second moments are tiny next to stage 3's adversarial gradients, so the
-# first stage-3 updates were many times the learning rate and wrecked the decoder (bench/RESULTS.md).
-FRESH_OPTIMIZER = {"ae": (), "embed": (), "finetune": ("F",)}
 
 
 def requires_grad(net: nn.Module, flag: bool) -> None:
     for p in net.parameters():
         p.requires_grad_(flag)
-
-
-def prepare_stage(stage: str, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig) -> None:
-    """Modes, frozen nets and learning rates for a stage (also on resume in the middle of one)."""
-    for name, net in nets.items():
-        trained = name in TRAINED[stage]
-        net.train(trained)  # frozen nets run in eval mode: BN uses running stats, no updates
-        requires_grad(net, trained)
-    scale = cfg.finetune_lr_scale if stage == "finetune" else 1.0
-    for name, opt in opts.items():
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr[name] * scale
-
-
-def start_stage(stage: str, opts: dict) -> None:
-    """What happens once when a stage begins (not when a run resumes in the middle of one)."""
-    for name in FRESH_OPTIMIZER[stage]:
-        if name in opts:
-            opts[name].state.clear()
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    _step_together(loss, [opt])
 
 
 def _step_together(loss: torch.Tensor, optimizers) -> None:
@@ -79,7 +51,7 @@ def _step_together(loss: torch.Tensor, optimizers) -> None:
 def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     requires_grad(D, True)
     loss = losses.d_loss(kind, D(real), D(fake.detach()))
-    _step(opt, loss)
+    _step_together(loss, [opt])
     requires_grad(D, False)  # the generator's backward then skips D's weight gradients
     return loss.detach()
 
@@ -138,7 +110,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
         e_fake = nets["G_E"](sample_z(n, cfg.model.z_dim, device=device))
         d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake)
         g_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
-        _step(opts["G_E"], g_e)
+        _step_together(g_e, [opts["G_E"]])
     if not cfg.model.denoiser:
         return {"D_E": d_e, "G_E": g_e.detach()}
 
@@ -148,7 +120,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, batch.x, x_den)
     g_r = losses.g_loss(cfg.loss, nets["D_R"](x_den))
     l1 = F.l1_loss(x_den, x_hat)
-    _step(opts["phi"], g_r + cfg.denoiser_l1 * l1)
+    _step_together(g_r + cfg.denoiser_l1 * l1, [opts["phi"]])
     return {"D_E": d_e, "G_E": g_e.detach(), "D_R": d_r, "phi_adv": g_r.detach(), "phi_l1": l1.detach()}
 
 
@@ -161,6 +133,7 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     decoded = nets["F"](torch.cat([e_fake, e_real]))
     x_hat, x_rec = decoded[:n], decoded[n:]
     x_gen = nets["phi"](x_hat)
+    fid = F.l1_loss(x_gen, x_hat.detach())
 
     d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake)
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen)
@@ -168,20 +141,17 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
     adv_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
     rec = F.l1_loss(x_rec, x)
-    fid = F.l1_loss(x_gen, x_hat.detach())
     loss = adv + cfg.finetune_embed_adv * adv_e + cfg.finetune_rec * rec
-    if cfg.model.denoiser:
+    logged = {"D_E": d_e, "D_R": d_r, "chain_adv": adv.detach(), "G_E": adv_e.detach(), "F_rec": rec.detach()}
+    if cfg.model.denoiser:  # without one φ is the identity: no tie to log, nothing to train
         loss = loss + cfg.denoiser_l1 * fid
-    _step_together(loss, [opts[k] for k in SAMPLING_CHAIN if k in opts])  # no φ optimizer without a denoiser
-    return {"D_E": d_e, "D_R": d_r, "chain_adv": adv.detach(), "G_E": adv_e.detach(),
-            "F_rec": rec.detach(), "phi_l1": fid.detach()}
-
-
-STEPS = {"ae": ae_step, "embed": embed_step, "finetune": finetune_step}
+        logged["phi_l1"] = fid.detach()
+    _step_together(loss, [opts[k] for k in SAMPLING_CHAIN if k in opts])
+    return logged
 
 
 def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: TrainConfig) -> dict:
-    """Not an AEGAN stage: the baseline of bench/paper_claim.py. The same sampling chain G_E → F → φ
+    """Not an AEGAN stage but trained like one: the baseline of bench/paper_claim.py. The same sampling chain G_E → F → φ
     trained from scratch as one generator, noise straight to pixels against D_R (no autoencoder, no
     embedding discriminator, no L1 ties): what the autoencoder bridge is measured against."""
     x = batch.x
@@ -218,3 +188,131 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         for k in self.NETS:
             self.nets[k].load_state_dict(state[k])
+
+
+# --------------------------------------------------------------------------- stages as data
+
+def _unscaled(cfg: TrainConfig) -> float:
+    return 1.0
+
+
+def _finetune_scale(cfg: TrainConfig) -> float:
+    return cfg.finetune_lr_scale
+
+
+def _chain_metrics(cfg: TrainConfig) -> tuple:
+    return tuple(cfg.eval_metrics)
+
+
+def _reconstruction_metrics(cfg: TrainConfig) -> tuple:
+    return ("l1", "psnr")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: everything the loop needs to know about it (stylegan2-ada's phases as a
+    record). ``run_stage`` runs any of them; no code branches on a stage's name."""
+    name: str
+    step: Callable          # step(nets, opts, batch, emb, cfg) -> {loss name: detached tensor}
+    trains: tuple           # nets in train mode with gradients
+    frozen: tuple           # nets in eval mode, no gradients (the rest are idle: eval mode too)
+    # Nets whose Adam moments are cleared when the stage starts (not on resume in its middle).
+    fresh_optimizer: tuple = ()
+    needs_embeddings: bool = True   # the step reads H(x) of real images (RealEmbeddings)
+    lr_scale: Callable[[TrainConfig], float] = _unscaled
+    preview: str = "samples"        # grid kind: "reconstructions" (real | F(H(x))) or "samples" (the chain)
+    metrics: Callable[[TrainConfig], tuple] = _chain_metrics   # evaluated at the stage's end
+    ema: bool = True                # the sampling chain's EMA is updated after every step
+
+
+AE = Stage("ae", ae_step, trains=("H", "F"), frozen=(), needs_embeddings=False, preview="reconstructions",
+           metrics=_reconstruction_metrics, ema=False)
+EMBED = Stage("embed", embed_step, trains=("G_E", "D_E", "phi", "D_R"), frozen=("H", "F"))
+# F last stepped in stage 1, on reconstruction alone; its second moments are tiny next to stage 3's
+# adversarial gradients, so the first stage-3 updates were many times the learning rate and wrecked
+# the decoder (bench/RESULTS.md): stage 3 starts F's moments afresh.
+FINETUNE = Stage("finetune", finetune_step, trains=("G_E", "F", "phi", "D_E", "D_R"), frozen=("H",),
+                 fresh_optimizer=("F",), lr_scale=_finetune_scale)
+# The baseline of bench/paper_claim.py: the chain from scratch against D_R; H and D_E sit idle.
+DIRECT = Stage("direct", direct_gan_step, trains=SAMPLING_CHAIN + ("D_R",), frozen=("H", "D_E"),
+               needs_embeddings=False)
+
+AEGAN_STAGES = (AE, EMBED, FINETUNE)
+STAGES = {s.name: s for s in AEGAN_STAGES + (DIRECT,)}
+
+
+@dataclass
+class TrainState:
+    """What a run trains and where it stands; the trainer checkpoints all of it."""
+    cfg: TrainConfig
+    nets: nn.ModuleDict
+    opts: dict
+    data: ImageSet
+    data_gen: torch.Generator       # real embeddings drawn at random (stage 2's extra G_E/D_E steps)
+    device: torch.device
+    counters: dict = field(default_factory=lambda: {"stage": None, "stage_img": 0, "total_img": 0, "step": 0})
+    ema: EMA | None = None
+
+
+def make_optimizers(nets, cfg: TrainConfig) -> dict:
+    """One Adam per net that has weights (φ is a weightless identity in the no-denoiser ablation)."""
+    return {name: torch.optim.Adam(net.parameters(), lr=cfg.lr[name], betas=cfg.betas)
+            for name, net in nets.items() if any(True for _ in net.parameters())}
+
+
+def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig) -> None:
+    """Modes, frozen nets and learning rates for a stage (also on resume in the middle of one)."""
+    for name, net in nets.items():
+        trained = name in stage.trains
+        net.train(trained)  # frozen nets run in eval mode: BN uses running stats, no updates
+        requires_grad(net, trained)
+    for name, opt in opts.items():
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr[name] * stage.lr_scale(cfg)
+
+
+def start_stage(stage: Stage, opts: dict) -> None:
+    """What happens once when a stage begins (not when a run resumes in the middle of one)."""
+    for name in stage.fresh_optimizer:
+        if name in opts:
+            opts[name].state.clear()
+
+
+def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
+    """Get st ready for steps of stage: modes, rates, fresh moments at its start, the EMA from the
+    first stage that runs one, and the real embeddings it reads."""
+    cfg = st.cfg
+    prepare_stage(stage, st.nets, st.opts, cfg)
+    if st.counters["stage_img"] == 0:
+        start_stage(stage, st.opts)
+    if st.ema is None and stage.ema and cfg.ema_kimg > 0:
+        st.ema = EMA(st.nets, cfg.ema_kimg)
+    if not stage.needs_embeddings:
+        return None
+    return RealEmbeddings(st.nets["H"], st.data, st.data_gen, st.device,
+                          cfg.model.embed_channels * cfg.model.embed_size ** 2, cfg.embed_cache_mb * 2 ** 20)
+
+
+def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=None) -> bool:
+    """Steps of stage on batches (an iterator of (x, idx, mirror)) until st.counters["stage_img"]
+    reaches until_img. ``after_step(losses, before_img, data_s)`` runs after each step (logging,
+    grids, checkpoints); it returns True to stop here. Returns whether after_step stopped it.
+    Losses stay tensors: nothing here waits on the device."""
+    emb = enter_stage(stage, st)
+    ema = st.ema if stage.ema else None
+    c = st.counters
+    c["stage"] = stage.name
+    while c["stage_img"] < until_img:
+        t0 = time.perf_counter()
+        batch = Batch(*next(batches))
+        data_s = time.perf_counter() - t0
+        losses = stage.step(st.nets, st.opts, batch, emb, st.cfg)
+        if ema is not None:
+            ema.update(st.nets, batch.x.shape[0])
+        before = c["stage_img"]
+        c["stage_img"] += batch.x.shape[0]
+        c["total_img"] += batch.x.shape[0]
+        c["step"] += 1
+        if after_step is not None and after_step(losses, before, data_s):
+            return True
+    return False

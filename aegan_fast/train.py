@@ -1,24 +1,27 @@
 """Train AEGAN: ``python -m aegan_fast.train`` (or ``aegan-train``).
 
-Three stages run in order, each for its length in kimg (thousands of real images):
+The config's stages run in order, each for its length in kimg (thousands of real images); AEGAN's:
     ae        autoencoder H/F                  (reconstruction L1)
     embed     G_E vs D_E on embeddings, φ vs D_R on images (H/F frozen)
     finetune  the whole sampling chain end to end (see stages.py)
+(``--stages direct`` trains the baseline GAN on pixels instead, in the same loop.)
 
 Everything lands in one run directory: config.json, checkpoints/ (atomic, with a `latest` pointer),
 samples/ (grids from a fixed z), metrics.jsonl, losses.png, and TensorBoard events when tensorboard
-is installed. ``--resume RUN_DIR`` continues from the latest checkpoint, in the middle of a stage too;
-Ctrl-C saves a checkpoint first.
+is installed. ``--resume RUN_DIR`` continues from the latest checkpoint, in the middle of a stage too,
+with the checkpoint's config (only ``--ops``, ``--device``, ``--loader``, ``--loader-workers`` and
+``--data-cache-mb`` may change); Ctrl-C saves a checkpoint first. ``--dry-run`` prints the resolved
+config and exits.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
 import sys
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,79 +31,126 @@ from tqdm import tqdm
 
 from . import ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LOSSES, STAGES, TrainConfig, preset
+from .config import (LOSSES, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides,
+                     config_overrides, preset)
 from .data import LOADERS, ImageSet, load_dataset, make_loader
 from .device import pick_device
 from .errors import UserError, cli
 from .evaluation import evaluate_run
 from .models import SamplingChain, build_nets, check_resolution, sample_z
-from .stages import EMA, STEPS, Batch, RealEmbeddings, prepare_stage, start_stage
+from .stages import STAGES as STAGE_RECORDS
+from .stages import EMA, Stage, TrainState, make_optimizers, run_stage
 from .viz import plot_metrics, save_grid
 
 log = logging.getLogger("aegan_fast.train")
 
-
 # --------------------------------------------------------------------------- command line
 
+# The flags README documents, kept as aliases of the generated ones: (flag, dotted field, how the
+# value lands there, argparse keywords).
+ALIASES = [
+    ("--resolution", "model.resolution", None, dict(type=int, help="alias of --model.resolution")),
+    *[(f"--kimg-{s}", "kimg", lambda v, s=s: [(s, v)], dict(type=float, help=f"alias of --kimg {s}=KIMG"))
+      for s in STAGES],
+    ("--lr-ae", "lr", lambda v: [("H", v), ("F", v)], dict(type=float, help="--lr H=LR F=LR")),
+    ("--lr-gan", "lr", lambda v: [(k, v) for k in ("G_E", "D_E", "phi", "D_R")],
+     dict(type=float, help="--lr G_E=LR D_E=LR phi=LR D_R=LR")),
+    ("--denoiser-skips", "model.denoiser_skips", None, dict(action="store_const", const=True,
+                                                         help="alias of --model.denoiser-skips")),
+    ("--no-denoiser", "model.denoiser", None, dict(action="store_const", const=False,
+                                                  help="alias of --no-model.denoiser")),
+]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="aegan-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="demo", choices=["demo", "paper"],
-                   help="demo: R=64, ~10 min on 2 CPU cores; paper: the paper's settings at R=512")
-    p.add_argument("--data", help="prepared data set, or folder/zip/tar of images (prepared on the fly into "
-                   "the cache); default: the built-in emoji set")
-    p.add_argument("--loader", choices=LOADERS, help="batch loader (default auto: torch unless DALI is faster)")
-    p.add_argument("--data-cache-mb", type=float, help="read the set into RAM up to this size, else memory-map it")
-    p.add_argument("--resolution", type=int, help="output resolution R, a power of two ≥ 64")
-    p.add_argument("--batch", type=int)
-    for stage in STAGES:
-        p.add_argument(f"--kimg-{stage}", type=float, help=f"length of stage '{stage}' in thousands of images")
-    p.add_argument("--lr-ae", type=float, help="learning rate of H and F")
-    p.add_argument("--lr-gan", type=float, help="learning rate of G_E, D_E, φ and D_R")
-    p.add_argument("--loss", choices=LOSSES, help="adversarial loss")
-    p.add_argument("--ema-kimg", type=float, help="half-life of the sampling chain's EMA in kimg (0: off)")
-    p.add_argument("--denoiser-skips", action="store_true", default=None, help="U-Net skips in the denoiser")
-    p.add_argument("--no-denoiser", action="store_true", help="ablation: no φ, the sampling chain ends at F")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ops", choices=("auto",) + ops.BACKENDS, help="fused-op backend (default: auto)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--outdir", default="runs", help="parent folder of new run directories")
-    p.add_argument("--run-dir", help="exact run directory for a new run (must not hold a run yet)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    p = argparse.ArgumentParser(prog="aegan-train", description=__doc__.split("\n\n")[0])
+    run = p.add_argument_group("run")
+    run.add_argument("--preset", default="demo", choices=["demo", "paper"],
+                     help="the defaults every other flag overrides: demo (R=64, ~10 min on 2 CPU cores) "
+                          "or paper (the paper's settings at R=512); default demo")
+    run.add_argument("--outdir", default="runs", help="parent folder of new run directories (default runs)")
+    run.add_argument("--run-dir", help="exact run directory for a new run (must not hold a run yet)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved config (JSON) and exit")
+    add_config_arguments(p)
+    aliases = p.add_argument_group("aliases")
+    for flag, _, _, kw in ALIASES:
+        aliases.add_argument(flag, dest="alias" + flag, default=argparse.SUPPRESS, **kw)
     return p.parse_args(argv)
 
 
+def requested_overrides(args: argparse.Namespace) -> dict:
+    """{dotted field: value} from the config flags and their aliases, aliases first so that an
+    explicit field flag wins; dict fields accumulate."""
+    given = vars(args)
+    out: dict = {}
+    for flag, name, to_value, _ in ALIASES:
+        if "alias" + flag in given:
+            value = given["alias" + flag]
+            if to_value is not None:
+                out[name] = list(out.get(name, [])) + to_value(value)
+            else:
+                out[name] = value
+    for name, value in config_overrides(args).items():
+        out[name] = list(out.get(name, [])) + list(value) if name in ("kimg", "lr") else value
+    return out
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Bad values as one-line UserErrors before anything is made."""
+    try:
+        check_resolution(cfg.model.resolution)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.batch < 2:
+        raise UserError("--batch must be ≥ 2 (BatchNorm needs more than one image per batch)")
+    if not cfg.stages:
+        raise UserError("--stages: at least one stage")
+    for name in cfg.stages:
+        if name not in STAGE_RECORDS:
+            raise UserError(f"--stages: unknown stage {name!r}; choose from {', '.join(STAGE_RECORDS)}")
+        if name not in cfg.kimg:
+            raise UserError(f"--kimg: no length for stage {name!r} (--kimg {name}=KIMG)")
+        if cfg.kimg[name] < 0:
+            raise UserError(f"--kimg {name} must be ≥ 0")
+    for key in cfg.lr:
+        if key not in ("H", "F", "G_E", "D_E", "phi", "D_R"):
+            raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")
+    for flag, value, choices in (("--loss", cfg.loss, LOSSES), ("--ops", cfg.ops, ("auto",) + ops.BACKENDS),
+                                 ("--loader", cfg.loader, LOADERS)):
+        if value not in choices:
+            raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = preset(args.preset)
-    if args.resolution is not None:
-        try:
-            check_resolution(args.resolution)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        cfg.model.resolution = args.resolution
-    for stage in STAGES:
-        value = getattr(args, f"kimg_{stage}")
-        if value is not None:
-            if value < 0:
-                raise UserError(f"--kimg-{stage} must be ≥ 0")
-            cfg.kimg[stage] = value
-    if args.batch is not None:
-        if args.batch < 2:
-            raise UserError("--batch must be ≥ 2 (BatchNorm needs more than one image per batch)")
-        cfg.batch = args.batch
-    if args.lr_ae is not None:
-        cfg.lr.update(H=args.lr_ae, F=args.lr_ae)
-    if args.lr_gan is not None:
-        cfg.lr.update({k: args.lr_gan for k in ("G_E", "D_E", "phi", "D_R")})
-    for name in ("loss", "ema_kimg", "seed", "ops", "device", "data", "loader", "data_cache_mb"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if args.denoiser_skips:
-        cfg.model.denoiser_skips = True
-    if args.no_denoiser:
-        cfg.model.denoiser = False
+    cfg = apply_overrides(preset(args.preset), requested_overrides(args))
+    validate(cfg)
     return cfg
+
+
+def resumed_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
+    """The checkpoint's config, with only the RESUMABLE fields taken from the command line."""
+    if latest_checkpoint(run_dir) is None:
+        raise UserError(f"--resume {run_dir}: no checkpoint there to continue from")
+    overrides = requested_overrides(args)
+    fixed = sorted(set(overrides) - set(RESUMABLE))
+    if fixed:
+        raise UserError(f"--resume continues the run's own config; only {', '.join(RESUMABLE)} may change "
+                        f"(given: {', '.join(fixed)})")
+    cfg = apply_overrides(TrainConfig.from_dict(load_checkpoint(run_dir)["config"]), overrides)
+    validate(cfg)
+    return cfg
+
+
+def check_same_run(saved: dict, cfg: TrainConfig) -> None:
+    """A resumed run trains what its checkpoint says: a field outside RESUMABLE that differs is an error."""
+    now = cfg.to_dict()
+    saved = TrainConfig.from_dict(saved).to_dict()
+    differ = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k)]
+    if differ:
+        raise UserError(f"this config differs from the run's checkpoint in {', '.join(differ)}; "
+                        f"a resumed run keeps its config (only {', '.join(RESUMABLE)} may change)")
 
 
 def new_run_dir(cfg: TrainConfig, outdir: str, run_dir: str | None) -> Path:
@@ -122,14 +172,18 @@ def new_run_dir(cfg: TrainConfig, outdir: str, run_dir: str | None) -> Path:
 # --------------------------------------------------------------------------- bookkeeping
 
 class MetricsLog:
-    """Averages the step losses between log lines, writes JSONL (and TensorBoard when installed)."""
+    """Averages the step losses between log lines, writes JSONL (and TensorBoard when installed).
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.sums: dict = defaultdict(float)
-        self.count = 0
-        self.data_s = self.step_s = 0.0
-        self.images = 0
+    Losses are summed as tensors on their device; the only host sync is ``flush``, which turns the
+    sums into numbers and times the whole interval (so img/s is honest on CUDA without a
+    synchronize per step)."""
+
+    def __init__(self, path: Path, device):
+        self.path, self.device = path, torch.device(device)
+        self.sums: dict = {}
+        self.count = self.images = 0
+        self.data_s = 0.0
+        self.started = time.perf_counter()
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -137,13 +191,16 @@ class MetricsLog:
         except ImportError:
             pass
 
-    def add(self, losses: dict, batch: int, data_s: float, step_s: float) -> None:
+    def add(self, losses: dict, batch: int, data_s: float) -> None:
         for k, v in losses.items():
-            self.sums[k] += float(v)
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
         self.count += 1
         self.images += batch
         self.data_s += data_s
-        self.step_s += step_s
+
+    def restart_clock(self) -> None:
+        """Stage-end evaluation, grids and checkpoints are not training time."""
+        self.started = time.perf_counter()
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -152,11 +209,14 @@ class MetricsLog:
     def flush(self, stage: str, counters: dict) -> dict | None:
         if not self.count:
             return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
         row = {"stage": stage, "kimg": round(counters["total_img"] / 1000, 3),
                "stage_kimg": round(counters["stage_img"] / 1000, 3), "step": counters["step"],
-               "losses": {k: v / self.count for k, v in self.sums.items()},
-               "img_per_s": self.images / max(self.step_s, 1e-9),
-               "data_wait": self.data_s / max(self.step_s, 1e-9), "time": time.time()}
+               "losses": {k: float(v) / self.count for k, v in self.sums.items()},
+               "img_per_s": self.images / elapsed, "data_wait": min(self.data_s / elapsed, 1.0),
+               "time": time.time()}
         self.write(row)
         if self.tb is not None:
             for k, v in row["losses"].items():
@@ -165,7 +225,8 @@ class MetricsLog:
             self.tb.add_scalar("perf/data_wait", row["data_wait"], counters["total_img"])
         self.sums.clear()
         self.count = self.images = 0
-        self.data_s = self.step_s = 0.0
+        self.data_s = 0.0
+        self.restart_clock()
         return row
 
 
@@ -202,163 +263,196 @@ def eval_mode(nets):
 
 
 @torch.no_grad()
-def save_samples(stage: str, nets, ema: EMA | None, fixed_z, fixed_real, path: Path) -> None:
-    """Stage ae: real images and their reconstructions in alternate rows. Later stages: the sampling
-    chain on the fixed z (EMA weights when on)."""
-    with eval_mode(nets):
-        if stage == "ae":
-            real = fixed_real[:32]
-            rec = nets["F"](nets["H"](real))
-            rows = torch.stack([real.view(4, 8, *real.shape[1:]), rec.view(4, 8, *rec.shape[1:])], 1)
-            save_grid(rows.reshape(-1, *real.shape[1:]), path, nrow=8)
-        else:
-            save_grid(SamplingChain.of(ema.nets if ema is not None else nets)(fixed_z), path)
+def save_reconstructions(nets, ema, fixed_z, fixed_real, path: Path) -> None:
+    """Real images and their reconstructions F(H(x)) in alternate rows."""
+    real = fixed_real[:32]
+    rec = nets["F"](nets["H"](real))
+    rows = torch.stack([real.view(4, 8, *real.shape[1:]), rec.view(4, 8, *rec.shape[1:])], 1)
+    save_grid(rows.reshape(-1, *real.shape[1:]), path, nrow=8)
 
 
-def stage_end_evaluation(stage: str, nets, ema: EMA | None, data: ImageSet, cfg: TrainConfig, device) -> dict:
-    """Cheap metrics at the end of each stage: the autoencoder's reconstruction after ``ae``, the
-    sampling chain's (``cfg.eval_metrics`` on ``cfg.eval_n`` images) after the others."""
-    with eval_mode(nets):
-        if stage == "ae":
-            return evaluate_run(nets, data, ("l1", "psnr"), cfg.eval_n, cfg.seed, device)
-        if not cfg.eval_metrics:
-            return {}
-        chain = dict(nets.items()) | (dict(ema.nets.items()) if ema is not None else {})
-        return evaluate_run(chain, data, cfg.eval_metrics, cfg.eval_n, cfg.seed, device)
+@torch.no_grad()
+def save_chain_samples(nets, ema, fixed_z, fixed_real, path: Path) -> None:
+    """The sampling chain on the fixed z, EMA weights when on."""
+    save_grid(SamplingChain.of(ema.nets if ema is not None else nets)(fixed_z), path)
+
+
+PREVIEWS = {"reconstructions": save_reconstructions, "samples": save_chain_samples}
+
+
+def save_preview(stage: Stage, st: TrainState, fixed_z, fixed_real, path: Path) -> None:
+    with eval_mode(st.nets):
+        PREVIEWS[stage.preview](st.nets, st.ema, fixed_z, fixed_real, path)
+
+
+def stage_end_evaluation(stage: Stage, st: TrainState) -> dict:
+    """The stage's cheap metrics (reconstruction after ``ae``; ``cfg.eval_metrics`` of the sampling
+    chain, EMA weights when on, after the others) on ``cfg.eval_n`` images."""
+    metrics = stage.metrics(st.cfg)
+    if not metrics:
+        return {}
+    with eval_mode(st.nets):
+        nets = dict(st.nets.items()) | (dict(st.ema.nets.items()) if st.ema is not None else {})
+        return evaluate_run(nets, st.data, metrics, st.cfg.eval_n, st.cfg.seed, st.device)
 
 
 # --------------------------------------------------------------------------- the run
 
-def make_optimizers(nets, cfg: TrainConfig) -> dict:
-    """One Adam per net that has weights (φ is a weightless identity in the no-denoiser ablation)."""
-    return {name: torch.optim.Adam(net.parameters(), lr=cfg.lr[name], betas=cfg.betas)
-            for name, net in nets.items() if any(True for _ in net.parameters())}
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def new_state(cfg: TrainConfig, data: ImageSet, device) -> TrainState:
+    """Fresh nets and optimizers, everything seeded from cfg.seed."""
+    data_gen = seed_everything(cfg.seed)
+    nets = build_nets(cfg.model).to(device)
+    st = TrainState(cfg, nets, make_optimizers(nets, cfg), data, data_gen, device)
+    st.counters["stage"] = cfg.stages[0]
+    return st
+
+
+def restore(st: TrainState, state: dict) -> None:
+    """Nets, optimizers, EMA, counters and every RNG from a checkpoint."""
+    check_same_run(state["config"], st.cfg)
+    st.nets.load_state_dict(state["nets"])
+    for name, opt in st.opts.items():
+        opt.load_state_dict(state["opts"][name])
+    if state.get("ema"):
+        st.ema = EMA(st.nets, st.cfg.ema_kimg)
+        st.ema.load_state_dict(state["ema"])
+    st.counters = dict(state["counters"])
+    set_rng_state(state["rng"], st.data_gen)
+
+
+def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> Path:
+    """A checkpoint of everything the run needs to continue; its config is the run's one source."""
+    name = name or f"ckpt-{st.counters['total_img']:09d}.pt"
+    return save_checkpoint(run_dir, name, {
+        "config": st.cfg.to_dict(), "nets": st.nets.state_dict(),
+        "opts": {k: o.state_dict() for k, o in st.opts.items()},
+        "ema": st.ema.state_dict() if st.ema is not None else None,
+        "counters": dict(st.counters), "rng": rng_state(st.data_gen), "loader": loader.state_dict()})
+
+
+def crossed(every_img: int, before: int, after: int) -> bool:
+    return every_img > 0 and before // every_img != after // every_img
+
+
+class StageHooks:
+    """What the trainer does between steps of a stage: metrics, the progress bar, grids, periodic
+    checkpoints, and stopping after ``stop_after_steps`` steps of this call."""
+
+    def __init__(self, stage: Stage, st: TrainState, run_dir: Path, loader, metrics: MetricsLog,
+                 previews: tuple, progress: bool, stop_after_steps: int | None, steps_done: int):
+        self.stage, self.st, self.run_dir, self.loader, self.metrics = stage, st, run_dir, loader, metrics
+        self.previews, self.progress = previews, progress
+        self.stop_after_steps, self.steps_done = stop_after_steps, steps_done
+        cfg = st.cfg
+        self.length = int(cfg.kimg[stage.name] * 1000)
+        self.sample_every, self.ckpt_every = int(cfg.sample_every_kimg * 1000), int(cfg.ckpt_every_kimg * 1000)
+        index = cfg.stages.index(stage.name)
+        self.bar = tqdm(total=self.length, initial=min(st.counters["stage_img"], self.length), unit="img",
+                        unit_scale=True, desc=f"stage {index + 1}/{len(cfg.stages)} {stage.name}",
+                        disable=not progress, dynamic_ncols=True, mininterval=1.0)
+
+    def __call__(self, losses: dict, before: int, data_s: float) -> bool:
+        st, c = self.st, self.st.counters
+        self.steps_done += 1
+        self.metrics.add(losses, c["stage_img"] - before, data_s)
+        self.bar.update(min(c["stage_img"], self.length) - min(before, self.length))
+        if c["step"] % st.cfg.log_every_steps == 0:
+            self.log_row(self.metrics.flush(self.stage.name, c))
+        within = c["stage_img"] < self.length  # the stage's end saves its own grid and checkpoint
+        if within and crossed(self.sample_every, before, c["stage_img"]):
+            save_preview(self.stage, st, *self.previews,
+                         self.run_dir / "samples" / f"{self.stage.name}-{c['stage_img'] // 1000:05d}kimg.png")
+            self.metrics.restart_clock()
+        if within and crossed(self.ckpt_every, before, c["stage_img"]):
+            save_run(st, self.run_dir, self.loader)
+            self.metrics.restart_clock()
+        return self.stop_after_steps is not None and self.steps_done >= self.stop_after_steps
+
+    def log_row(self, row: dict) -> None:
+        self.bar.set_postfix_str(f"{row['img_per_s']:.0f} img/s " +
+                                 " ".join(f"{k}={v:.3f}" for k, v in row["losses"].items()))
+        if not self.progress:
+            print(json.dumps(row), flush=True)
+
+
+def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: MetricsLog, previews) -> None:
+    """Last log row, the stage's evaluation and grid, then the next stage's checkpoint."""
+    metrics.flush(stage.name, st.counters)
+    report = stage_end_evaluation(stage, st)
+    if report:
+        metrics.write({"stage": stage.name, "kimg": st.counters["total_img"] / 1000, "eval": report})
+        log.info("end of stage %s: %s", stage.name, ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+    save_preview(stage, st, *previews, run_dir / "samples" / f"{stage.name}-final.png")
+    names = st.cfg.stages
+    following = names[names.index(stage.name) + 1:]
+    st.counters.update(stage=following[0] if following else "done", stage_img=0)
+    save_run(st, run_dir, loader, f"stage-{stage.name}.pt")
+    metrics.restart_clock()
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_after_steps: int | None = None, data: ImageSet | None = None) -> Path:
-    """Run (or continue) all stages in run_dir. ``stop_after_steps`` ends the call after that many
-    steps with a checkpoint, as an interrupted job would (the run then resumes with --resume)."""
-    device = pick_device(cfg.device)
+    """Run (or continue) the config's stages in run_dir. ``stop_after_steps`` ends the call after that
+    many steps with a checkpoint, as an interrupted job would (the run then resumes with --resume)."""
+    validate(cfg)  # an unknown backend name included: use_backend's ValueError cannot happen here
     try:
-        ops.set_backend(cfg.ops)
-    except (ValueError, ops.BackendUnavailable) as e:
+        with ops.use_backend(cfg.ops):
+            return _train(cfg, run_dir, resume, progress, stop_after_steps, data)
+    except ops.BackendUnavailable as e:
         raise UserError(str(e)) from None
+
+
+def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, data) -> Path:
+    device = pick_device(cfg.device)
     if data is None:
         data = load_dataset(cfg.data, cfg.model.resolution, cache_mb=cfg.data_cache_mb)
     if data.resolution != cfg.model.resolution:
         raise UserError(f"data is {data.resolution}² but the model is {cfg.model.resolution}²")
     log.info("data: %d images from %s (%d unreadable skipped)", len(data), data.source, data.skipped)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    nets = build_nets(cfg.model).to(device)
-    opts = make_optimizers(nets, cfg)
-    ema: EMA | None = None
-    counters = {"stage": STAGES[0], "stage_img": 0, "total_img": 0, "step": 0}
-
-    if resume:
-        state = load_checkpoint(run_dir, map_location=device)
-        nets.load_state_dict(state["nets"])
-        for name, opt in opts.items():
-            opt.load_state_dict(state["opts"][name])
-        if state.get("ema"):
-            ema = EMA(nets, cfg.ema_kimg)
-            ema.load_state_dict(state["ema"])
-        counters = state["counters"]
-        set_rng_state(state["rng"], data_gen)
-        log.info("resuming at stage %s, %.1f kimg into it", counters["stage"], counters["stage_img"] / 1000)
-    else:
-        cfg.save(run_dir / "config.json")
+    st = new_state(cfg, data, device)
+    state = load_checkpoint(run_dir, map_location=device) if resume else None
+    if state is not None:
+        restore(st, state)
+        log.info("resuming at stage %s, %.1f kimg into it", st.counters["stage"], st.counters["stage_img"] / 1000)
+    cfg.save(run_dir / "config.json")  # from the same dict every checkpoint of the run stores
 
     # A resumed run gets the same batches: the torch loader's order is a function of (seed, images
     # consumed), DALI's restores from the checkpoint it saved.
-    loader = make_loader(cfg.loader, data, cfg.batch, cfg.seed, device, start=counters["total_img"],
-                         workers=cfg.loader_workers, state=state.get("loader") if resume else None)
-    fixed_z = sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device)
-    fixed_real = data.spread(32, device)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    loader = make_loader(cfg.loader, data, cfg.batch, cfg.seed, device, start=st.counters["total_img"],
+                         workers=cfg.loader_workers, state=state.get("loader") if state else None)
+    previews = (sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device),
+                data.spread(32, device))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", device)
     (run_dir / "samples").mkdir(exist_ok=True)
-
-    def checkpoint(name: str) -> Path:
-        return save_checkpoint(run_dir, name, {
-            "config": cfg.to_dict(), "nets": nets.state_dict(),
-            "opts": {k: o.state_dict() for k, o in opts.items()},
-            "ema": ema.state_dict() if ema is not None else None,
-            "counters": dict(counters), "rng": rng_state(data_gen), "loader": loader.state_dict()})
-
-    steps_this_call = 0
-    while counters["stage"] in STAGES:
-        stage = counters["stage"]
-        stage_len = int(cfg.kimg[stage] * 1000)
-        prepare_stage(stage, nets, opts, cfg)
-        if counters["stage_img"] == 0:
-            start_stage(stage, opts)
-        if ema is None and cfg.ema_kimg > 0 and stage != "ae":
-            ema = EMA(nets, cfg.ema_kimg)
-        step_fn = STEPS[stage]
-        emb = None if stage == "ae" else RealEmbeddings(
-            nets["H"], data, data_gen, device, cfg.model.embed_channels * cfg.model.embed_size ** 2,
-            cfg.embed_cache_mb * 2 ** 20)
-        bar = tqdm(total=stage_len, initial=min(counters["stage_img"], stage_len), unit="img", unit_scale=True,
-                   desc=f"stage {STAGES.index(stage) + 1}/3 {stage}", disable=not progress, dynamic_ncols=True,
-                   mininterval=1.0)
-        sample_every, ckpt_every = int(cfg.sample_every_kimg * 1000), int(cfg.ckpt_every_kimg * 1000)
-        try:
-            while counters["stage_img"] < stage_len:
-                t0 = time.perf_counter()
-                batch = Batch(*next(loader))
-                t1 = time.perf_counter()
-                losses = step_fn(nets, opts, batch, emb, cfg)
-                if ema is not None and stage != "ae":
-                    ema.update(nets, cfg.batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t2 = time.perf_counter()
-
-                before = counters["stage_img"]
-                counters["stage_img"] += cfg.batch
-                counters["total_img"] += cfg.batch
-                counters["step"] += 1
-                steps_this_call += 1
-                metrics.add(losses, cfg.batch, t1 - t0, t2 - t0)
-                bar.update(min(cfg.batch, stage_len - before))
-                if counters["step"] % cfg.log_every_steps == 0:
-                    row = metrics.flush(stage, counters)
-                    bar.set_postfix_str(f"{row['img_per_s']:.0f} img/s " +
-                                        " ".join(f"{k}={v:.3f}" for k, v in row["losses"].items()))
-                    if not progress:
-                        print(json.dumps(row), flush=True)
-                crossed = lambda every: every > 0 and before // every != counters["stage_img"] // every
-                if crossed(sample_every) and counters["stage_img"] < stage_len:
-                    save_samples(stage, nets, ema, fixed_z, fixed_real,
-                                 run_dir / "samples" / f"{stage}-{counters['stage_img'] // 1000:05d}kimg.png")
-                if crossed(ckpt_every) and counters["stage_img"] < stage_len:
-                    checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
-                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                    bar.close()
-                    checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
-                    loader.close()
-                    return run_dir
-        except KeyboardInterrupt:
-            bar.close()
-            path = checkpoint(f"ckpt-{counters['total_img']:09d}.pt")
-            print(f"\ninterrupted: saved {path}\ncontinue with: python -m aegan_fast.train --resume {run_dir}",
-                  file=sys.stderr)
-            raise
-        bar.close()
-        metrics.flush(stage, counters)
-        report = stage_end_evaluation(stage, nets, ema, data, cfg, device)
-        if report:
-            metrics.write({"stage": stage, "kimg": counters["total_img"] / 1000, "eval": report})
-            log.info("end of stage %s: %s", stage, ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
-        save_samples(stage, nets, ema, fixed_z, fixed_real, run_dir / "samples" / f"{stage}-final.png")
-        counters.update(stage=STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else "done", stage_img=0)
-        checkpoint(f"stage-{stage}.pt")
-
-    loader.close()
+    steps_done = 0
+    try:
+        while st.counters["stage"] in cfg.stages:
+            stage = STAGE_RECORDS[st.counters["stage"]]
+            hooks = StageHooks(stage, st, run_dir, loader, metrics, previews, progress, stop_after_steps, steps_done)
+            try:
+                stopped = run_stage(stage, st, loader, hooks.length, hooks)
+            except KeyboardInterrupt:
+                hooks.bar.close()
+                path = save_run(st, run_dir, loader)
+                print(f"\ninterrupted: saved {path}\ncontinue with: python -m aegan_fast.train --resume {run_dir}",
+                      file=sys.stderr)
+                raise
+            hooks.bar.close()
+            steps_done = hooks.steps_done
+            if stopped:
+                save_run(st, run_dir, loader)
+                return run_dir
+            finish_stage(stage, st, run_dir, loader, metrics, previews)
+    finally:
+        loader.close()
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "losses.png")
     return run_dir
 
@@ -369,23 +463,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.resume:
         run_dir = Path(args.resume)
-        if latest_checkpoint(run_dir) is None:
-            raise UserError(f"--resume {run_dir}: no checkpoint there to continue from")
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        for name in ("ops", "device", "loader"):  # where a run continues may differ; what it trains may not
-            if getattr(args, name) is not None:
-                setattr(cfg, name, getattr(args, name))
+        cfg = resumed_config(args, run_dir)
     else:
         cfg = build_config(args)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    data = None
+    if not args.resume:
         data = load_dataset(cfg.data, cfg.model.resolution, cache_mb=cfg.data_cache_mb)  # fails before a run dir exists
         run_dir = new_run_dir(cfg, args.outdir, args.run_dir)
     started = time.time()
     print(f"run directory: {run_dir}", flush=True)
-    train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress,
-          data=None if args.resume else data)
+    train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress, data=data)
     minutes = (time.time() - started) / 60
     print(f"\ndone in {minutes:.1f} min\n"
-          f"  samples     {run_dir / 'samples' / 'finetune-final.png'}\n"
+          f"  samples     {run_dir / 'samples' / (cfg.stages[-1] + '-final.png')}\n"
           f"  loss plot   {run_dir / 'losses.png'}\n"
           f"  checkpoint  {latest_checkpoint(run_dir)}\n"
           f"  sample more python -m aegan_fast.sample --ckpt {run_dir} --n 64 --out grid.png")

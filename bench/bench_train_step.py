@@ -21,19 +21,18 @@ from aegan_fast import ops
 from aegan_fast.config import TrainConfig
 from aegan_fast.data import ImageSet
 from aegan_fast.models import ModelConfig, build_nets
-from aegan_fast.stages import STEPS, Batch, RealEmbeddings, prepare_stage
+from aegan_fast.stages import EMBED, Batch, RealEmbeddings, prepare_stage
 
 RESOLUTION, BATCH = 128, 16
 
 
 def make_step(backend: str):
     """A closure running one stage-2 step on the given ops backend (weights seeded identically)."""
-    ops.set_backend(backend)
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(resolution=RESOLUTION), batch=BATCH, device="cpu")
     nets = build_nets(cfg.model)
     opts = {k: torch.optim.Adam(nets[k].parameters(), lr=cfg.lr[k], betas=cfg.betas) for k in nets}
-    prepare_stage("embed", nets, opts, cfg)
+    prepare_stage(EMBED, nets, opts, cfg)
     g = torch.Generator().manual_seed(0)
     data = ImageSet(torch.randint(0, 256, (64, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, generator=g), "random")
     emb = RealEmbeddings(nets["H"], data, g, "cpu", cfg.model.embed_channels * cfg.model.embed_size ** 2, 2**30)
@@ -41,8 +40,8 @@ def make_step(backend: str):
     batch = Batch(data.gather(idx, mirror, "cpu"), idx, mirror)
 
     def step():
-        ops.set_backend(backend)
-        return STEPS["embed"](nets, opts, batch, emb, cfg)
+        with ops.use_backend(backend):
+            return EMBED.step(nets, opts, batch, emb, cfg)
     return step
 
 
@@ -57,10 +56,7 @@ def test_stage2_step_r128(benchmark, backend):
     step = make_step(backend)
     benchmark.group = "stage-2 step R=128 batch 16"
     benchmark.extra_info.update(backend=backend, images=BATCH)
-    try:
-        benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    finally:
-        ops.set_backend("auto")
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
 
 
 def main(rounds: int = 7) -> None:
@@ -85,7 +81,6 @@ def main(rounds: int = 7) -> None:
               f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f}, {rounds} rounds)")
     if len(medians) == 2:
         print(f"cpp / reference speed-up: {medians['reference'] / medians['cpp']:.2f}x")
-    ops.set_backend("auto")
 
 
 if __name__ == "__main__":

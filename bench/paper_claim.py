@@ -10,10 +10,12 @@ trained for the same wall-clock budget, with two seeds each:
     no_finetune  AEGAN stopped after stage 2
     aegan_unet   (extra, not in the default set) AEGAN with U-Net skips in phi (--denoiser-skips)
 
-Equal budget: each variant splits the budget over its stages by fixed time shares (SHARES). Before the
-runs, a calibration times a few steps of every stage in this process and turns the shares into
-kimg, so each run is a deterministic kimg-based training run whose measured wall time is reported
-beside the budget. Every run is then scored on the same footing: its EMA sampling chain, n images
+Every variant is a config of the one trainer (its ``stages`` and ``kimg``; ``direct`` is the stage
+record stages.DIRECT), so all of them share its seeding, EMA and checkpoint format. Equal budget: each
+variant splits the budget over its stages by fixed time shares (SHARES). Before the runs, a
+calibration times a few steps of every stage in this process (stages.run_stage, as the trainer runs
+it) and turns the shares into kimg, so each run is a deterministic kimg-based training run whose
+measured wall time is reported beside the budget. Every run is then scored on the same footing: its EMA sampling chain, n images
 (fixed evaluation seed) against n real images spread through the set, by SWD, fid_efflite and
 MS-SSIM diversity.
 
@@ -30,31 +32,26 @@ import argparse
 import json
 import logging
 import platform
-import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
-from aegan_fast.checkpoint import load_sampling_nets, save_checkpoint
-from aegan_fast.config import STAGES, TrainConfig, preset
+from aegan_fast.checkpoint import load_sampling_nets
+from aegan_fast.config import TrainConfig, preset
 from aegan_fast.data import load_dataset, make_loader
 from aegan_fast.evaluation import evaluate_run
 from aegan_fast.metrics import evaluate
-from aegan_fast.models import SAMPLING_CHAIN, build_nets
-from aegan_fast.sample import sample_images
-from aegan_fast.stages import EMA, STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage
-from aegan_fast.train import make_optimizers, train
+from aegan_fast.models import SAMPLING_CHAIN, SamplingChain, build_nets
+from aegan_fast.stages import STAGES, TrainState, make_optimizers, run_stage
+from aegan_fast.train import train
 from aegan_fast.viz import make_grid
 
 VARIANTS = ("aegan", "direct", "no_denoiser", "no_finetune")
 EXTRA_VARIANTS = ("aegan_unet",)
-# Share of the budget per stage. AEGAN's shares are the demo preset's (about 10 / 8 / 2 kimg in
+# The stages each variant trains and their share of the budget. AEGAN's shares are the demo preset's (about 10 / 8 / 2 kimg in
 # 8 minutes); no_finetune hands stage 3's share to stages 1 and 2 in the same ratio.
 SHARES = {
     "aegan": {"ae": 0.3, "embed": 0.5, "finetune": 0.2},
@@ -70,6 +67,7 @@ EVAL_SEED = 12345  # z and metric randomness of the evaluation: the same for eve
 def variant_config(variant: str, seed: int) -> TrainConfig:
     cfg = preset("demo")
     cfg.seed = seed
+    cfg.stages = tuple(SHARES[variant])
     cfg.model.denoiser = variant != "no_denoiser"
     cfg.model.denoiser_skips = variant == "aegan_unet"
     cfg.loader = "torch"
@@ -90,27 +88,23 @@ def seconds_per_image(cfg: TrainConfig, stage: str, data, device, warmup: int = 
     """Median seconds per real image of one stage's training step (with the EMA update the run does),
     from fresh nets: step time does not depend on what the weights are."""
     torch.manual_seed(0)
+    device = torch.device(device)
     nets = build_nets(cfg.model).to(device)
-    opts = make_optimizers(nets, cfg)
-    if stage == "direct":
-        nets.train()
-        step_fn, emb = direct_gan_step, None
-    else:
-        prepare_stage(stage, nets, opts, cfg)
-        step_fn = STEPS[stage]
-        emb = None if stage == "ae" else RealEmbeddings(
-            nets["H"], data, torch.Generator().manual_seed(0), device,
-            cfg.model.embed_channels * cfg.model.embed_size ** 2, cfg.embed_cache_mb * 2 ** 20)
-    ema = EMA(nets, cfg.ema_kimg) if stage != "ae" else None
+    st = TrainState(cfg, nets, make_optimizers(nets, cfg), data, torch.Generator().manual_seed(0), device)
     loader = make_loader("torch", data, cfg.batch, 0, device, workers=cfg.loader_workers)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        step_fn(nets, opts, Batch(*next(loader)), emb, cfg)
-        if ema is not None:
-            ema.update(nets, cfg.batch)
-        times.append(time.perf_counter() - t0)
-    loader.close()
+    marks = [time.perf_counter()]
+
+    def after_step(losses, before, data_s) -> bool:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        return len(marks) > warmup + steps
+
+    try:
+        run_stage(STAGES[stage], st, loader, until_img=2 ** 62, after_step=after_step)
+    finally:
+        loader.close()
+    times = [b - a for a, b in zip(marks, marks[1:])]
     return statistics.median(times[warmup:]) / cfg.batch
 
 
@@ -133,36 +127,6 @@ def plan_kimg(variants, budget_s: float, data, device) -> dict:
 
 # --------------------------------------------------------------------------- training
 
-def train_direct(cfg: TrainConfig, run_dir: Path, kimg: float, data, device) -> None:
-    """The baseline's training loop: direct_gan_step for kimg, EMA of the chain as in AEGAN's runs.
-    Saves a checkpoint in the trainer's format so the sampler and evaluator read it like any run."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    nets = build_nets(cfg.model).to(device)
-    opts = {k: v for k, v in make_optimizers(nets, cfg).items() if k in SAMPLING_CHAIN + ("D_R",)}
-    nets.train()
-    ema = EMA(nets, cfg.ema_kimg)
-    loader = make_loader("torch", data, cfg.batch, cfg.seed, device, workers=cfg.loader_workers)
-    total = int(kimg * 1000)
-    shown = 0
-    with tqdm(total=total, unit="img", unit_scale=True, desc="direct GAN", mininterval=5.0,
-              file=sys.stdout) as bar:
-        while shown < total:
-            losses = direct_gan_step(nets, opts, Batch(*next(loader)), None, cfg)
-            ema.update(nets, cfg.batch)
-            shown += cfg.batch
-            bar.update(cfg.batch)
-            if shown % (cfg.batch * cfg.log_every_steps) == 0:
-                bar.set_postfix_str(" ".join(f"{k}={float(v):.3f}" for k, v in losses.items()))
-    loader.close()
-    cfg.kimg = {stage: 0.0 for stage in STAGES}
-    cfg.save(run_dir / "config.json")
-    save_checkpoint(run_dir, "stage-direct.pt", {
-        "config": cfg.to_dict(), "nets": nets.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
-        "ema": ema.state_dict(), "counters": {"stage": "done", "stage_img": 0, "total_img": shown, "step": 0}})
-
-
 def run_one(variant: str, seed: int, kimg: dict, out: Path, data, device, n_eval: int) -> dict:
     run_dir = out / f"{variant}-s{seed}"
     result_path = run_dir / "result.json"
@@ -176,11 +140,8 @@ def run_one(variant: str, seed: int, kimg: dict, out: Path, data, device, n_eval
     cfg = variant_config(variant, seed)
     print(f"\n=== {run_dir.name}: {kimg} kimg", flush=True)
     started = time.perf_counter()
-    if variant == "direct":
-        train_direct(cfg, run_dir, kimg["direct"], data, device)
-    else:
-        cfg.kimg = {stage: kimg.get(stage, 0.0) for stage in STAGES}
-        train(cfg, run_dir, progress=False, data=data)
+    cfg.kimg = dict(kimg)
+    train(cfg, run_dir, progress=False, data=data)
     train_s = time.perf_counter() - started
 
     _, nets = load_sampling_nets(run_dir, device)  # EMA weights, eval mode
@@ -264,7 +225,7 @@ def write_grids(out: Path, data, device, seeds, n: int = 36) -> Path:
             run_dir = out / f"{name}-s{seed}"
             if (run_dir / "result.json").exists():
                 cfg, nets = load_sampling_nets(run_dir, device)
-                sheet.paste(tile(sample_images(nets, n, EVAL_SEED, device)), (left, top))
+                sheet.paste(tile(SamplingChain.of(nets).sample(n, EVAL_SEED)), (left, top))
     path = out / "grids.png"
     sheet.save(path, optimize=True)
     return path

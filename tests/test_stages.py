@@ -1,11 +1,16 @@
-"""A few steps of each stage on a tiny fixed batch lower that stage's objective."""
+"""A few steps of each stage on a tiny fixed batch lower that stage's objective; the adversarial
+losses and the EMA do what they say."""
+import pytest
 import torch
 
+from aegan_fast import losses
 from aegan_fast.data import load_folder
-from aegan_fast.models import build_nets
-from aegan_fast.stages import STEPS, Batch, RealEmbeddings, direct_gan_step, prepare_stage, start_stage
-from aegan_fast.train import make_optimizers
+from aegan_fast.models import SamplingChain, build_nets, sample_z
+from aegan_fast.stages import (EMA, STAGES, Batch, RealEmbeddings, _d_step, make_optimizers, prepare_stage,
+                               requires_grad, start_stage)
 from conftest import tiny_config
+
+STEPS = {name: stage.step for name, stage in STAGES.items()}
 
 
 def _setup(stage, image_folder, cache_mb=1e9, denoiser=True, **overrides):
@@ -15,12 +20,9 @@ def _setup(stage, image_folder, cache_mb=1e9, denoiser=True, **overrides):
     data = load_folder(image_folder, 64)
     nets = build_nets(cfg.model)
     opts = make_optimizers(nets, cfg)
-    if stage == "direct":
-        nets.train()
-    else:
-        prepare_stage(stage, nets, opts, cfg)
+    prepare_stage(STAGES[stage], nets, opts, cfg)
     gen = torch.Generator().manual_seed(0)
-    emb = None if stage in ("ae", "direct") else RealEmbeddings(nets["H"], data, gen, "cpu", 64 * 16, cache_mb * 2**20)
+    emb = None if not STAGES[stage].needs_embeddings else RealEmbeddings(nets["H"], data, gen, "cpu", 64 * 16, cache_mb * 2**20)
     idx, mirror = torch.arange(4), torch.tensor([False, True, False, True])
     return cfg, nets, opts, Batch(data.gather(idx, mirror, "cpu"), idx, mirror), emb
 
@@ -90,7 +92,7 @@ def test_direct_gan_trains_the_whole_chain_against_d_r_only(image_folder):
     H and D_E (the autoencoder bridge) play no part."""
     cfg, nets, opts, batch, _ = _setup("direct", image_folder)
     before = _weights(nets, nets.keys())
-    parts = [{k: v.item() for k, v in direct_gan_step(nets, opts, batch, None, cfg).items()} for _ in range(15)]
+    parts = [{k: v.item() for k, v in STEPS["direct"](nets, opts, batch, None, cfg).items()} for _ in range(15)]
     assert _moved(before, nets) == {"G_E", "F", "phi", "D_R"}
     assert min(p["D_R"] for p in parts[-3:]) < parts[0]["D_R"], parts
 
@@ -111,7 +113,7 @@ def test_without_denoiser_stage_3_trains_g_e_and_f_against_d_r(image_folder):
     parts = [{k: v.item() for k, v in STEPS["finetune"](nets, opts, batch, emb, cfg).items()} for _ in range(15)]
     assert _moved(before, nets) == {"G_E", "F", "D_E", "D_R"}
     assert parts[-1]["F_rec"] < 0.95 * parts[0]["F_rec"], parts
-    assert all(p["phi_l1"] == 0 for p in parts)  # φ is the identity: its output is its input
+    assert not any("phi_l1" in p for p in parts)  # no φ, no tie to log (not a 0 that looks like one)
 
 
 def test_stage_3_starts_f_with_fresh_adam_moments(image_folder):
@@ -120,14 +122,86 @@ def test_stage_3_starts_f_with_fresh_adam_moments(image_folder):
     cfg, nets, opts, batch, _ = _setup("ae", image_folder)
     for _ in range(5):
         STEPS["ae"](nets, opts, batch, None, cfg)
-    prepare_stage("finetune", nets, opts, cfg)
+    prepare_stage(STAGES["finetune"], nets, opts, cfg)
     emb = RealEmbeddings(nets["H"], load_folder(image_folder, 64), torch.Generator().manual_seed(0), "cpu",
                          64 * 16, max_bytes=0)
     h_state = {id(p): v["exp_avg_sq"].clone() for p, v in opts["H"].state.items()}
-    start_stage("finetune", opts)
+    start_stage(STAGES["finetune"], opts)
     assert not opts["F"].state and len(opts["H"].state) == len(h_state)  # only F's are cleared
     before = [p.detach().clone() for p in nets["F"].parameters()]
     STEPS["finetune"](nets, opts, batch, emb, cfg)
     lr = cfg.lr["F"] * cfg.finetune_lr_scale
     largest = max((p.detach() - b).abs().max().item() for p, b in zip(nets["F"].parameters(), before))
     assert 0 < largest <= lr * 1.001, (largest, lr)
+
+
+@pytest.mark.parametrize("kind", ["bce", "hinge", "lsgan"])
+def test_adversarial_losses_train_d_then_g(image_folder, kind):
+    """D's steps lower its loss and widen its real/fake margin; then G's steps, against that D,
+    raise D's verdict on G's output. A loss with a wrong sign or target fails one of the two."""
+    cfg, nets, opts, batch, emb = _setup("embed", image_folder, loss=kind)
+    D, G = nets["D_E"], nets["G_E"]
+    z = sample_z(8, cfg.model.z_dim, torch.Generator().manual_seed(1))
+    e_real = emb.of(batch)
+    with torch.no_grad():
+        e_fake = G(z)
+        margin_before = (D(e_real).mean() - D(e_fake).mean()).item()
+    d = [_d_step(D, opts["D_E"], kind, e_real, e_fake).item() for _ in range(10)]
+    with torch.no_grad():
+        margin_after = (D(e_real).mean() - D(e_fake).mean()).item()
+    assert d[-1] < d[0] and margin_after > margin_before, (d, margin_before, margin_after)
+
+    requires_grad(D, False)
+    D.eval()  # a fixed judge: its verdict must move because G moved
+    with torch.no_grad():
+        verdict_before = D(G(z)).mean().item()
+    g = []
+    for _ in range(10):
+        loss = losses.g_loss(kind, D(G(z)))
+        opts["G_E"].zero_grad()
+        loss.backward()
+        opts["G_E"].step()
+        g.append(loss.item())
+    with torch.no_grad():
+        verdict_after = D(G(z)).mean().item()
+    assert g[-1] < g[0] and verdict_after > verdict_before, (g, verdict_before, verdict_after)
+
+
+def test_ema_follows_its_half_life_and_copies_buffers(image_folder):
+    cfg, nets, opts, batch, _ = _setup("embed", image_folder)
+    ema = EMA(nets, half_life_kimg=0.008)  # 8 images: two updates of batch 4 halve the distance
+    start = {k: p.detach().clone() for k, p in ema.nets["G_E"].named_parameters()}
+    with torch.no_grad():
+        for p in nets["G_E"].parameters():
+            p.add_(torch.randn_like(p))
+        for b in nets["F"].buffers():
+            if b.dtype.is_floating_point:
+                b.add_(torch.rand_like(b) + 1)
+    live = {k: p.detach().clone() for k, p in nets["G_E"].named_parameters()}
+    beta = 0.5 ** (4 / 8)
+    for k in range(1, 4):
+        ema.update(nets, 4)
+        for name, p in ema.nets["G_E"].named_parameters():  # closed form: live + β^k (start - live)
+            torch.testing.assert_close(p, live[name] + beta ** k * (start[name] - live[name]), rtol=1e-5,
+                                       atol=1e-6, msg=f"{name} after {k} updates")
+    for (name, b_ema), b in zip(ema.nets["F"].named_buffers(), nets["F"].buffers()):
+        assert torch.equal(b_ema, b), name  # running statistics copied, not averaged
+
+
+def test_chain_preview_uses_the_ema_weights(image_folder, monkeypatch, tmp_path):
+    from aegan_fast import train as train_mod
+    cfg, nets, opts, batch, emb = _setup("embed", image_folder)
+    ema = EMA(nets, half_life_kimg=1.0)
+    for _ in range(2):
+        STEPS["embed"](nets, opts, batch, emb, cfg)
+        ema.update(nets, 4)
+    shown = []
+    monkeypatch.setattr(train_mod, "save_grid", lambda images, path, **kw: shown.append(images.clone()))
+    z = sample_z(4, cfg.model.z_dim, torch.Generator().manual_seed(2))
+    train_mod.save_chain_samples(nets, ema, z, None, tmp_path / "x.png")
+    nets.eval()
+    with torch.no_grad():  # the EMA's own nets, composed by hand
+        expected = ema.nets["phi"](ema.nets["F"](ema.nets["G_E"](z)))
+        live = SamplingChain.of(nets)(z)
+    torch.testing.assert_close(shown[0], expected)
+    assert not torch.allclose(shown[0], live)  # the EMA lags the live nets: a different picture

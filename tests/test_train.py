@@ -1,4 +1,5 @@
 """The trainer end to end on tiny nets: artifacts, checkpoints, resume mid-stage, and the CLIs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,11 +8,12 @@ import sys
 import pytest
 import torch
 
+from aegan_fast import stages
 from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets
-from aegan_fast.data import load_folder
-from aegan_fast.models import SamplingChain
+from aegan_fast.data import load_folder, make_loader
+from aegan_fast.models import SamplingChain, build_nets, sample_z
 from aegan_fast.train import main as train_main
-from aegan_fast.train import train
+from aegan_fast.train import new_state, restore, save_run, train
 from aegan_fast.sample import main as sample_main
 from conftest import tiny_config
 
@@ -41,19 +43,57 @@ def test_full_run_writes_every_artifact(tmp_path, image_folder):
     assert (run / "checkpoints" / "stage-ae.pt").stat().st_mode & 0o044  # readable like any file
 
 
+def _tensors(sd: dict) -> dict:
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
 def test_checkpoint_round_trip(tmp_path, image_folder):
+    """One real step, saved; loaded into fresh nets from another seed, which held other weights
+    before: afterwards they hold the trained weights, Adam moments and counters captured by clone
+    before the save."""
     run = tmp_path / "run"
     run.mkdir()
     cfg = tiny_config()
-    train(cfg, run, progress=False, data=load_folder(image_folder, 64), stop_after_steps=2)
-    state = load_checkpoint(run)
-    from aegan_fast.models import build_nets
-    nets = build_nets(cfg.model)
-    nets.load_state_dict(state["nets"])
-    for k, v in nets.state_dict().items():
-        torch.testing.assert_close(v, state["nets"][k], rtol=0, atol=0)
-    assert state["counters"] == {"stage": "ae", "stage_img": 8, "total_img": 8, "step": 2}
-    assert set(state["opts"]) == {"H", "F", "G_E", "D_E", "phi", "D_R"}
+    data = load_folder(image_folder, 64)
+    st = new_state(cfg, data, torch.device("cpu"))
+    loader = make_loader("torch", data, cfg.batch, cfg.seed, "cpu")
+    stages.run_stage(stages.AE, st, loader, until_img=cfg.batch)
+    trained = _tensors(st.nets.state_dict())
+    moments = {k: _tensors(v) for k, v in st.opts["H"].state_dict()["state"].items()}
+    save_run(st, run, loader)
+    loader.close()
+
+    fresh = new_state(dataclasses.replace(cfg, seed=cfg.seed + 1), data, torch.device("cpu"))
+    fresh.cfg = cfg
+    assert any(not torch.equal(v, trained[k]) for k, v in fresh.nets.state_dict().items())
+    restore(fresh, load_checkpoint(run))
+    for k, v in fresh.nets.state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0, msg=k)
+    loaded = fresh.opts["H"].state_dict()["state"]
+    assert moments and set(loaded) == set(moments)
+    for i in moments:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(loaded[i][k], moments[i][k], rtol=0, atol=0)
+    assert fresh.counters == {"stage": "ae", "stage_img": 4, "total_img": 4, "step": 1}
+    assert set(load_checkpoint(run)["opts"]) == {"H", "F", "G_E", "D_E", "phi", "D_R"}
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    """Nets, EMA and every optimizer's Adam state (moments and step) of two checkpoints."""
+    assert a["counters"] == b["counters"]
+    for k in a["nets"]:  # same data order, same z, same dropout masks: the same weights
+        torch.testing.assert_close(a["nets"][k], b["nets"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert (a["ema"] is None) == (b["ema"] is None)
+    for net, sd in (a["ema"] or {}).items():
+        for k, v in sd.items():
+            torch.testing.assert_close(v, b["ema"][net][k], rtol=1e-5, atol=1e-6, msg=f"ema {net}.{k}")
+    assert set(a["opts"]) == set(b["opts"])
+    for net in a["opts"]:
+        sa, sb = a["opts"][net]["state"], b["opts"][net]["state"]
+        assert set(sa) == set(sb), net
+        for i in sa:
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(sa[i][k], sb[i][k], rtol=1e-5, atol=1e-7, msg=f"{net} {i} {k}")
 
 
 @pytest.mark.parametrize("stop_at", [2, 6, 10])  # inside stage 1, 2 and 3 (4 steps a stage)
@@ -68,11 +108,87 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, image_folder, s
     mid = load_checkpoint(split)["counters"]
     assert mid["step"] == stop_at and mid["stage"] == ("ae", "embed", "finetune")[stop_at // 4]
     train(cfg, split, resume=True, progress=False, data=data)
+    _assert_same_training_state(load_checkpoint(straight), load_checkpoint(split))
 
-    a, b = load_checkpoint(straight), load_checkpoint(split)
-    assert a["counters"] == b["counters"]
-    for k in a["nets"]:  # same data order, same z, same dropout masks: the same weights
-        torch.testing.assert_close(a["nets"][k], b["nets"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+def test_resume_in_stage_2_with_several_embedding_steps(tmp_path, image_folder):
+    """The demo's embed_steps=4 draws extra real embeddings from the run's data generator: its state
+    travels in the checkpoint, so a run split in the middle of stage 2 trains the same weights."""
+    data = load_folder(image_folder, 64)
+    cfg = tiny_config(embed_steps=4, kimg={"ae": 0.008, "embed": 0.016, "finetune": 0.0})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    train(cfg, straight, progress=False, data=data)
+    train(cfg, split, progress=False, data=data, stop_after_steps=3)  # 2 ae steps, 1 of 4 embed steps
+    assert load_checkpoint(split)["counters"]["stage"] == "embed"
+    train(cfg, split, resume=True, progress=False, data=data)
+    _assert_same_training_state(load_checkpoint(straight), load_checkpoint(split))
+
+
+def test_ctrl_c_saves_the_step_it_reached_and_the_run_resumes_from_it(tmp_path, image_folder, monkeypatch):
+    data = load_folder(image_folder, 64)
+    cfg = tiny_config()
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    train(cfg, straight, progress=False, data=data)
+
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C lands: in the middle of the run's second embed step
+        return stages.EMBED.step(*args)
+
+    monkeypatch.setitem(stages.STAGES, "embed", dataclasses.replace(stages.EMBED, step=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, split, progress=False, data=data)
+    assert load_checkpoint(split)["counters"] == {"stage": "embed", "stage_img": 4, "total_img": 20, "step": 5}
+    monkeypatch.setitem(stages.STAGES, "embed", stages.EMBED)
+    train(cfg, split, resume=True, progress=False, data=data)
+    _assert_same_training_state(load_checkpoint(straight), load_checkpoint(split))
+
+
+def test_ema_off_keeps_no_ema(tmp_path, image_folder):
+    run = tmp_path / "run"
+    run.mkdir()
+    train(tiny_config(ema_kimg=0.0, kimg={"ae": 0.004, "embed": 0.004, "finetune": 0.004}), run,
+          progress=False, data=load_folder(image_folder, 64))
+    state = load_checkpoint(run)
+    assert state["counters"]["stage"] == "done" and state["ema"] is None
+    _, nets = load_sampling_nets(run)  # the sampler then reads the live nets
+    for k, v in nets["G_E"].state_dict().items():
+        assert torch.equal(v, state["nets"][f"G_E.{k}"])
+
+
+def test_sampler_reads_the_ema_weights(tmp_path, image_folder):
+    run = tmp_path / "run"
+    run.mkdir()
+    train(tiny_config(kimg={"ae": 0.004, "embed": 0.008, "finetune": 0.0}), run, progress=False,
+          data=load_folder(image_folder, 64))
+    state = load_checkpoint(run)
+    _, nets = load_sampling_nets(run)
+    for net in ("G_E", "F", "phi"):
+        for k, v in nets[net].state_dict().items():
+            assert torch.equal(v, state["ema"][net][k]), (net, k)
+    assert any(not torch.equal(v, state["nets"][f"G_E.{k}"]) for k, v in state["ema"]["G_E"].items())
+
+
+def test_direct_stage_trains_in_the_same_loop(tmp_path, image_folder):
+    """The baseline GAN is a stage record: the trainer's seeding, EMA and checkpoint format."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(stages=("direct",), kimg={"direct": 0.008}, eval_metrics=())
+    train(cfg, run, progress=False, data=load_folder(image_folder, 64))
+    state = load_checkpoint(run)
+    assert state["counters"] == {"stage": "done", "stage_img": 0, "total_img": 8, "step": 2}
+    assert list(state["config"]["stages"]) == ["direct"] and state["ema"] is not None
+    assert (run / "checkpoints" / "stage-direct.pt").exists() and (run / "samples" / "direct-final.png").exists()
+    torch.manual_seed(cfg.seed)
+    fresh = build_nets(cfg.model)
+    for k, v in fresh.state_dict().items():  # H and D_E took no part: still as built from the seed
+        if k.startswith(("H.", "D_E.")):
+            assert torch.equal(v, state["nets"][k]), k
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -101,6 +217,11 @@ def _cli(args, **env):
     (["--resolution", "32"], "power of two"),
     (["--batch", "1"], "--batch must be"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--kimg-ae", "-1"], "--kimg ae must be ≥ 0"),
+    (["--kimg", "embed=-2"], "--kimg embed must be ≥ 0"),
+    (["--stages", "ae", "nope"], "unknown stage 'nope'"),
+    (["--stages", "direct"], "no length for stage 'direct'"),
+    (["--loss", "wasserstein"], "--loss must be one of"),
 ])
 def test_train_cli_bad_input(args, message, tmp_path):
     r = _cli(["aegan_fast.train", "--outdir", str(tmp_path), *args])
@@ -108,6 +229,37 @@ def test_train_cli_bad_input(args, message, tmp_path):
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing half-made left behind
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
+    """Generated flags (nested, dict, tuple, bool) and the README's aliases land in one config."""
+    train_main(["--dry-run", "--outdir", str(tmp_path), "--model.resolution", "128", "--kimg", "ae=1.5",
+                "--kimg-embed", "2", "--lr-gan", "1e-3", "--lr", "D_R=5e-4", "--betas", "0.1", "0.9",
+                "--no-model.denoiser", "--stages", "ae", "embed", "--ema-kimg", "0", "--embed-steps", "3",
+                "--eval-metrics", "swd", "--device", "cpu"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"]["resolution"] == 128 and cfg["model"]["denoiser"] is False
+    assert cfg["kimg"] == {"ae": 1.5, "embed": 2.0, "finetune": 2.0}  # the demo's finetune length kept
+    assert cfg["lr"] == {"H": 1e-3, "F": 1e-3, "G_E": 1e-3, "D_E": 1e-3, "phi": 1e-3, "D_R": 5e-4}
+    assert cfg["betas"] == [0.1, 0.9] and cfg["stages"] == ["ae", "embed"] and cfg["eval_metrics"] == ["swd"]
+    assert cfg["ema_kimg"] == 0 and cfg["embed_steps"] == 3 and cfg["device"] == "cpu"
+    assert cfg["preset"] == "demo"
+    assert not any(tmp_path.iterdir())  # no run dir, no data loaded
+
+
+def test_every_config_field_is_a_flag(capsys):
+    from aegan_fast.config import TrainConfig, _config_fields
+    with pytest.raises(SystemExit) as e:
+        train_main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name, *_ in _config_fields(TrainConfig):
+        if name != "preset":
+            assert "--" + name.replace("_", "-") in text, name
+    assert "half-life of the sampling chain's EMA" in text  # help from the field's comment
+    for alias in ("--resolution", "--kimg-ae", "--kimg-finetune", "--lr-ae", "--lr-gan", "--no-denoiser",
+                  "--denoiser-skips", "--no-progress", "--run-dir", "--resume", "--preset"):
+        assert alias in text, alias
 
 
 def test_train_cli_empty_folder(tmp_path, capsys):
@@ -143,6 +295,10 @@ def test_cli_train_resume_and_sample(tmp_path, image_folder):
     assert "done in" in r.stdout and str(run) in r.stdout
     r = _cli(["aegan_fast.train", *args])  # the same run dir again: refused, not overwritten
     assert r.returncode == 2 and "--resume" in r.stderr
+    with pytest.raises(SystemExit) as e:  # what a run trains is its checkpoint's, not the command line's
+        train_main(["--resume", str(run), "--batch", "8"])
+    assert e.value.code == 2
+    train_main(["--resume", str(run), "--dry-run", "--device", "cpu", "--loader", "torch"])
 
     with pytest.raises(SystemExit) as e:
         sample_main(["--ckpt", str(run), "--n", "5", "--out", str(tmp_path / "grid.jpg")])
@@ -163,17 +319,22 @@ def test_no_denoiser_ablation_trains_and_samples_f_of_g_e(tmp_path, image_folder
     assert state["config"]["model"]["denoiser"] is False
     assert not any(k.startswith("phi.") for k in state["nets"]) and "phi" not in state["opts"]
     cfg, nets = load_sampling_nets(run)
-    z = torch.rand(3, cfg.model.z_dim) * 2 - 1
+    sampled = SamplingChain.of(nets).sample(3, seed=5)
+    # F(G_E(z)) by hand, from the checkpoint's own (EMA) G_E and F in nets built from another seed
+    torch.manual_seed(123)
+    fresh = build_nets(cfg.model)
+    assert not torch.equal(fresh["G_E"].state_dict()[next(iter(state["ema"]["G_E"]))],
+                           next(iter(state["ema"]["G_E"].values())))
+    fresh["G_E"].load_state_dict(state["ema"]["G_E"])
+    fresh["F"].load_state_dict(state["ema"]["F"])
+    fresh.eval()
     with torch.no_grad():
-        torch.testing.assert_close(SamplingChain.of(nets)(z), nets["F"](nets["G_E"](z)), rtol=0, atol=0)
+        expected = fresh["F"](fresh["G_E"](sample_z(3, cfg.model.z_dim, torch.Generator().manual_seed(5))))
+    torch.testing.assert_close(sampled, expected, rtol=1e-6, atol=1e-6)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("phi") for r in rows if "losses" in r for k in r["losses"])
     sample_main(["--ckpt", str(run), "--n", "4", "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").stat().st_size > 100
-
-
-def test_doctor_reports_backends():
-    r = _cli(["aegan_fast.doctor"])
-    assert r.returncode == 0
-    assert "reference" in r.stdout and "cpp" in r.stdout and "onnxruntime" in r.stdout
 
 
 def test_periodic_checkpoints_are_pruned(tmp_path):
