@@ -102,9 +102,9 @@ def exporter_rows() -> list[tuple[str, str | None, str]]:
 
 
 def sampler_rows(torch) -> list[tuple[str, str | None, str]]:
-    """aegan_fast.sample.Sampler backends, on the GPU when there is one, else on the CPU."""
+    """aegan_fast.sampling.Sampler backends, on the GPU when there is one, else on the CPU."""
     from .export.onnx_export import exporter
-    from .sample import sampler_backends
+    from .sampling import sampler_backends
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     details = {"torch": "eager, BatchNorm folded", "compile": "torch.compile, parity-checked against eager",

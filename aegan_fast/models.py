@@ -19,6 +19,7 @@ so 4×4×64 at R=64):
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -76,6 +77,24 @@ class ResBlock(nn.Module):
 
     def forward(self, x):
         return self.bn2(self.conv2(self.bn1(self.conv1(x))), x)
+
+    def fold(self) -> "FoldedResBlock":
+        """This block in eval semantics as new stock modules, each BatchNorm folded into its conv (for
+        inference graphs: aegan_fast.export.fold); the block itself is left as it is."""
+        # BatchNorm*.fold puts the conv it is given in eval mode: hand it copies.
+        return FoldedResBlock(self.bn1.fold(copy.deepcopy(self.conv1)), self.bn1.plain_activation(),
+                              self.bn2.fold(copy.deepcopy(self.conv2)), self.bn2.plain_activation())
+
+
+class FoldedResBlock(nn.Module):
+    """A folded ResBlock: act2(conv2(act1(conv1(x))) + x), convs with the BatchNorms in their bias."""
+
+    def __init__(self, conv1: nn.Module, act1: nn.Module, conv2: nn.Module, act2: nn.Module):
+        super().__init__()
+        self.conv1, self.act1, self.conv2, self.act2 = conv1, act1, conv2, act2
+
+    def forward(self, x):
+        return self.act2(self.conv2(self.act1(self.conv1(x))) + x)
 
 
 def _down(cin, cout, norm: bool, activation="leaky_relu"):
@@ -268,13 +287,31 @@ def sample_z(n: int, z_dim: int, generator: torch.Generator | None = None, devic
     return (torch.rand(n, z_dim, generator=generator) * 2 - 1).to(device)
 
 
+def seeded_z(n: int, z_dim: int, seed: int, device="cpu") -> torch.Tensor:
+    """The z every sampler draws for ``seed``: from a CPU generator, so a seed names the same images
+    on every device and backend."""
+    return sample_z(n, z_dim, torch.Generator().manual_seed(seed), device)
+
+
+@torch.no_grad()
+def run_in_chunks(run, z: torch.Tensor, batch: int = 64, progress: bool = False) -> torch.Tensor:
+    """torch.cat of run(z chunk) over chunks of ``batch`` rows, each result moved to the CPU (so n
+    images never need n images' worth of device memory)."""
+    if batch < 1:
+        raise ValueError(f"batch must be ≥ 1, got {batch}")
+    chunks = range(0, len(z), batch)
+    return torch.cat([run(z[i:i + batch]).cpu() for i in
+                      tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)])
+
+
 class SamplingChain(nn.Module):
     """The sampling chain z → G_E → F → φ: the one place it is composed.
 
     It holds the nets it is given (no copies): ``SamplingChain.of(nets)`` over a run's nets or its
-    EMA nets, or over folded copies for inference (aegan_fast.export.fold). ``phi=None`` ends the
-    chain at F (``denoise=False``, or a run without a denoiser). Training previews, EMA, eval,
-    folding, the Sampler and export all run it."""
+    EMA nets, or over folded copies for inference (``aegan_fast.export.fold.fold_chain``, what the
+    Sampler's torch/compile backends and ONNX export run). ``phi=None`` ends the chain at F
+    (``denoise=False``, or a run without a denoiser). Training previews, EMA, eval, folding, the
+    Sampler and export all run it."""
 
     def __init__(self, G_E: nn.Module, F: nn.Module, phi: nn.Module | None, z_dim: int):
         super().__init__()
@@ -298,8 +335,8 @@ class SamplingChain(nn.Module):
     def sample(self, n: int, seed: int = 0, batch: int = 64, progress: bool = False) -> torch.Tensor:
         """n images in [-1, 1] (N×3×R×R, on the CPU) from z drawn for ``seed`` exactly as the sample
         CLI draws it, run in chunks of ``batch`` on the chain's device."""
-        device = next(self.G_E.parameters()).device
-        z = sample_z(n, self.z_dim, torch.Generator().manual_seed(seed), device)
-        chunks = range(0, n, batch)
-        return torch.cat([self(z[i:i + batch]).cpu() for i in
-                          tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)])
+        return run_in_chunks(self, seeded_z(n, self.z_dim, seed, self.device), batch, progress)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.G_E.parameters()).device

@@ -5,8 +5,8 @@ Sampler backend that runs here, with parity against eager checked in the same ru
 
 CPU rows: ``eager`` (the nets as trained, BatchNorm through aegan_fast.ops, what `sample` ran
 before the Sampler: the baseline of every ratio), ``eager-folded`` (BatchNorm folded into the
-convs), ``compile`` (torch.compile of the folded graph, inductor defaults — never freezing=True),
-``onnxruntime`` (CPU provider, fp32 ONNX of the folded graph, exported in this run).
+convs), ``compile`` (torch.compile of the folded chain, inductor defaults — never freezing=True),
+``onnxruntime`` (CPU provider, fp32 ONNX of the folded chain, exported in this run).
 GPU rows, only with a CUDA device (else skipped with the reason): eager fp32, eager bf16 +
 channels_last (folded), compile fp32, onnxruntime CUDA provider where the installed onnxruntime has
 it, at batch 1 and 32.
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from aegan_fast import ops  # noqa: E402
 from aegan_fast.config import TrainConfig  # noqa: E402
-from aegan_fast.export.fold import lively_weights  # noqa: E402
 from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
-from aegan_fast.sample import Sampler, sampler_backends  # noqa: E402
+from aegan_fast.sampling import Sampler, sampler_backends  # noqa: E402
+from tests.weights import lively_weights  # noqa: E402  (a test helper: weights whose images vary)
 
 BATCHES = (1, 8, 32)
 

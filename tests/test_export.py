@@ -9,23 +9,26 @@ import pytest
 import torch
 from torch import nn
 
-import aegan_fast.sample as sample_mod
+import aegan_fast.sampling as sampling_mod
 from aegan_fast import ops
 from aegan_fast.checkpoint import load_sampling_nets
 from aegan_fast.config import TrainConfig
 from aegan_fast.data import load_folder, to_uint8
 from aegan_fast.errors import UserError
-from aegan_fast.export import build_inference_graph
+from aegan_fast.export import fold_chain
 from aegan_fast.export.cli import main as export_main
-from aegan_fast.export.fold import fold_conv_bn, lively_weights, uses_custom_ops
-from aegan_fast.export.onnx_export import (TOLERANCE, exporter, onnx_io, onnx_metadata, ort_session)
+from aegan_fast.export.fold import fold_conv_bn, uses_custom_ops
+from aegan_fast.export.onnx_export import (TOLERANCE, export_checkpoint, export_onnx, exporter, onnx_io,
+                                           onnx_metadata, ort_session)
 from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sha256_file, sidecar_path,
                                    tensorrt_unavailable, write_sidecar)
-from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z
-from aegan_fast.sample import Sampler, sample_images, sampler_backends
+from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z, seeded_z
+from aegan_fast.ops import BatchNormAct2d
 from aegan_fast.sample import main as sample_main
+from aegan_fast.sampling import Sampler, sampler_backends
 from aegan_fast.train import train
 from conftest import make_image_folder, tiny_config
+from weights import FP32_CHAIN, lively_weights, plain_twin, reference_chain
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -33,8 +36,6 @@ if exporter()[0] is None:
     pytest.skip(f"no ONNX exporter: {exporter()[1]}", allow_module_level=True)
 
 TINY = dict(resolution=64, ae_channels=16, ge_base_channels=32, max_channels=32)
-
-
 
 
 def save_lively_checkpoint(path, **model) -> tuple[TrainConfig, nn.Module]:
@@ -52,17 +53,29 @@ def lively_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def reference():
+    """The lively checkpoint's chain rebuilt from scratch (not loaded from it) in stock torch
+    (F.batch_norm, no aegan_fast.ops, no fold) and float64: what every sampler backend is judged against."""
+    return reference_chain(lively_weights(build_nets(ModelConfig(**TINY))).eval())
+
+
+def uint8_agree(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The same PNG pixels, give or take one grey level where a value sits on a rounding edge."""
+    return (to_uint8(got).int() - to_uint8(want).int()).abs().max().item() <= 1
+
+
+def cpp_if_available():
+    """The cpp op backend when it loads (the exported graph must hold no custom op whichever backend
+    is selected), else the default."""
+    return ops.use_backend("cpp" if ops.availability().get("cpp") is None else "auto")
+
+
+@pytest.fixture(scope="module")
 def lively_onnx(lively_ckpt, tmp_path_factory):
-    """fp32, dynamic batch, exported with the cpp op backend active when it loads (the graph must hold
-    no custom op whichever backend is selected)."""
+    """fp32, dynamic batch, exported with the cpp op backend active when it loads."""
     out = tmp_path_factory.mktemp("onnx") / "sampler.onnx"
-    before = ops.get_backend()
-    if ops.availability().get("cpp") is None:
-        ops.set_backend("cpp")
-    try:
+    with cpp_if_available():
         export_main(["--ckpt", str(lively_ckpt), "--out", str(out), "--dynamic-batch"])
-    finally:
-        ops.set_backend(before)
     return out
 
 
@@ -82,49 +95,65 @@ def trained_run(tmp_path_factory):
     return run
 
 
-@pytest.fixture
-def restore_ops_backend():
-    before = ops.get_backend()
-    yield
-    ops.set_backend(before)
-
-
 # ---- folding -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["conv", "conv_transpose"])
 def test_fold_conv_bn_layout(kind):
     """Conv2d weights are (out, in, kh, kw), ConvTranspose2d (in, out/groups, kh, kw): the BN scale
-    must land on the output channel in both, with and without a bias, grouped too."""
+    must land on the output channel in both, with and without a bias, grouped too where torch's
+    fuse_conv_bn_eval can, and a grouped ConvTranspose2d is refused rather than folded wrong."""
     torch.manual_seed(1)
     for groups, bias in ((1, False), (2, True)):
         conv = (nn.Conv2d(4, 6, 3, 1, 1, groups=groups, bias=bias) if kind == "conv"
                 else nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=groups, bias=bias))
-        bn = lively_weights(nn.Sequential(nn.BatchNorm2d(6)), seed=groups)[0].eval()
         x = torch.randn(2, 4, 5, 5)
-        folded = fold_conv_bn(conv, bn)
-        torch.testing.assert_close(folded(x), bn(conv(x)), rtol=0, atol=1e-5)
-        assert folded is not conv and (conv.bias is None) == (not bias)  # the original is untouched
+        for bn in (lively_weights(nn.Sequential(nn.BatchNorm2d(6)), seed=groups)[0].eval(),
+                   lively_weights(nn.Sequential(BatchNormAct2d(6, "leaky_relu", 0.1)), seed=groups)[0].eval()):
+            if kind == "conv_transpose" and groups > 1:
+                with pytest.raises(ValueError, match="grouped ConvTranspose2d"):
+                    fold_conv_bn(conv, bn)
+                continue
+            before = copy.deepcopy(conv.state_dict())
+            folded = fold_conv_bn(conv, bn)
+            assert not uses_custom_ops(folded) and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+            with torch.no_grad():
+                torch.testing.assert_close(folded(x), plain_twin(nn.Sequential(conv, bn))(x), rtol=0, atol=1e-5)
+            assert conv.training and bn.training is False  # the originals are untouched
+            assert all(torch.equal(v, before[k]) for k, v in conv.state_dict().items())
+            assert (conv.bias is None) == (not bias)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("skips", [False, True])
-def test_folded_graph_equals_unfolded(backend, skips, restore_ops_backend):
+def test_folded_graph_equals_unfolded(backend, skips):
     if ops.availability().get(backend) is not None:
         pytest.skip(f"op backend {backend!r} unavailable: {ops.availability()[backend]}")
-    ops.set_backend(backend)
     cfg = ModelConfig(**TINY, denoiser_skips=skips)
-    nets = lively_weights(build_nets(cfg)).eval()
+    nets = lively_weights(build_nets(cfg))  # train mode: folding must not change that either
     state = copy.deepcopy(nets.state_dict())
-    graph = build_inference_graph(nets, cfg.z_dim, cfg.resolution)
+    graph = fold_chain(SamplingChain.of(nets))
+    assert isinstance(graph, SamplingChain) and not graph.training
+    assert all(m.training for m in nets.modules())
+    nets.eval()
     assert uses_custom_ops(nets) and not uses_custom_ops(graph)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in graph.modules())
     z = sample_z(5, cfg.z_dim, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want, got = SamplingChain.of(nets)(z), graph(z)
-        assert want.std() > 0.15  # a meaningful comparison: images span the range
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        no_phi = build_inference_graph(nets, cfg.z_dim, cfg.resolution, denoise=False)
-        torch.testing.assert_close(no_phi(z), SamplingChain.of(nets, denoise=False)(z), rtol=0, atol=1e-5)
+    truth = reference_chain(nets)
+    with torch.no_grad(), ops.use_backend(backend):
+        want = truth(z)
+        assert want.std() > 0.15 and want.std(0).mean() > 0.1  # a meaningful comparison: images span the range, vary with z
+        got = graph(z)
+        assert (SamplingChain.of(nets)(z) - want).abs().max() <= FP32_CHAIN  # the fused ops, unfolded
+        torch.testing.assert_close(got, want, rtol=0, atol=FP32_CHAIN)
+        # In float64 the fold is exact up to rounding: any misplaced scale or shift shows far above 1e-10.
+        twin64 = SamplingChain.of(plain_twin(nets).double())
+        graph64 = fold_chain(SamplingChain.of(copy.deepcopy(nets).double()))
+        torch.testing.assert_close(graph64(z.double()), twin64(z.double()), rtol=0, atol=1e-10)
+        no_phi = fold_chain(SamplingChain.of(nets, denoise=False))
+        assert no_phi.phi is None
+        want_no_phi = reference_chain(nets, denoise=False)(z)
+        torch.testing.assert_close(no_phi(z), want_no_phi, rtol=0, atol=FP32_CHAIN)
+        assert (want_no_phi - want).abs().max() > 0.1  # φ really ran in the full chain
         assert torch.equal(graph(z), got)  # deterministic: no dropout, no RNG
     for k, v in nets.state_dict().items():  # folding copies, never modifies the nets
         assert torch.equal(v, state[k]), k
@@ -162,12 +191,12 @@ def test_trained_run_exports_and_samples_like_torch(trained_run, tmp_path, capsy
     out = tmp_path / "sampler.onnx"
     export_main(["--ckpt", str(trained_run), "--out", str(out)])
     assert "onnxruntime vs torch: max abs diff" in capsys.readouterr().out
-    cfg, nets = load_sampling_nets(trained_run)
-    want = sample_images(nets, 6, seed=3, z_dim=cfg.model.z_dim, device="cpu")
+    _, nets = load_sampling_nets(trained_run)
+    want = reference_chain(nets).sample(6, seed=3)
     got = Sampler.load(out).sample(6, seed=3, batch=4)
     err = (got - want).abs().max().item()
     assert err <= 1e-5 * max(1.0, want.abs().max().item()) and err <= 1e-2 * want.std().item()
-    assert torch.equal(to_uint8(got), to_uint8(want)) or (to_uint8(got).int() - to_uint8(want).int()).abs().max() <= 1
+    assert uint8_agree(got, want)  # near-constant images after one step: the lively test below has the power
 
     # The sample CLI takes the ONNX file (onnxruntime backend by default) and a --backend flag.
     sample_main(["--ckpt", str(out), "--n", "3", "--out", str(tmp_path / "onnx.png")])
@@ -176,6 +205,32 @@ def test_trained_run_exports_and_samples_like_torch(trained_run, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         sample_main(["--ckpt", str(out), "--no-denoise", "--n", "1", "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2
+
+
+def test_exported_pixels_match_and_a_broken_export_is_caught(lively_onnx, reference, tmp_path):
+    """Seeded samples from the ONNX file give the PNG pixels of the stock-torch reference, on images
+    that vary; and the same check refuses an export with one folded weight nudged."""
+    want = reference.sample(6, seed=3)
+    pixels = to_uint8(want).float()
+    assert pixels.std() > 40 and (pixels[0] - pixels[1]).abs().mean() > 20  # images with content, all different
+    assert uint8_agree(Sampler.load(lively_onnx).sample(6, seed=3, batch=4), want)
+
+    broken = fold_chain(SamplingChain.of(lively_weights(build_nets(ModelConfig(**TINY))).eval()))
+    with torch.no_grad():
+        [m for m in broken.phi.modules() if isinstance(m, nn.ConvTranspose2d)][-1].weight[0, 0, 1, 1] += 0.05
+    path = export_onnx(broken, tmp_path / "broken.onnx")
+    assert not uint8_agree(Sampler.load(path).sample(6, seed=3, batch=4), want)
+
+
+def test_export_that_fails_validation_exits_1_and_leaves_nothing(lively_ckpt, tmp_path, monkeypatch, capsys):
+    import aegan_fast.export.onnx_export as ox
+    monkeypatch.setitem(ox.TOLERANCE, "fp32", -1.0)
+    out = tmp_path / "sampler.onnx"
+    with pytest.raises(SystemExit) as e:
+        export_main(["--ckpt", str(lively_ckpt), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ONNX Runtime disagrees with torch") and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_fp16_fixed_batch_export_is_bounded_and_chunked(lively_ckpt, tmp_path):
@@ -204,25 +259,33 @@ def test_legacy_torchscript_exporter_fallback(lively_ckpt, tmp_path, monkeypatch
         pytest.skip("this torch has no TorchScript ONNX exporter")
     import aegan_fast.export.onnx_export as ox
     monkeypatch.setattr(ox, "exporter", lambda: ("torchscript", "forced by the test"))
-    from aegan_fast.export.cli import export_checkpoint
     rep = export_checkpoint(lively_ckpt, tmp_path / "legacy.onnx")
     assert rep["max_abs_diff"] <= 1e-4 and onnx_metadata(rep["path"])["exporter"] == "torchscript"
 
 
 # ---- Sampler -------------------------------------------------------------------------------------
 
-def test_sampler_torch_and_compile_backends(lively_ckpt, monkeypatch):
-    _, nets = load_sampling_nets(lively_ckpt)
+def test_sampler_torch_and_compile_backends(lively_ckpt, reference, monkeypatch):
+    """Every torch-side backend against the stock-torch reference rebuilt from scratch (not the
+    checkpoint's nets, not aegan_fast.ops, not the fold)."""
     z = sample_z(3, 100, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = SamplingChain.of(nets)(z)
+        want = reference(z)
+    assert want.std() > 0.15
     eager = Sampler.load(lively_ckpt, backend="torch", device="cpu")
-    torch.testing.assert_close(eager(z), want, rtol=0, atol=1e-5)
+    assert isinstance(eager.chain, SamplingChain) and not uses_custom_ops(eager.chain)
+    torch.testing.assert_close(eager(z), want, rtol=0, atol=FP32_CHAIN)
     unfolded = Sampler.load(lively_ckpt, backend="torch", device="cpu", fold=False)
-    torch.testing.assert_close(unfolded(z), want, rtol=0, atol=0)
+    assert uses_custom_ops(unfolded.chain)  # really the nets as trained, through aegan_fast.ops
+    torch.testing.assert_close(unfolded(z), want, rtol=0, atol=FP32_CHAIN)
     chunked = Sampler.load(lively_ckpt, backend="torch", device="cpu")
     chunked.max_batch = 2
-    torch.testing.assert_close(chunked(z), eager(z), rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked(z), eager(z), rtol=0, atol=FP32_CHAIN)  # convs round by batch size
+    # Seeded sampling draws the z every sampler draws: U(-1, 1) from a CPU generator seeded with seed.
+    drawn = torch.rand(5, 100, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(eager.sample(5, seed=7, batch=2), reference(drawn), rtol=0, atol=FP32_CHAIN)
+    assert torch.equal(seeded_z(5, 100, 7), drawn)
 
     if sampler_backends("cpu")["compile"] is not None:
         pytest.skip(f"compile backend unavailable: {sampler_backends('cpu')['compile']}")
@@ -232,7 +295,7 @@ def test_sampler_torch_and_compile_backends(lively_ckpt, monkeypatch):
     assert compiled._run.checked[(3, 100)] <= 1e-3
     # A compiled graph that disagrees with eager is refused, never returned.
     compiled._run.checked.clear()
-    monkeypatch.setitem(sample_mod.COMPILE_TOLERANCE, torch.float32, -1.0)
+    monkeypatch.setitem(sampling_mod.COMPILE_TOLERANCE, torch.float32, -1.0)
     with pytest.raises(RuntimeError, match="differs from eager"):
         compiled(z)
 

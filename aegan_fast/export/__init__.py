@@ -3,11 +3,13 @@
     python -m aegan_fast.export --ckpt RUN_DIR --format onnx --out sampler.onnx [--dtype fp16] [--batch N]
     python -m aegan_fast.export --ckpt RUN_DIR --format tensorrt --out sampler.plan
 
-- ``fold``: BatchNorm folded into the convs, dropout removed, no custom ops (``build_inference_graph``);
-- ``onnx_export``: torch → ONNX (opset ≥ 17), onnx.checker, ONNX Runtime validation;
+- ``fold``: a SamplingChain over copies of the nets with BatchNorm folded into the convs, dropout
+  removed, no custom ops (``fold_chain``);
+- ``onnx_export``: torch → ONNX (opset ≥ 17), onnx.checker, ONNX Runtime validation, and
+  ``export_checkpoint`` (a run → a validated ONNX file);
 - ``trt``: TensorRT engine build, JSON sidecar, runtime;
-- ``cli``: the command line. Running any of them: ``aegan_fast.sample.Sampler``.
+- ``cli``: the command line only. Running any of them: ``aegan_fast.sampling.Sampler``.
 """
-from .fold import SamplingGraph, build_inference_graph, fold_batchnorm
+from .fold import fold_batchnorm, fold_chain
 
-__all__ = ["SamplingGraph", "build_inference_graph", "fold_batchnorm"]
+__all__ = ["fold_batchnorm", "fold_chain"]

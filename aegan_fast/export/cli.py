@@ -1,6 +1,6 @@
 """Export a trained run for fast sampling: ``python -m aegan_fast.export --ckpt RUN_DIR --out sampler.onnx``.
 
-``--format onnx`` writes the folded sampling graph (z → image) as ONNX, checks it with
+``--format onnx`` writes the folded sampling chain (z → image) as ONNX, checks it with
 onnx.checker and validates it with ONNX Runtime against the torch nets on random z.
 ``--format tensorrt`` does the same in fp16, then builds a TensorRT engine from that ONNX with a
 batch profile, a workspace limit and a timing cache, and writes a JSON sidecar beside it.
@@ -8,49 +8,15 @@ batch profile, a workspace limit and a timing cache, and writes a JSON sidecar b
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .. import __version__
-from ..checkpoint import load_sampling_nets, resolve_checkpoint
-from ..errors import UserError, cli
-from .fold import build_inference_graph
-from .onnx_export import OPSET, TOLERANCE, export_onnx, exporter, validate_onnx
-from .trt import (build_engine, check_profile, make_sidecar, sha256_file, sidecar_path, tensorrt_unavailable,
-                  write_sidecar)
+from ..checkpoint import resolve_checkpoint
+from ..errors import CheckFailed, UserError, cli
+from .onnx_export import OPSET, export_checkpoint
+from .trt import build_engine, check_profile, make_sidecar, sidecar_path, tensorrt_unavailable, write_sidecar
 
 ONNX_SUFFIXES = (".onnx",)
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
-
-
-class ExportError(RuntimeError):
-    """The export ran but its result failed a check (ONNX Runtime disagrees with torch)."""
-
-
-def export_checkpoint(ckpt, out, *, dtype: str = "fp32", batch: int | None = None, opset: int = OPSET,
-                      use_ema: bool = True, denoise: bool = True) -> dict:
-    """Export the sampling chain of a run directory or checkpoint to ONNX at ``out`` and validate it.
-    Returns {'path', 'max_abs_diff', 'tolerance', 'exporter', 'checkpoint', 'checkpoint_sha256', 'z_dim',
-    'resolution', 'denoise', 'dtype', 'batch'}. Raises UserError for a bad checkpoint, ExportError when
-    ONNX Runtime disagrees with torch (the file is removed then)."""
-    name, detail = exporter()
-    if name is None:
-        raise UserError(f"cannot export to ONNX here: {detail} (pip install -r requirements.txt)")
-    ckpt_file = resolve_checkpoint(ckpt)
-    cfg, nets = load_sampling_nets(ckpt_file, "cpu", use_ema=use_ema)
-    m = cfg.model
-    graph = build_inference_graph(nets, m.z_dim, m.resolution, denoise=denoise)
-    reference = build_inference_graph(nets, m.z_dim, m.resolution, denoise=denoise, fold=False)
-    info = {"checkpoint": str(ckpt_file), "checkpoint_sha256": sha256_file(ckpt_file), "z_dim": m.z_dim,
-            "resolution": m.resolution, "denoise": denoise, "ema": use_ema, "aegan_fast": __version__}
-    path = export_onnx(graph, out, m.z_dim, dtype=dtype, batch=batch, opset=opset, metadata=info)
-    try:
-        err = validate_onnx(path, reference, m.z_dim, dtype=dtype, batch=batch)
-    except ValueError as e:
-        Path(path).unlink(missing_ok=True)
-        raise ExportError(f"{e}; nothing written") from None
-    return {**info, "path": Path(path), "max_abs_diff": err, "tolerance": TOLERANCE[dtype], "exporter": name,
-            "dtype": dtype, "batch": batch}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,12 +101,8 @@ def main(argv=None) -> None:
 
     onnx_out = out if args.format == "onnx" else (Path(args.onnx) if args.onnx else out.with_suffix(".onnx"))
     # A fixed-batch engine is built from a fixed-batch ONNX; a profile needs the dynamic one.
-    try:
-        rep = export_checkpoint(args.ckpt, onnx_out, dtype=dtype, batch=args.batch, opset=args.opset,
-                                use_ema=not args.no_ema, denoise=not args.no_denoise)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    rep = export_checkpoint(args.ckpt, onnx_out, dtype=dtype, batch=args.batch, opset=args.opset,
+                            use_ema=not args.no_ema, denoise=not args.no_denoise)
     shape = f"batch {args.batch}" if args.batch else "dynamic batch"
     print(f"wrote {onnx_out} ({dtype}, {shape}, opset {args.opset}, {rep['exporter']} exporter, {_size(onnx_out)}); "
           f"onnxruntime vs torch: max abs diff {rep['max_abs_diff']:.2e} (bound {rep['tolerance']:g})")
@@ -152,9 +114,8 @@ def main(argv=None) -> None:
     try:
         built = build_engine(onnx_out, out, z_dim=rep["z_dim"], min_batch=args.min_batch, opt_batch=args.opt_batch,
                              max_batch=args.max_batch, workspace_bytes=workspace, timing_cache=timing_cache)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    except RuntimeError as e:  # the builder rejected the network: the run failed a check, exit 1
+        raise CheckFailed(str(e)) from None
     info = make_sidecar(engine=out, io=built["io"], profile={"min": args.min_batch, "opt": args.opt_batch,
                                                              "max": args.max_batch},
                         tensorrt_version=built["tensorrt_version"], checkpoint=rep["checkpoint"],
