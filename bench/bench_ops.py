@@ -4,6 +4,7 @@ reference; plus this machine's copy bandwidth and the cpp apply passes alone, al
 
     .venv/bin/python -m pytest bench/bench_ops.py --benchmark-only --benchmark-json=.benchmarks/ops.json
     .venv/bin/python bench/report_ops.py .benchmarks/ops.json
+    .venv/bin/python bench/bench_ops.py --sweep    # auto's crossover: reference vs cpp per layer size
 
 Ops as the models use them: bn_act with LeakyReLU(0.2) (conv -> BN -> act), bn_add_act with identity
 (the end of a residual block).
@@ -21,17 +22,30 @@ cpp apply passes themselves against copy bandwidth.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import statistics
+import sys
+import time
+
 import pytest
 import torch
 
-from aegan_fast.ops import dispatch, reference
+from aegan_fast import ops
+from aegan_fast.ops import library, reference
 
-try:
-    from aegan_fast.ops import _cpp
-    CPP = _cpp.backend()
-    WHY_NOT = None
-except dispatch.BackendUnavailable as e:
-    CPP, WHY_NOT = None, str(e)
+WHY_NOT = ops.availability()["cpp"]
+
+
+def _cpp_bn_act(x, rm, rv, w, b, training, momentum, eps, act, slope):
+    return library.run("cpp", x, None, rm, rv, w, b, training, momentum, eps, act, slope)
+
+
+def _cpp_bn_add_act(x, r, rm, rv, w, b, training, momentum, eps, act, slope):
+    return library.run("cpp", x, r, rm, rv, w, b, training, momentum, eps, act, slope)
+
+
+CPP = {"bn_act": _cpp_bn_act, "bn_add_act": _cpp_bn_add_act}
 
 SHAPES = {"128": (16, 64, 128, 128), "256": (16, 64, 256, 256)}
 ROUNDS = {"128": 7, "256": 5}
@@ -57,9 +71,9 @@ def _impl(name, op):
     if name == "reference":
         return getattr(reference, op)
     if name == "cpp":
-        if CPP is None:
+        if WHY_NOT is not None:
             pytest.skip(f"cpp backend unavailable: {WHY_NOT}")
-        return getattr(CPP, op)
+        return CPP[op]
     if op not in _compiled:
         _compiled[op] = torch.compile(getattr(reference, op), fullgraph=True, dynamic=False)
     return _compiled[op]
@@ -112,22 +126,95 @@ def test_cpp_passes(benchmark, shape, part):
     """The cpp kernels into preallocated buffers. fwd_apply: the forward apply pass alone (eval
     mode: read x, write y = 2 passes). bwd_apply_eval: eval-mode backward, one fused pass (read dy,
     x, write dx = 3). fwd_train: statistics + apply (3). bwd_train: reduction + apply (5)."""
-    if CPP is None:
+    if WHY_NOT is not None:
         pytest.skip(f"cpp backend unavailable: {WHY_NOT}")
     from aegan_fast import _C
     x, r, dy, w, b = data(shape)
     C = x.shape[1]
     rm, rv = torch.zeros(C), torch.ones(C)
     out = torch.empty_like(x)
-    _, mean, invstd, _ = _C.bn_forward(x, None, w, b, None, None, True, 1e-5, 2, SLOPE)
+    _, mean, var = _C.bn_forward(x, None, w, b, None, None, True, 1e-5, 2, SLOPE)
     passes, fn = {
         "fwd_apply": (2, lambda: _C.bn_forward(x, None, w, b, rm, rv, False, 1e-5, 2, SLOPE, out=out)),
-        "bwd_apply_eval": (3, lambda: _C.bn_backward(dy, x, None, w, b, mean, invstd, False, 2, SLOPE, False, False,
+        "bwd_apply_eval": (3, lambda: _C.bn_backward(dy, x, None, w, b, mean, var, False, 1e-5, 2, SLOPE, False,
                                                      dx=out)),
         "fwd_train": (3, lambda: _C.bn_forward(x, None, w, b, None, None, True, 1e-5, 2, SLOPE, out=out)),
-        "bwd_train": (5, lambda: _C.bn_backward(dy, x, None, w, b, mean, invstd, True, 2, SLOPE, False, False,
+        "bwd_train": (5, lambda: _C.bn_backward(dy, x, None, w, b, mean, var, True, 1e-5, 2, SLOPE, False,
                                                 dx=out)),
     }[part]
     benchmark.group = f"ops {shape}"
     benchmark.extra_info.update(kind="cpp_pass", shape=shape, part=part, bytes=passes * x.numel() * x.element_size())
     benchmark.pedantic(fn, rounds=2 * ROUNDS[shape], warmup_rounds=1, iterations=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# auto's crossover: BatchNormAct2d forward+backward, reference vs cpp, per layer size
+# ----------------------------------------------------------------------------------------------
+
+# (C, N, spatial sizes): the models' BatchNorm layers at R=64 and R=128 (H/F at C=64 on maps up to
+# R; G_E, D_E at up to 512 channels on R/16 maps; phi and D_R at up to 512 channels on small maps),
+# batch 16 (the paper's) and 32. Large C stops where N*C*S*S would pass ~17M values.
+SWEEP = [(64, 16, (2, 4, 8, 16, 32, 64, 128)), (64, 32, (2, 4, 8, 16, 32, 64)),
+         (256, 16, (2, 4, 8, 16, 32)), (256, 32, (2, 4, 8, 16)),
+         (512, 16, (2, 4, 8, 16)), (512, 32, (2, 4, 8))]
+
+
+def _module_step(bn, x, dy):
+    x = x.detach().requires_grad_()
+    bn(x).backward(dy)
+
+
+def sweep(rounds: int = 7, min_seconds: float = 0.01) -> list[dict]:
+    """Median seconds per BatchNormAct2d(leaky_relu 0.2) forward+backward, training, fp32, with
+    ops.use_backend("reference") and ("cpp"), rounds interleaved (ref, cpp, ref, ...) so load from
+    other processes hits both alike."""
+    rows = []
+    for C, N, sizes in SWEEP:
+        for S in sizes:
+            g = torch.Generator().manual_seed(0)
+            x, dy = torch.randn(N, C, S, S, generator=g), torch.randn(N, C, S, S, generator=g)
+            bn = ops.BatchNormAct2d(C, "leaky_relu", 0.2)
+            # enough calls per round that one round lasts >= min_seconds
+            with ops.use_backend("reference"):
+                t0 = time.perf_counter()
+                _module_step(bn, x, dy)
+                one = time.perf_counter() - t0
+            calls = max(1, int(min_seconds / max(one, 1e-7)))
+            times: dict[str, list[float]] = {"reference": [], "cpp": []}
+            for r in range(rounds + 1):  # round 0 warms up
+                for backend in ("reference", "cpp"):
+                    with ops.use_backend(backend):
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            _module_step(bn, x, dy)
+                        if r:
+                            times[backend].append((time.perf_counter() - t0) / calls)
+            ref, cpp = statistics.median(times["reference"]), statistics.median(times["cpp"])
+            rows.append(dict(C=C, N=N, S=S, numel=x.numel(), reference_us=ref * 1e6, cpp_us=cpp * 1e6,
+                             speedup=ref / cpp))
+            print(f"C={C:4d} N={N:3d} {S:4d}x{S:<4d} {x.numel():>10,d} values  reference {ref * 1e6:10.1f} us  "
+                  f"cpp {cpp * 1e6:10.1f} us  cpp speedup {ref / cpp:5.2f}x", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="CPU op benchmarks outside pytest")
+    p.add_argument("--sweep", action="store_true", help="auto's crossover: reference vs cpp per layer size")
+    p.add_argument("--rounds", type=int, default=7)
+    a = p.parse_args(argv)
+    if not a.sweep:
+        p.error("nothing to do: pass --sweep (the other benchmarks run under pytest, see the docstring)")
+    if WHY_NOT is not None:
+        print(f"cpp backend unavailable: {WHY_NOT}", file=sys.stderr)
+        return 1
+    print(f"# BatchNormAct2d fwd+bwd sweep  {datetime.date.today()}  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}  rounds {a.rounds} (interleaved, medians)")
+    rows = sweep(a.rounds)
+    slower = [r["numel"] for r in rows if r["speedup"] < 1.0]
+    print(f"# largest size where cpp loses: {max(slower) if slower else 0:,d} values; "
+          f"smallest where it wins: {min(r['numel'] for r in rows if r['speedup'] >= 1.0):,d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

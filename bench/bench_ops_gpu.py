@@ -6,7 +6,8 @@ GPU's copy bandwidth measured in the same run.
     python bench/bench_ops_gpu.py [--iters 50] [--shape 16 64 256 256]
 
 Skips (exit 0, says why) without a CUDA device. Not run yet: no GPU has been available; record the
-device, date and figures in bench/RESULTS.md when it is, and set dispatch.AUTO_ORDER from them.
+device, date and figures in bench/RESULTS.md when it is, and set dispatch.AUTO_ORDER (and
+AUTO_MIN_PER_CHANNEL for CUDA) from them.
 
 Bytes counted ("algorithmic traffic", the same for every implementation so GB/s compare like with
 like): bn_act = 3 activation-sized passes forward (read x for statistics; read x, write y) + 5
@@ -54,7 +55,7 @@ def _time(fn, iters: int, warmup: int = 10) -> list[float]:
 
 
 def eager_bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
-                 negative_slope=0.01, memory_efficient=False):
+                 negative_slope=0.01):
     return F.leaky_relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps),
                         negative_slope)
 
@@ -66,11 +67,19 @@ def eager_bn_add_act(x, residual, running_mean, running_var, weight, bias, train
 
 def implementations():
     """name -> (bn_act, bn_add_act) or the reason it cannot run."""
-    from aegan_fast.ops import dispatch
+    from aegan_fast import ops
+    from aegan_fast.ops import library
     impls = {"eager (cuDNN)": (eager_bn_act, eager_bn_add_act)}
     for name in ("cuda", "triton"):
-        b = dispatch._load(name)
-        impls[name] = (b.bn_act, b.bn_add_act) if isinstance(b, dispatch.Backend) else b
+        why = ops.availability()[name]
+
+        def bn_act(x, *a, _k=name):
+            return library.run(_k, x, None, *a)
+
+        def bn_add_act(x, r, *a, _k=name):
+            return library.run(_k, x, r, *a)
+
+        impls[name] = why if why is not None else (bn_act, bn_add_act)
     return impls
 
 

@@ -161,7 +161,7 @@ def main(argv=None) -> None:
 
     print(f"# sampling benchmark R={args.resolution}  {datetime.date.today()}  torch {torch.__version__}  "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, op backend {ops.resolve('cpu').name} ({ops.get_backend()}), "
+          f"{torch.get_num_threads()}, op backend {ops.resolve('cpu')} ({ops.requested()}), "
           f"load average {os.getloadavg()[0]:.1f}")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="aegan-bench-") as tmp:

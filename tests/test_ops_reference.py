@@ -127,7 +127,7 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch, caplog):
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("cuda",))
     monkeypatch.setitem(library._adapters, "cuda", "not built (no nvcc here)")
     monkeypatch.setattr(dispatch, "_warned", set())
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(1, 3, 64, 64)  # above auto's size threshold: a kernel would be wanted
     with ops.use_backend("auto"), caplog.at_level(logging.WARNING, logger="aegan_fast.ops"):
         for _ in range(3):
             ops.bn_act(x, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0)
@@ -138,11 +138,20 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch, caplog):
 
 
 def test_auto_takes_reference_below_the_threshold(monkeypatch):
-    monkeypatch.setitem(dispatch.AUTO_MIN_ELEMENTS, "cpu", 1000)
     monkeypatch.setitem(library._adapters, "cpp", _fake_adapter("cpp", ("cpu",)))
-    assert ops.resolve("cpu", 999, backend="auto") == "reference"
-    assert ops.resolve("cpu", 1000, backend="auto") == "cpp"
+    limit = dispatch.AUTO_MIN_PER_CHANNEL["cpu"]
+    assert limit > 0  # the measured CPU crossover is in force
+    assert ops.resolve("cpu", limit - 1, backend="auto") == "reference"
+    assert ops.resolve("cpu", limit, backend="auto") == "cpp"
     assert ops.resolve("cpu", 10, backend="cpp") == "cpp"  # an explicit choice is never overridden
+    # the functional entry and the modules count values per channel (N*H*W), not per call
+    calls = []
+    monkeypatch.setattr(library, "run", lambda kernel, *a: calls.append(kernel) or a[0])
+    with ops.use_backend("auto"):
+        big_c = torch.randn(2, limit, 2, 2)  # 4*limit values per call, 8 per channel
+        ops.bn_act(big_c, None, None, None, None, True, 0.1, 1e-5, "relu", 0.0)
+        BatchNormAct2d(1)(torch.randn(1, 1, 1, limit))
+    assert calls == ["cpp"], calls
 
 
 def test_module_resolves_once_per_device_and_request(monkeypatch):

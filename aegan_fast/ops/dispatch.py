@@ -25,11 +25,16 @@ BACKENDS = ("reference", *library.KERNELS)
 # Preference order for `auto`, per device type. The cuda-vs-triton order on CUDA tensors is NOT
 # measured yet: set it from bench/bench_ops_gpu.py on a GPU and record the figures in bench/RESULTS.md.
 AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
-# `auto` takes the reference below this many elements per call (x.numel()), where the kernel's
-# per-call cost beats its gain. CPU: measured with bench/bench_ops.py --sweep (BatchNormAct2d
-# forward+backward, leaky_relu, fp32, 2 threads): see the sweep in bench/RESULTS.md. CUDA: not
-# measured yet (no GPU so far), so no threshold.
-AUTO_MIN_ELEMENTS = {"cpu": 0}
+# `auto` takes the reference below this many values per channel (N*H*W), where the kernel's
+# per-call cost outweighs its gain. CPU (2026-12-02, bench/bench_ops.py --sweep: BatchNormAct2d
+# leaky_relu fwd+bwd, fp32, 2 threads, two runs, medians of 7 interleaved rounds): with >= 4096
+# values per channel cpp won every shape (1.02x-1.97x at 4096-8192 per channel, e.g. C=64 N=16
+# 16x16 1.05x/1.19x, C=512 N=16 16x16 1.77x/1.68x; 3.3x at 128x128); with 2048 it lost or tied
+# (0.67x-1.14x, the sign flipping between runs); at <= 1024 it lost (0.34x-0.83x: about 0.35 ms of
+# fixed cost per call against the reference's 0.15 ms). Per channel rather than per call because
+# the cost grows with C at a fixed map (C=512 N=32 8x8 is 1M values per call and still a tie).
+# CUDA: not measured yet (no GPU so far), so no threshold.
+AUTO_MIN_PER_CHANNEL = {"cpu": 4096}
 
 _requested: ContextVar[str] = ContextVar("aegan_fast_ops_backend", default=os.environ.get("AEGAN_OPS", "auto"))
 _warned: set[str] = set()
@@ -74,14 +79,18 @@ def use_backend(name: str):
         _requested.reset(token)
 
 
-def small(device_type: str, numel: int) -> bool:
-    """Whether `auto` leaves a call of this size to the reference."""
-    return numel < AUTO_MIN_ELEMENTS.get(device_type, 0)
+def small(device_type: str, per_channel: int) -> bool:
+    """Whether `auto` leaves a call with this many values per channel (N*H*W) to the reference."""
+    return per_channel < AUTO_MIN_PER_CHANNEL.get(device_type, 0)
 
 
-def resolve(device_type: str, numel: int | None = None, backend: str | None = None) -> str:
+def per_channel(x) -> int:
+    return x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else x.numel()
+
+
+def resolve(device_type: str, per_channel: int | None = None, backend: str | None = None) -> str:
     """The kernel ('cpp' | 'cuda' | 'triton') or 'reference' that runs an op on a tensor of this
-    device type and size, for ``backend`` (default: the context's request)."""
+    device type with this many values per channel, for ``backend`` (default: the context's request)."""
     name = requested() if backend is None else backend
     if name != "auto":
         _check(name)
@@ -91,7 +100,7 @@ def resolve(device_type: str, numel: int | None = None, backend: str | None = No
                 raise BackendUnavailable(f"ops backend {name!r} cannot run on {device_type} tensors "
                                          f"(it runs on {', '.join(a.devices)})")  # type: ignore[union-attr]
         return name
-    if numel is not None and small(device_type, numel):
+    if per_channel is not None and small(device_type, per_channel):
         return "reference"
     reasons = []
     for kernel in AUTO_ORDER.get(device_type, ()):
@@ -121,11 +130,11 @@ def run(kernel: str, x, residual, running_mean, running_var, weight, bias, train
 
 def bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
            negative_slope=0.01):
-    return run(resolve(x.device.type, x.numel()), x, None, running_mean, running_var, weight, bias, training,
+    return run(resolve(x.device.type, per_channel(x)), x, None, running_mean, running_var, weight, bias, training,
                momentum, eps, activation, negative_slope)
 
 
 def bn_add_act(x, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                activation="identity", negative_slope=0.01):
-    return run(resolve(x.device.type, x.numel()), x, residual, running_mean, running_var, weight, bias, training,
+    return run(resolve(x.device.type, per_channel(x)), x, residual, running_mean, running_var, weight, bias, training,
                momentum, eps, activation, negative_slope)

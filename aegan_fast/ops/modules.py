@@ -22,10 +22,11 @@ class _FusedBatchNorm(nn.BatchNorm2d):
 
     def _kernel(self, x: torch.Tensor) -> str:
         """The kernel for x, resolved once per (device type, requested backend, auto's size class)."""
-        key = (x.device.type, dispatch.requested(), dispatch.small(x.device.type, x.numel()))
+        n = dispatch.per_channel(x)
+        key = (x.device.type, dispatch.requested(), dispatch.small(x.device.type, n))
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = dispatch.resolve(key[0], x.numel(), key[1])
+            kernel = self._kernels[key] = dispatch.resolve(key[0], n, key[1])
         return kernel
 
     def _mode(self) -> tuple[bool, float]:
