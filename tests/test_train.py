@@ -189,6 +189,10 @@ def test_direct_stage_trains_in_the_same_loop(tmp_path, image_folder):
     for k, v in fresh.state_dict().items():  # H and D_E took no part: still as built from the seed
         if k.startswith(("H.", "D_E.")):
             assert torch.equal(v, state["nets"][k]), k
+    moved = {k.split(".")[0] for k, v in fresh.state_dict().items() if not torch.equal(v, state["nets"][k])}
+    assert moved == {"G_E", "F", "phi", "D_R"}  # the chain and its judge
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in rows if "losses" in r for k in r["losses"]} == {"D_R", "G_adv"}
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
