@@ -95,9 +95,8 @@ def fold_chain(chain: SamplingChain) -> SamplingChain:
     """The inference graph of ``chain``: a SamplingChain over folded copies of its nets, in eval mode
     and without gradients. Deterministic and free of custom ops: what ONNX export, TensorRT and
     torch.compile consume."""
-    fold = fold_batchnorm
-    phi = fold(chain.phi) if chain.phi is not None else None
-    return SamplingChain(fold(chain.G_E), fold(chain.F), phi, chain.z_dim).eval()
+    phi = fold_batchnorm(chain.phi) if chain.phi is not None else None
+    return SamplingChain(fold_batchnorm(chain.G_E), fold_batchnorm(chain.F), phi, chain.z_dim).eval()
 
 
 def uses_custom_ops(module: nn.Module) -> list[str]:
