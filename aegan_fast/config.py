@@ -175,6 +175,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=t, **kw)
 
 
+def dict_fields() -> set[str]:
+    """Dotted names of the dict fields, whose flags give KEY=VALUE pairs merged into the preset's."""
+    return {name for name, _, t, _ in _config_fields(TrainConfig) if typing.get_origin(t) is dict}
+
+
 def config_overrides(ns: argparse.Namespace) -> dict:
     """{dotted field name: value} of the config flags the user gave."""
     names = {name for name, *_ in _config_fields(TrainConfig)} - set(NOT_FLAGS)

@@ -16,7 +16,6 @@ config and exits.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import random
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from . import ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (LOSSES, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides,
-                     config_overrides, preset)
+                     config_overrides, dict_fields, preset)
 from .data import LOADERS, ImageSet, load_dataset, make_loader
 from .device import pick_device
 from .errors import UserError, cli
@@ -93,7 +92,7 @@ def requested_overrides(args: argparse.Namespace) -> dict:
             else:
                 out[name] = value
     for name, value in config_overrides(args).items():
-        out[name] = list(out.get(name, [])) + list(value) if name in ("kimg", "lr") else value
+        out[name] = list(out.get(name, [])) + list(value) if name in dict_fields() else value
     return out
 
 
