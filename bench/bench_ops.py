@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import statistics
 import sys
 import time
@@ -37,15 +38,7 @@ from aegan_fast.ops import library, reference
 WHY_NOT = ops.availability()["cpp"]
 
 
-def _cpp_bn_act(x, rm, rv, w, b, training, momentum, eps, act, slope):
-    return library.run("cpp", x, None, rm, rv, w, b, training, momentum, eps, act, slope)
-
-
-def _cpp_bn_add_act(x, r, rm, rv, w, b, training, momentum, eps, act, slope):
-    return library.run("cpp", x, r, rm, rv, w, b, training, momentum, eps, act, slope)
-
-
-CPP = {"bn_act": _cpp_bn_act, "bn_add_act": _cpp_bn_add_act}
+CPP = {op: functools.partial(getattr(library, op), "cpp") for op in ("bn_act", "bn_add_act")}
 
 SHAPES = {"128": (16, 64, 128, 128), "256": (16, 64, 256, 256)}
 ROUNDS = {"128": 7, "256": 5}

@@ -67,19 +67,15 @@ def eager_bn_add_act(x, residual, running_mean, running_var, weight, bias, train
 
 def implementations():
     """name -> (bn_act, bn_add_act) or the reason it cannot run."""
+    import functools
+
     from aegan_fast import ops
     from aegan_fast.ops import library
     impls = {"eager (cuDNN)": (eager_bn_act, eager_bn_add_act)}
     for name in ("cuda", "triton"):
         why = ops.availability()[name]
-
-        def bn_act(x, *a, _k=name):
-            return library.run(_k, x, None, *a)
-
-        def bn_add_act(x, r, *a, _k=name):
-            return library.run(_k, x, r, *a)
-
-        impls[name] = why if why is not None else (bn_act, bn_add_act)
+        impls[name] = why if why is not None else (functools.partial(library.bn_act, name),
+                                                   functools.partial(library.bn_add_act, name))
     return impls
 
 

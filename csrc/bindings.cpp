@@ -16,18 +16,13 @@
 
 namespace {
 
-using at::Tensor;
-using c10::optional;
-using aegan_fast::binding::channel_vector;
-using aegan_fast::binding::check_like;
-using aegan_fast::binding::invstd_of;
-using aegan_fast::binding::present;
+using namespace aegan_fast::binding;  // Tensor, optional, the shared checks
 namespace cpu = aegan_fast::cpu;
 constexpr const char* kWho = "cpp";
 
 cpu::BnParams cpu_params(const Tensor& x, int64_t act, double slope, double eps) {
   TORCH_CHECK(x.device().is_cpu(), "aegan_fast cpp ops run on CPU tensors, got ", x.device());
-  cpu::BnParams p = aegan_fast::binding::make_params(x, act, slope, eps, kWho);
+  cpu::BnParams p = make_params(x, act, slope, eps, kWho);
   p.num_threads = at::get_num_threads();
   return p;
 }

@@ -2,11 +2,8 @@
 ops (opcheck, double backward, torch.compile), the activation codes shared with C++, and the plain
 CMake build with its C++ tests (ctest).
 
-Tolerances. fp32: rtol 1e-5, with atol = 1e-5 x the largest |value| of the expected tensor: the
-weight and bias gradients are sums over N*H*W values, and the two sides sum in different orders
-(ATen: fp32 vectorised partial sums; cpp: fp32 blocks merged in fp64), so only an error relative
-to the tensor's scale is meaningful (an element that is a near-cancelling sum has no relative
-precision on either side). bf16 / fp16 are checked against an fp32 computation on the same
+Tolerances (tests/ops_parity.py). fp32: rtol 1e-5, with atol = 1e-5 x the largest |value| of the
+expected tensor (ATen sums in fp32 vectorised partial sums, cpp in fp32 blocks merged in fp64). bf16 / fp16 are checked against an fp32 computation on the same
 (rounded) inputs: see test_low_precision for the bound and why.
 """
 from __future__ import annotations
@@ -14,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,31 +21,15 @@ from torch import nn
 
 from aegan_fast import ops
 from aegan_fast.ops import BatchNormAct2d, BatchNormAddAct2d, activations, dispatch, library, reference
+from ops_parity import away_from_kink, close
 
 WHY_NOT = dispatch.availability()["cpp"]
 
 
-class _Kernel:
-    """The functional ops on one kernel, with the reference functions' signatures."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def bn_act(self, x, rm, rv, w, b, training, momentum, eps, act="relu", slope=0.01):
-        return library.run(self.kernel, x, None, rm, rv, w, b, training, momentum, eps, act, slope)
-
-    def bn_add_act(self, x, r, rm, rv, w, b, training, momentum, eps, act="identity", slope=0.01):
-        return library.run(self.kernel, x, r, rm, rv, w, b, training, momentum, eps, act, slope)
-
-
-CPP = _Kernel("cpp") if WHY_NOT is None else None
+CPP = SimpleNamespace(bn_act=partial(library.bn_act, "cpp"), bn_add_act=partial(library.bn_add_act, "cpp")) \
+    if WHY_NOT is None else None
 needs_cpp = pytest.mark.skipif(CPP is None, reason=f"cpp backend unavailable: {WHY_NOT}")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def close(actual, expected, rtol=1e-5, name=""):
-    atol = rtol * max(expected.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def run(fn, op, x, residual, w, b, rm, rv, training, act, slope, grad, momentum=0.1, eps=1e-5):
@@ -78,26 +61,6 @@ def make_inputs(N, C, H, W, channels_last=False, dtype=torch.float32, seed=0):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, r, grad = (t.to(dtype).contiguous(memory_format=fmt) for t in (x, r, grad))
     return x, r, grad, w, b, rm, rv
-
-
-def away_from_kink(op, x, r, w, b, rm, rv, training, gap=1e-3):
-    """Move inputs whose pre-activation lies within `gap` of 0 (the ReLU kink) out to +-gap. There
-    the derivative jumps, and two correct implementations that round the pre-activation differently
-    (cpp: one fp32 fused x*scale+shift(+r); ATen: BN output rounded, then + r) can pick different
-    sides for a value a few ulps from 0 -- at N=16 C=64 128x128 a few dozen of 16.7M elements -- which
-    is not an error of either. For bn_add_act only the residual moves (statistics unchanged); for
-    bn_act a few inputs move by ~1e-3 / (w * invstd), changing the statistics by ~1e-9."""
-    z = reference.bn_act(x.double(), rm.double() if rm is not None else None,
-                         rv.double() if rv is not None else None, w.double() if w is not None else None,
-                         b.double() if b is not None else None, training, 0.0, 1e-5, "identity", 0.0)
-    if op == "bn_add_act":
-        z = z + r.double()
-    step = torch.where(z >= 0, gap, -gap) * (z.abs() < gap)
-    if op == "bn_add_act":
-        return x, (r.double() + step).to(r.dtype)
-    std = (x.double().var((0, 2, 3), unbiased=False) if training else rv.double()).add(1e-5).sqrt()
-    k = (w.double() if w is not None else torch.ones_like(std)) / std
-    return (x.double() + step / k.view(1, -1, 1, 1)).to(x.dtype), r
 
 
 def check_parity(op, shape, act, training, channels_last=False, slope=0.2, affine=True):

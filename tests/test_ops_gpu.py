@@ -11,9 +11,12 @@ reason is the dispatcher's: e.g. "extension built without CUDA").
 from __future__ import annotations
 
 import itertools
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
+from ops_parity import away_from_kink, close
 
 from aegan_fast import ops
 from aegan_fast.ops import library, reference as R
@@ -22,33 +25,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 KERNELS = ("cuda", "triton")
 
 
-class _Kernel:
-    def __init__(self, name):
-        self.name = name
-
-    def bn_act(self, x, rm, rv, w, b, training, momentum, eps, act="relu", slope=0.01):
-        return library.run(self.name, x, None, rm, rv, w, b, training, momentum, eps, act, slope)
-
-    def bn_add_act(self, x, r, rm, rv, w, b, training, momentum, eps, act="identity", slope=0.01):
-        return library.run(self.name, x, r, rm, rv, w, b, training, momentum, eps, act, slope)
-
-
 @pytest.fixture(params=KERNELS)
 def backend(request):
     reason = ops.availability()[request.param]
     if reason is not None:
         pytest.skip(f"{request.param} backend unavailable: {reason}")
-    return _Kernel(request.param)
+    return SimpleNamespace(name=request.param, bn_act=partial(library.bn_act, request.param),
+                           bn_add_act=partial(library.bn_add_act, request.param))
 
 
 def _close(name, got, ref, rtol=1e-5):
-    if ref is None:
-        assert got is None, name
-        return
-    got, ref = got.detach().float(), ref.detach().float()
-    atol = rtol * max(ref.abs().max().item(), 1e-30)
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    close(got, ref, rtol, name)
 
 
 def _run(fn, add, x, r, w, b, rm, rv, dy, training, act):
@@ -64,19 +51,6 @@ def _run(fn, add, x, r, w, b, rm, rv, dy, training, act):
                 grad_residual=rr.grad if add else None)
 
 
-def _away_from_kink(x, r, w, b, rm, rv, training, add, gap=1e-3):
-    """As in tests/test_ops_cpp.py: pre-activations within `gap` of the kink move out to +-gap, where
-    two correct implementations rounding z differently may pick different sides of the derivative."""
-    z = R.bn_act(x.double(), rm.double(), rv.double(), w.double(), b.double(), training, 0.0, 1e-5, "identity", 0.0)
-    if add:
-        z = z + r.double()
-    step = torch.where(z >= 0, gap, -gap) * (z.abs() < gap)
-    if add:
-        return x, (r.double() + step).to(r.dtype)
-    std = (x.double().var((0, 2, 3), unbiased=False) if training else rv.double()).add(1e-5).sqrt()
-    return (x.double() + step / (w.double() / std).view(1, -1, 1, 1)).to(x.dtype), r
-
-
 def _inputs(shape, dtype, layout, seed=0, act="identity", training=True, add=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     N, C, H, W = shape
@@ -88,7 +62,7 @@ def _inputs(shape, dtype, layout, seed=0, act="identity", training=True, add=Fal
     b = torch.randn(C, **kw) * 0.5
     rm, rv = torch.randn(C, **kw) * 0.3, torch.rand(C, **kw) + 0.5
     if act != "identity":
-        x, r = _away_from_kink(x, r, w, b, rm, rv, training, add)
+        x, r = away_from_kink("bn_add_act" if add else "bn_act", x, r, w, b, rm, rv, training)
     x, r = x.to(dtype), r.to(dtype)
     if layout == "channels_last":
         x, r, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, dy))

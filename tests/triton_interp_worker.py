@@ -63,36 +63,8 @@ CASES = _cases()
 # ----------------------------------------------------------------------------------------------
 
 def _close(name, got, ref, rtol=1e-5):
-    """The cpp tests' scheme: rtol, with atol = rtol x the largest |value| of the expected tensor
-    (weight / bias gradients are sums over N*H*W values in different orders on the two sides)."""
-    import torch
-    if got is None or ref is None:
-        if (got is None) != (ref is None):
-            raise AssertionError(f"{name}: one side is None (got {got is None}, ref {ref is None})")
-        return
-    got, ref = got.detach().float(), ref.detach().float()
-    scale = max(ref.abs().max().item(), 1e-30)
-    err = ((got - ref).abs() - rtol * ref.abs()).max().item()
-    if not err <= rtol * scale or not torch.isfinite(got).all():
-        raise AssertionError(f"{name}: max error {err:.3g} beyond rtol {rtol:.1g} (scale {scale:.3g})")
-
-
-def _away_from_kink(x, r, w, b, rm, rv, training, add, gap=1e-3):
-    """As in tests/test_ops_cpp.py: pre-activations within `gap` of the kink move out to +-gap, where
-    two correct implementations rounding z differently may pick different sides of the derivative."""
-    import torch
-    from aegan_fast.ops import reference as R
-    z = R.bn_act(x.double(), rm.double() if rm is not None else None, rv.double() if rv is not None else None,
-                 w.double() if w is not None else None, b.double() if b is not None else None, training, 0.0,
-                 1e-5, "identity", 0.0)
-    if add:
-        z = z + r.double()
-    step = torch.where(z >= 0, gap, -gap) * (z.abs() < gap)
-    if add:
-        return x, (r.double() + step).to(r.dtype)
-    std = (x.double().var((0, 2, 3), unbiased=False) if training else rv.double()).add(1e-5).sqrt()
-    k = (w.double() if w is not None else torch.ones_like(std)) / std
-    return (x.double() + step / k.view(1, -1, 1, 1)).to(x.dtype), r
+    from ops_parity import close  # this file's directory is on sys.path: it runs as a script from tests/
+    close(got, ref, rtol, name)
 
 
 def _fwd_bwd(fn, add, x, r, w, b, rm, rv, dy, case, affine, running):
@@ -112,10 +84,10 @@ def _fwd_bwd(fn, add, x, r, w, b, rm, rv, dy, case, affine, running):
 
 
 def _triton(op):
+    from functools import partial
+
     from aegan_fast.ops import library
-    if op == "bn_act":
-        return lambda x, *a: library.run("triton", x, None, *a)
-    return lambda x, r, *a: library.run("triton", x, r, *a)
+    return partial(getattr(library, op), "triton")
 
 
 def _run_case(case):
@@ -138,7 +110,9 @@ def _run_case(case):
     affine, running = case.get("affine", True), case.get("running", True)
     add = case["op"] == "bn_add_act"
     if case["act"] != "identity":
-        x, r = _away_from_kink(x, r, w if affine else None, b if affine else None, rm, rv, case["training"], add)
+        from ops_parity import away_from_kink
+        x, r = away_from_kink(case["op"], x, r, w if affine else None, b if affine else None, rm, rv,
+                              case["training"])
     x, r = x.to(dtype), r.to(dtype)
     if case["layout"] == "channels_last":
         x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)

@@ -281,3 +281,17 @@ def run(kernel: str, x, residual, running_mean, running_var, weight, bias, train
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), float(momentum),
                              x.numel() // x.shape[1])
     return out
+
+
+def bn_act(kernel: str, x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
+           negative_slope=0.01):
+    """``reference.bn_act`` on kernel ``kernel`` (tests and benches pin a kernel with this)."""
+    return run(kernel, x, None, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+               negative_slope)
+
+
+def bn_add_act(kernel: str, x, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+               activation="identity", negative_slope=0.01):
+    """``reference.bn_add_act`` on kernel ``kernel``."""
+    return run(kernel, x, residual, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+               negative_slope)

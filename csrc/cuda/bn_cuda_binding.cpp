@@ -19,17 +19,13 @@
 
 namespace {
 
-using at::Tensor;
-using c10::optional;
-using aegan_fast::binding::channel_vector;
-using aegan_fast::binding::check_like;
-using aegan_fast::binding::present;
+using namespace aegan_fast::binding;  // Tensor, optional, the shared checks
 namespace kc = aegan_fast::cuda;
 constexpr const char* kWho = "cuda";
 
 kc::BnParams cuda_params(const Tensor& x, int64_t act, double slope, double eps) {
   TORCH_CHECK(x.is_cuda(), "aegan_fast cuda ops run on CUDA tensors, got ", x.device());
-  return aegan_fast::binding::make_params(x, act, slope, eps, kWho);
+  return make_params(x, act, slope, eps, kWho);
 }
 
 const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
