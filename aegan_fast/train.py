@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_arguments(p)
     aliases = p.add_argument_group("aliases")
     for flag, _, _, kw in ALIASES:
+        if kw.get("type") is not None:
+            kw = dict(kw, metavar=flag.removeprefix("--").split("-")[0].upper())
         aliases.add_argument(flag, dest="alias" + flag, default=argparse.SUPPRESS, **kw)
     return p.parse_args(argv)
 
