@@ -5,6 +5,8 @@ They subclass ``nn.BatchNorm2d`` so parameters, buffers and ``state_dict`` keys 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -62,7 +64,9 @@ class _FusedBatchNorm(nn.BatchNorm2d):
             raise ValueError(f"{self} keeps no running statistics and cannot be folded")
         plain = nn.BatchNorm2d(self.num_features, eps=self.eps).to(self.weight.device, self.weight.dtype)
         plain.load_state_dict(nn.BatchNorm2d.state_dict(self), strict=False)
-        return fuse_conv_bn_eval(conv.eval(), plain.eval(), transpose=isinstance(conv, nn.ConvTranspose2d))
+        # fuse_conv_bn_eval copies conv but asserts eval mode: put a copy in eval mode, never the caller's conv.
+        return fuse_conv_bn_eval(copy.deepcopy(conv).eval(), plain.eval(),
+                                 transpose=isinstance(conv, nn.ConvTranspose2d))
 
     def extra_repr(self) -> str:
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
