@@ -185,6 +185,7 @@ class MetricsLog:
         self.count = self.images = 0
         self.data_s = 0.0
         self.started = time.perf_counter()
+        self.paused_s = 0.0  # time inside the interval that was not training (grids, checkpoints)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -200,8 +201,18 @@ class MetricsLog:
         self.data_s += data_s
 
     def restart_clock(self) -> None:
-        """Stage-end evaluation, grids and checkpoints are not training time."""
         self.started = time.perf_counter()
+        self.paused_s = 0.0
+
+    @contextmanager
+    def paused(self):
+        """Grids and checkpoints between steps are not training time: the interval's img/s leaves
+        them out (the interval's images stay counted)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -212,7 +223,7 @@ class MetricsLog:
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = max(time.perf_counter() - self.started - self.paused_s, 1e-9)
         row = {"stage": stage, "kimg": round(counters["total_img"] / 1000, 3),
                "stage_kimg": round(counters["stage_img"] / 1000, 3), "step": counters["step"],
                "losses": {k: float(v) / self.count for k, v in self.sums.items()},
@@ -368,12 +379,12 @@ class StageHooks:
             self.log_row(self.metrics.flush(self.stage.name, c))
         within = c["stage_img"] < self.length  # the stage's end saves its own grid and checkpoint
         if within and crossed(self.sample_every, before, c["stage_img"]):
-            save_preview(self.stage, st, *self.previews,
-                         self.run_dir / "samples" / f"{self.stage.name}-{c['stage_img'] // 1000:05d}kimg.png")
-            self.metrics.restart_clock()
+            with self.metrics.paused():
+                save_preview(self.stage, st, *self.previews,
+                             self.run_dir / "samples" / f"{self.stage.name}-{c['stage_img'] // 1000:05d}kimg.png")
         if within and crossed(self.ckpt_every, before, c["stage_img"]):
-            save_run(st, self.run_dir, self.loader)
-            self.metrics.restart_clock()
+            with self.metrics.paused():
+                save_run(st, self.run_dir, self.loader)
         return self.stop_after_steps is not None and self.steps_done >= self.stop_after_steps
 
     def log_row(self, row: dict) -> None:

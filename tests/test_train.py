@@ -349,3 +349,20 @@ def test_periodic_checkpoints_are_pruned(tmp_path):
     left = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
     assert left == ["ckpt-000003000.pt", "ckpt-000004000.pt", "ckpt-000005000.pt", "stage-ae.pt"]
     assert load_checkpoint(tmp_path)["n"] == 5
+
+
+def test_img_per_s_leaves_out_grids_and_checkpoints_but_keeps_their_interval_images(tmp_path, monkeypatch):
+    """A fake clock: 2 steps of 1 s each around a 5 s checkpoint are 2 batches in 2 s of training."""
+    from aegan_fast import train as train_module
+    now = [100.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
+    log = train_module.MetricsLog(tmp_path / "metrics.jsonl", "cpu")
+    now[0] += 1.0
+    log.add({"loss": torch.tensor(1.0)}, 16, 0.0)
+    with log.paused():
+        now[0] += 5.0
+    now[0] += 1.0
+    log.add({"loss": torch.tensor(3.0)}, 16, 0.0)
+    row = log.flush("ae", {"total_img": 32, "stage_img": 32, "step": 2})
+    assert row["img_per_s"] == pytest.approx(32 / 2.0)
+    assert row["losses"]["loss"] == pytest.approx(2.0)
