@@ -96,13 +96,19 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
                 torch.testing.assert_close(sa[i][k], sb[i][k], rtol=1e-5, atol=1e-7, msg=f"{net} {i} {k}")
 
 
-@pytest.mark.parametrize("stop_at", [2, 6, 10])  # inside stage 1, 2 and 3 (4 steps a stage)
-def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, image_folder, stop_at):
+def _straight_run(tmp_path, image_folder, **overrides):
+    """(data, config, a run trained without a stop, an empty folder for the interrupted twin)."""
     data = load_folder(image_folder, 64)
-    cfg = tiny_config()
+    cfg = tiny_config(**overrides)
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
     train(cfg, straight, progress=False, data=data)
+    return data, cfg, straight, split
+
+
+@pytest.mark.parametrize("stop_at", [2, 6, 10])  # inside stage 1, 2 and 3 (4 steps a stage)
+def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, image_folder, stop_at):
+    data, cfg, straight, split = _straight_run(tmp_path, image_folder)
 
     train(cfg, split, progress=False, data=data, stop_after_steps=stop_at)
     mid = load_checkpoint(split)["counters"]
@@ -126,11 +132,7 @@ def test_resume_in_stage_2_with_several_embedding_steps(tmp_path, image_folder):
 
 
 def test_ctrl_c_saves_the_step_it_reached_and_the_run_resumes_from_it(tmp_path, image_folder, monkeypatch):
-    data = load_folder(image_folder, 64)
-    cfg = tiny_config()
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    straight.mkdir(), split.mkdir()
-    train(cfg, straight, progress=False, data=data)
+    data, cfg, straight, split = _straight_run(tmp_path, image_folder)
 
     calls = []
 
