@@ -42,7 +42,7 @@ def report() -> list[tuple[str, list[tuple[str, str | None, str]]]]:
 
     env = [("aegan_fast", None, __version__), ("python", None, platform.python_version()),
            ("torch", None, f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")]
-    for dist in ("numpy", "pillow", "triton", "onnx", "onnxruntime", "tensorrt", "nvidia-dali-cuda130"):
+    for dist in ("numpy", "pillow", "triton", "onnx", "onnxruntime", "openvino", "tensorrt", "nvidia-dali-cuda130"):
         v = _version(dist)
         env.append((dist, None if v else "not installed", v or ""))
 
@@ -97,14 +97,17 @@ def data_rows(torch) -> list[tuple[str, str | None, str]]:
 
 
 def exporter_rows() -> list[tuple[str, str | None, str]]:
+    from .export.openvino_export import openvino_unavailable
     return [("onnx", _module("onnx"), ""), ("onnxruntime", _module("onnxruntime"), ""),
+            ("openvino", openvino_unavailable(), "--format openvino (IR from the ONNX export)"),
             ("tensorrt", _module("tensorrt"), "")]
 
 
 def sampler_rows(torch) -> list[tuple[str, str | None, str]]:
     """aegan_fast.sampling.Sampler backends, on the GPU when there is one, else on the CPU."""
     from .export.onnx_export import exporter
-    from .sampling import sampler_backends
+    from .export.openvino_export import cpu_has_bf16, openvino_unavailable
+    from .sampling import auto_backend, sampler_backends
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     details = {"torch": "eager, BatchNorm folded", "compile": "torch.compile, parity-checked against eager",
@@ -113,8 +116,13 @@ def sampler_rows(torch) -> list[tuple[str, str | None, str]]:
     if name and _module("onnxruntime") is None:
         import onnxruntime
         details["onnxruntime"] = f"providers {', '.join(onnxruntime.get_available_providers())}; export: {detail}"
-    return [(f"{backend} ({device})", reason, details.get(backend, ""))
+    if openvino_unavailable() is None:
+        details["openvino"] = ("bf16 (BF16 in the CPU's OPTIMIZATION_CAPABILITIES)" if cpu_has_bf16()
+                               else "fp32 (no BF16 in the CPU's OPTIMIZATION_CAPABILITIES)") + ", CPU only"
+    rows = [(f"{backend} ({device})", reason, details.get(backend, ""))
             for backend, reason in sampler_backends(device).items()]
+    chosen, why = auto_backend(device)
+    return rows + [(f"auto ({device})", None, f"{chosen}: {why}")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

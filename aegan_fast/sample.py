@@ -2,8 +2,9 @@
 
 z ~ U(-1, 1) → G_E → F → φ, in eval mode, with the EMA weights when the run kept them. ``--out``
 ending in ``/`` (or naming an existing folder) writes one PNG per image instead of a grid.
-``--ckpt`` also takes an exported ``.onnx`` or a TensorRT ``.plan``; every backend runs through
-``aegan_fast.sampling.Sampler``.
+``--ckpt`` also takes an exported ``.onnx``, an OpenVINO ``.xml`` or a TensorRT ``.plan``; every
+backend runs through ``aegan_fast.sampling.Sampler``, by default the fastest that runs here
+(``--backend auto``, which logs its choice).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from .checkpoint import resolve_checkpoint
 from .data import to_uint8
 from .errors import UserError, cli
+from .export.openvino_export import PRECISIONS
 from .sampling import BACKENDS, Sampler, path_kind
 from .viz import save_grid, save_png
 
@@ -23,15 +25,19 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="aegan-sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True,
-                   help="run directory (its latest checkpoint), a checkpoint file, an exported .onnx or a TensorRT .plan")
+                   help="run directory (its latest checkpoint), a checkpoint file, an exported .onnx, an OpenVINO "
+                        ".xml or a TensorRT .plan")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="grid.png, or DIR/ for one PNG per image")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="torch (eager, default for checkpoints), compile (torch.compile), onnxruntime (default for "
-                        ".onnx; exports a checkpoint on the fly), tensorrt (default for .plan)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default: the file's runtime, or for a checkpoint the fastest that runs here), torch "
+                        "(eager), compile (torch.compile), onnxruntime (exports a checkpoint on the fly), openvino "
+                        "(CPU; exports a checkpoint once, beside it), tensorrt")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="openvino only: bf16 where the CPU has it (auto), or force bf16/fp32")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--no-denoise", action="store_true", help="skip φ: show F(G_E(z)) as the denoiser sees it")
     args = p.parse_args(argv)
@@ -49,7 +55,7 @@ def main(argv=None) -> None:
         raise UserError("--no-ema applies to checkpoints; an exported model has its weights baked in")
 
     sampler = Sampler.load(args.ckpt, backend=args.backend, device=args.device, use_ema=not args.no_ema,
-                           denoise=not args.no_denoise)
+                           denoise=not args.no_denoise, precision=args.precision)
     images = sampler.sample(args.n, args.seed, args.batch, progress=True)
     if as_folder:
         out.mkdir(parents=True, exist_ok=True)

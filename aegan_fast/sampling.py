@@ -1,7 +1,7 @@
 """One runtime for every way of running the sampling chain, the ``Sampler``::
 
     from aegan_fast.sampling import Sampler
-    sampler = Sampler.load("runs/x", backend="compile")   # or a .onnx file, or a TensorRT .plan
+    sampler = Sampler.load("runs/x")                      # backend "auto"; or a .onnx, an OpenVINO .xml, a .plan
     images = sampler(z)                                   # z: N × z_dim in [-1, 1]; any N
     images = sampler.sample(64, seed=0)                   # the z the sample CLI draws for seed 0
 
@@ -15,8 +15,15 @@ Backends (``sampler_backends()`` says which work here, and the doctor prints it)
   against eager on its first call; a mismatch raises instead of returning wrong images;
 - ``onnxruntime``: an exported ONNX file, or a checkpoint exported on the fly; CPU provider, or
   the CUDA provider when onnxruntime has it and the device is a GPU;
+- ``openvino``: an OpenVINO IR (``python -m aegan_fast.export --format openvino``), or a checkpoint
+  exported once and kept beside it (``openvino/`` in its folder); CPU only, bf16 where OpenVINO's
+  CPU device lists BF16 among its OPTIMIZATION_CAPABILITIES, else fp32 (``precision="fp32"`` forces
+  fp32); the compiled model is cached beside the IR (CACHE_DIR), so a second load is fast;
 - ``tensorrt``: a serialized engine (``python -m aegan_fast.export --format tensorrt``), run with
-  ``execute_async_v3`` on torch CUDA buffers on the current stream, optionally from a CUDA graph.
+  ``execute_async_v3`` on torch CUDA buffers on the current stream, optionally from a CUDA graph;
+- ``auto`` (the default): the file's own runtime for an exported file (.onnx → onnxruntime, .xml →
+  openvino, .plan → tensorrt); for a checkpoint the fastest backend that runs here, from the measured
+  table AUTO_ORDER (figures beside it). ``sampler.description`` says which it chose and why.
 
 Any batch size works: the sampler splits z into chunks of the backend's largest batch (an
 engine's profile max, a fixed-batch ONNX's batch) and pads a short last chunk where the backend
@@ -25,6 +32,8 @@ needs a fixed or minimum batch. Images come back as float32 in [-1, 1] on z's de
 from __future__ import annotations
 
 import importlib.util
+import logging
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,7 +45,25 @@ from .device import pick_device
 from .errors import UserError
 from .models import SamplingChain, run_in_chunks, seeded_z
 
-BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino", "tensorrt")
+log = logging.getLogger(__name__)
+
+# What ``auto`` picks for a checkpoint: the first of these that runs on the device. A measured table,
+# not a measurement at load time (timing every backend at 512² costs minutes). 512² sampling, batch 8,
+# 2 cores with avx512_bf16 (no AMX), torch 2.13, medians, img/s (DESIGN.md §4 and the issue, 2026-12-01):
+# openvino bf16 7.2, openvino fp32 4.3, compile 3.4, onnxruntime 2.8–3.0, eager 1.6. OpenVINO is first on
+# x86 CPUs whether or not they have bf16 (its fp32 alone beat every other CPU backend); elsewhere its CPU
+# plugin is unmeasured here, so it comes after compile. compile goes before onnxruntime for its throughput,
+# although its first call compiles (~25 s per batch size at 512² cold, ~3 s warm). On CUDA: TensorRT (fp16
+# engines), then compile — not measured here (no GPU with TensorRT was available).
+AUTO_ORDER = {"cuda": ("tensorrt", "compile", "torch"),
+              "x86": ("openvino", "compile", "onnxruntime", "torch"),
+              "cpu": ("compile", "openvino", "onnxruntime", "torch")}
+AUTO_WHY = {"tensorrt": "TensorRT engines are the fastest on NVIDIA GPUs",
+            "openvino": "OpenVINO was the fastest CPU backend measured on x86 (bf16 where the CPU has it)",
+            "compile": "torch.compile was the fastest backend available here",
+            "onnxruntime": "ONNX Runtime was the fastest backend available here",
+            "torch": "no faster backend is available here"}
 # Parity bound of torch.compile against eager, per compute dtype (images in [-1, 1]).
 COMPILE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 
@@ -63,16 +90,45 @@ def sampler_backends(device: str | torch.device = "cpu") -> dict[str, str | None
             out["onnxruntime"] = "this onnxruntime build has no CUDAExecutionProvider (CPU provider only)"
         else:
             out["onnxruntime"] = None
+    from .export.openvino_export import openvino_unavailable
+    reason = openvino_unavailable()
+    if reason is None and device.type != "cpu":
+        reason = "OpenVINO runs on the CPU here (device cpu), not on CUDA"
+    elif reason is None and name is None:
+        reason = f"no ONNX exporter to build its IR from: {detail}"
+    out["openvino"] = reason
     from .export.trt import tensorrt_unavailable
     out["tensorrt"] = tensorrt_unavailable()
     return out
 
 
+def auto_backend(device: str | torch.device = "cpu", kind: str = "checkpoint") -> tuple[str, str]:
+    """(backend, why) that ``backend="auto"`` takes for a path of ``kind`` on ``device``."""
+    if kind != "checkpoint":
+        backend = {"onnx": "onnxruntime", "xml": "openvino", "plan": "tensorrt"}[kind]
+        return backend, f"a .{kind} file runs with {backend}"
+    device = torch.device(device)
+    avail = sampler_backends(device)
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    order = AUTO_ORDER["cuda" if device.type == "cuda" else "x86" if x86 else "cpu"]
+    skipped = []
+    for backend in order:
+        if avail.get(backend) is None:
+            why = AUTO_WHY[backend]
+            if skipped:
+                why += f" ({'; '.join(skipped)})"
+            return backend, why
+        skipped.append(f"{backend}: {avail[backend]}")
+    raise AssertionError("the torch backend always runs")
+
 def path_kind(path: Path) -> str:
-    """'onnx', 'plan' (a TensorRT engine) or 'checkpoint' (a run directory or checkpoint file)."""
+    """'onnx', 'xml' (an OpenVINO IR), 'plan' (a TensorRT engine) or 'checkpoint' (a run directory or
+    checkpoint file)."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnx"
+    if suffix == ".xml":
+        return "xml"
     if suffix in (".plan", ".engine", ".trt"):
         return "plan"
     return "checkpoint"
@@ -99,28 +155,53 @@ class Sampler:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, backend: str | None = None, device: str | torch.device = "auto", *,
+    def load(cls, path: str | Path, backend: str | None = "auto", device: str | torch.device = "auto", *,
              use_ema: bool = True, denoise: bool = True, fold: bool = True, dtype: torch.dtype = torch.float32,
              channels_last: bool = False, compile_mode: str | None = None, onnx_dtype: str = "fp32",
-             cuda_graph: bool = False) -> "Sampler":
-        """A sampler for ``path``: a run directory or checkpoint (backends torch, compile, onnxruntime —
-        exported on the fly), an ``.onnx`` file (onnxruntime) or a TensorRT ``.plan`` (tensorrt).
-        ``backend=None`` picks from the path (onnx → onnxruntime, plan → tensorrt, else torch).
+             precision: str = "auto", cuda_graph: bool = False) -> "Sampler":
+        """A sampler for ``path``: a run directory or checkpoint (backends torch, compile, onnxruntime and
+        openvino — exported on the fly, openvino's kept beside the checkpoint), an ``.onnx`` file
+        (onnxruntime), an OpenVINO ``.xml`` (openvino) or a TensorRT ``.plan`` (tensorrt).
+        ``backend="auto"`` (or None): the file's runtime, or for a checkpoint the fastest backend that runs
+        on the device (``auto_backend``; the choice and its reason are logged and in ``description``).
 
         torch/compile only: ``fold`` (BatchNorm folded, default), ``dtype`` (compute dtype), ``channels_last``,
         ``compile_mode`` (a torch.compile mode). onnxruntime from a checkpoint: ``onnx_dtype`` fp32|fp16.
-        tensorrt: ``cuda_graph``."""
+        openvino: ``precision`` auto (bf16 where the CPU has it) | bf16 | fp32. tensorrt: ``cuda_graph``."""
         path = Path(path).expanduser()
         kind = path_kind(path)
-        backend = backend or {"onnx": "onnxruntime", "plan": "tensorrt"}.get(kind, "torch")
+        backend = backend or "auto"
         if backend not in BACKENDS:
             raise UserError(f"unknown sampler backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if kind != "checkpoint" and not path.is_file():
             raise UserError(f"no file at {path}")
+        if kind == "xml" and str(device) == "auto":
+            device = "cpu"  # an OpenVINO IR runs on the CPU even where a GPU is visible
         dev = pick_device(str(device))
+        chosen = ""
+        if backend == "auto":
+            backend, why = auto_backend(dev, kind)
+            chosen = f"auto → {backend}: {why}"
         reason = sampler_backends(dev).get(backend)
         if reason:
             raise UserError(f"sampler backend {backend!r} is not available on {dev}: {reason}")
+        sampler = cls._load(path, kind, backend, dev, use_ema, denoise, fold, dtype, channels_last, compile_mode,
+                            onnx_dtype, precision, cuda_graph)
+        if chosen:
+            sampler.description = f"{sampler.description}; {chosen}"
+        log.info("sampler %s: %s", backend, sampler.description)
+        return sampler
+
+    @classmethod
+    def _load(cls, path, kind, backend, dev, use_ema, denoise, fold, dtype, channels_last, compile_mode, onnx_dtype,
+              precision, cuda_graph) -> "Sampler":
+        if kind == "xml" and backend != "openvino":
+            raise UserError(f"an OpenVINO IR runs with backend 'openvino', not {backend!r}")
+        if backend == "openvino":
+            if kind not in ("checkpoint", "xml"):
+                raise UserError(f"backend 'openvino' runs an OpenVINO .xml or a checkpoint, not a .{path.suffix[1:]} "
+                                f"file (`python -m aegan_fast.export --format openvino` writes one)")
+            return cls._load_openvino(path, kind, dev, use_ema, denoise, precision)
 
         if backend in ("torch", "compile"):
             if kind != "checkpoint":
@@ -157,6 +238,42 @@ class Sampler:
             desc += f", torch.compile(mode={compile_mode})"
         return cls(run, backend=backend, z_dim=cfg.model.z_dim, resolution=cfg.model.resolution, device=device,
                    denoise=denoise, description=desc, chain=chain)
+
+    @classmethod
+    def _load_openvino(cls, path, kind, device, use_ema, denoise, precision):
+        import time
+
+        from .export.openvino_export import cache_dir_for, cached_export, compile_ir, read_ir, resolve_precision
+
+        if device.type != "cpu":
+            raise UserError(f"backend 'openvino' runs on the CPU, not on {device}")
+        precision = resolve_precision(precision)  # before any export: a bad precision fails fast
+        xml = cached_export(path, use_ema=use_ema, denoise=denoise) if kind == "checkpoint" else path
+        model, meta = read_ir(xml)
+        if (meta.get("denoise") == "True") != denoise:
+            raise UserError(f"{xml.name} was exported with denoise={meta.get('denoise')}; export again to change it")
+        t0 = time.perf_counter()
+        try:
+            compiled = compile_ir(xml, precision, cache_dir_for(xml))
+        except Exception as e:
+            raise UserError(f"OpenVINO cannot compile {xml}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        compile_s = time.perf_counter() - t0
+        request = compiled.create_infer_request()
+
+        def run(z):
+            # share_outputs=False (the default) copies the output: the request reuses its buffer next call
+            y = request.infer({0: z.detach().to("cpu", torch.float32).contiguous().numpy()}, share_outputs=False)
+            return torch.from_numpy(y[0])
+
+        from_cache = bool(compiled.get_property("LOADED_FROM_CACHE"))
+        sampler = cls(run, backend="openvino", z_dim=int(meta["z_dim"]), resolution=int(meta["resolution"]),
+                      device=device, denoise=denoise,
+                      description=f"{precision}, {xml.name}, compiled in {compile_s:.1f} s"
+                                  f"{' (from the cache)' if from_cache else ''}, hint {compiled.get_property('PERFORMANCE_HINT')}, "
+                                  f"{compiled.get_property('NUM_STREAMS')} stream, "
+                                  f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads")
+        sampler.precision, sampler.ir_path, sampler.loaded_from_cache = precision, xml, from_cache
+        return sampler
 
     @classmethod
     def _load_onnxruntime(cls, path, kind, device, use_ema, denoise, onnx_dtype):

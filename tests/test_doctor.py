@@ -77,3 +77,27 @@ def test_help_and_bad_flags():
     with pytest.raises(SystemExit) as e:
         doctor.main(["--no-such-flag"])
     assert e.value.code == 2
+
+
+def test_openvino_and_auto_rows_follow_the_sampler(capsys, monkeypatch):
+    import aegan_fast.sampling as sampling
+    from aegan_fast.export import openvino_export
+
+    doctor.main([])
+    out = capsys.readouterr().out
+    want = sampling.sampler_backends("cpu")["openvino"]
+    ok, detail = _row(_section(out, "sampler backends"), "openvino (cpu)")
+    assert ok == (want is None) and (detail == want if want else "CPU only" in detail)
+    if want is None:
+        assert ("bf16" if openvino_export.cpu_has_bf16() else "fp32 (no BF16") in detail
+    assert _row(_section(out, "sampler backends"), "auto (cpu)") == (True, ": ".join(sampling.auto_backend("cpu")))
+    assert _row(_section(out, "exporters"), "openvino")[0] == (openvino_export.openvino_unavailable() is None)
+
+    why = "openvino made unavailable by this test"
+    monkeypatch.setattr(openvino_export, "openvino_unavailable", lambda: why)
+    doctor.main([])
+    out = capsys.readouterr().out
+    assert _row(_section(out, "sampler backends"), "openvino (cpu)") == (False, why)
+    assert _row(_section(out, "exporters"), "openvino") == (False, why)
+    ok, detail = _row(_section(out, "sampler backends"), "auto (cpu)")
+    assert ok and not detail.startswith("openvino") and f"openvino: {why}" in detail

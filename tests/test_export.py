@@ -320,6 +320,7 @@ def test_doctor_lists_sampler_backends():
     names = [name for name, _, _ in sections["sampler backends"]]
     assert any(n.startswith("torch") for n in names) and any(n.startswith("onnxruntime") for n in names)
     assert any(n.startswith("tensorrt") for n in names) and any(n.startswith("compile") for n in names)
+    assert any(n.startswith("openvino") for n in names) and any(n.startswith("auto") for n in names)
 
 
 # ---- export CLI argument checks and the TensorRT sidecar ----------------------------------------

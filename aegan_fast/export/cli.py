@@ -2,6 +2,8 @@
 
 ``--format onnx`` writes the folded sampling chain (z → image) as ONNX, checks it with
 onnx.checker and validates it with ONNX Runtime against the torch nets on random z.
+``--format openvino`` converts that fp32 ONNX to an OpenVINO IR (sampler.xml + sampler.bin, fp32
+weights; bf16 is chosen when the Sampler compiles it) and checks the IR against the torch nets.
 ``--format tensorrt`` does the same in fp16, then builds a TensorRT engine from that ONNX with a
 batch profile, a workspace limit and a timing cache, and writes a JSON sidecar beside it.
 """
@@ -13,19 +15,23 @@ from pathlib import Path
 from ..checkpoint import resolve_checkpoint
 from ..errors import CheckFailed, UserError, cli
 from .onnx_export import OPSET, export_checkpoint
+from .openvino_export import export_openvino, openvino_unavailable
 from .trt import build_engine, check_profile, make_sidecar, sidecar_path, tensorrt_unavailable, write_sidecar
 
 ONNX_SUFFIXES = (".onnx",)
+IR_SUFFIXES = (".xml",)
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aegan-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or a checkpoint file")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    p.add_argument("--out", required=True, help="sampler.onnx, or sampler.plan for --format tensorrt")
+    p.add_argument("--format", choices=("onnx", "openvino", "tensorrt"), default="onnx")
+    p.add_argument("--out", required=True,
+                   help="sampler.onnx, sampler.xml for --format openvino, or sampler.plan for --format tensorrt")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
-                   help="compute dtype of the graph (default: fp32 for onnx, fp16 for tensorrt)")
+                   help="compute dtype of the graph (default: fp32 for onnx, fp16 for tensorrt; openvino "
+                        "is always fp32 on disk and runs in bf16 where the CPU has it)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--batch", type=int, default=None, help="a fixed batch size")
     size.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (the default)")
@@ -53,12 +59,19 @@ def check_args(args) -> None:
         raise UserError(f"--opset {args.opset}: opset 17 or newer is needed")
     trt_flags = {"--min-batch": args.min_batch, "--opt-batch": args.opt_batch, "--max-batch": args.max_batch,
                  "--workspace-gb": args.workspace_gb, "--timing-cache": args.timing_cache, "--onnx": args.onnx}
-    if args.format == "onnx":
-        if out.suffix.lower() not in ONNX_SUFFIXES:
-            raise UserError(f"--out {args.out}: an ONNX file ends in .onnx")
+    if args.format in ("onnx", "openvino"):
+        suffixes, what = (ONNX_SUFFIXES, "an ONNX file") if args.format == "onnx" else (IR_SUFFIXES, "an OpenVINO IR")
+        if out.suffix.lower() not in suffixes:
+            raise UserError(f"--out {args.out}: {what} ends in {', '.join(suffixes)}")
         given = [flag for flag, v in trt_flags.items() if v is not None]
         if given:
             raise UserError(f"{', '.join(given)} only apply to --format tensorrt")
+        if args.format == "openvino":
+            if args.dtype not in (None, "fp32"):
+                raise UserError("--format openvino writes fp32 weights (bf16 is picked when it runs); leave out --dtype")
+            if args.batch is not None:
+                raise UserError("--format openvino keeps a dynamic batch (it measured faster than a fixed one); "
+                                "leave out --batch")
         return
     if out.suffix.lower() not in PLAN_SUFFIXES:
         raise UserError(f"--out {args.out}: a TensorRT engine ends in {', '.join(PLAN_SUFFIXES)}")
@@ -97,7 +110,17 @@ def main(argv=None) -> None:
         reason = tensorrt_unavailable()
         if reason:
             raise UserError(f"--format tensorrt: {reason}")
+    if args.format == "openvino":
+        reason = openvino_unavailable()
+        if reason:
+            raise UserError(f"--format openvino: {reason} (pip install -r requirements.txt)")
     resolve_checkpoint(args.ckpt)
+    if args.format == "openvino":
+        rep = export_openvino(args.ckpt, out, opset=args.opset, use_ema=not args.no_ema, denoise=not args.no_denoise)
+        print(f"wrote {out} + {out.with_suffix('.bin').name} (OpenVINO IR, fp32 weights, dynamic batch, "
+              f"{_size(out.with_suffix('.bin'))}); OpenVINO fp32 vs torch: max abs diff {rep['max_abs_diff']:.2e} "
+              f"(bound {rep['tolerance']:g}); ONNX Runtime vs torch {rep['onnx_max_abs_diff']:.2e}")
+        return
 
     onnx_out = out if args.format == "onnx" else (Path(args.onnx) if args.onnx else out.with_suffix(".onnx"))
     # A fixed-batch engine is built from a fixed-batch ONNX; a profile needs the dynamic one.
