@@ -24,7 +24,7 @@ from .models import ModelConfig
 STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (aegan_fast/stages.py has "direct" too)
 LOSSES = ("bce", "hinge", "lsgan")
 # Where and how a run executes, not what it trains: these may differ when a run is resumed.
-RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb")
+RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile")
 
 
 @dataclass
@@ -58,6 +58,11 @@ class TrainConfig:
     eval_n: int = 256                # images per set for those metrics
     ops: str = "auto"               # fused-op backend: auto | reference | cpp | cuda | triton
     device: str = "auto"            # cpu, cuda, cuda:1, ... (auto: cuda when available)
+    # Activations' dtype in a step: auto (bf16 where the device has native bf16, else fp32) | fp32 |
+    # bf16 | fp16 (GPU only). Weights, Adam state, BN statistics, losses and EMA stay fp32 (precision.py).
+    precision: str = "auto"
+    channels_last: bool | None = None  # activations and weights in channels_last (default: with bf16/fp16)
+    compile: str = "auto"           # torch.compile each net's forward: on | off | auto (where measured faster)
     data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
     loader: str = "auto"             # auto | torch | dali (aegan_fast/data/loaders.py)
     loader_workers: int = 2          # loader threads (torch) or DALI CPU threads
@@ -163,7 +168,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kw = dict(dest=name, default=argparse.SUPPRESS, help=helps[cls].get(f.name))
         origin, args = typing.get_origin(t), typing.get_args(t)
-        if t is bool:
+        if t is bool or set(args) == {bool, type(None)}:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif origin is dict:
             group.add_argument(flag, nargs="+", type=_key_value(args[1]), metavar="KEY=VALUE", **kw)

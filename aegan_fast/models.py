@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as nnf
 from tqdm import tqdm
 
 from .ops import BatchNormAct2d, BatchNormAddAct2d
@@ -65,14 +66,31 @@ def _log2(n: int) -> int:
     return int(round(math.log2(n)))
 
 
+class ReflectConv2d(nn.Conv2d):
+    """nn.Conv2d(padding_mode="reflect") whose padding keeps its input's dtype under autocast.
+    CPU autocast lists reflection_pad2d among its fp32 ops: every bf16 activation would be copied to
+    fp32 for the pad and back to bf16 for the convolution (two casts per conv, measured)."""
+
+    def __init__(self, channels_in: int, channels_out: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True):
+        super().__init__(channels_in, channels_out, kernel_size, stride, padding, padding_mode="reflect", bias=bias)
+
+    def _conv_forward(self, input, weight, bias):
+        if not torch.is_autocast_enabled(input.device.type):
+            return super()._conv_forward(input, weight, bias)
+        with torch.autocast(input.device.type, enabled=False):
+            padded = nnf.pad(input, self._reversed_padding_repeated_twice, mode="reflect")
+        return nnf.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
 class ResBlock(nn.Module):
     """reflect-pad conv3×3 → BN → act → reflect-pad conv3×3 → BN, plus identity."""
 
     def __init__(self, channels: int, activation: str = "relu", negative_slope: float = 0.2):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, padding_mode="reflect", bias=False)
+        self.conv1 = ReflectConv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn1 = BatchNormAct2d(channels, activation, negative_slope)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, padding_mode="reflect", bias=False)
+        self.conv2 = ReflectConv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = BatchNormAddAct2d(channels, "identity")
 
     def forward(self, x):

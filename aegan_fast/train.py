@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import ops
+from . import precision as precisions
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (LOSSES, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides,
                      config_overrides, dict_fields, preset)
@@ -47,6 +48,8 @@ log = logging.getLogger("aegan_fast.train")
 
 # The flags README documents, kept as aliases of the generated ones: (flag, dotted field, how the
 # value lands there, argparse keywords).
+COMPILE_CHOICES = ("auto", "on", "off")
+
 ALIASES = [
     ("--resolution", "model.resolution", None, dict(type=int, help="alias of --model.resolution")),
     *[(f"--kimg-{s}", "kimg", lambda v, s=s: [(s, v)], dict(type=float, help=f"alias of --kimg {s}=KIMG"))
@@ -119,7 +122,8 @@ def validate(cfg: TrainConfig) -> None:
         if key not in ("H", "F", "G_E", "D_E", "phi", "D_R"):
             raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")
     for flag, value, choices in (("--loss", cfg.loss, LOSSES), ("--ops", cfg.ops, ("auto",) + ops.BACKENDS),
-                                 ("--loader", cfg.loader, LOADERS)):
+                                 ("--loader", cfg.loader, LOADERS), ("--precision", cfg.precision, precisions.PRECISIONS),
+                                 ("--compile", cfg.compile, COMPILE_CHOICES)):
         if value not in choices:
             raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -317,11 +321,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def step_precision(cfg: TrainConfig, device) -> precisions.Precision:
+    try:
+        return precisions.resolve(cfg.precision, cfg.channels_last, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def new_state(cfg: TrainConfig, data: ImageSet, device) -> TrainState:
     """Fresh nets and optimizers, everything seeded from cfg.seed."""
     data_gen = seed_everything(cfg.seed)
-    nets = build_nets(cfg.model).to(device)
-    st = TrainState(cfg, nets, make_optimizers(nets, cfg), data, data_gen, device)
+    precision = step_precision(cfg, device)
+    nets = precision.prepare(build_nets(cfg.model).to(device))
+    st = TrainState(cfg, nets, make_optimizers(nets, cfg), data, data_gen, device, precision,
+                    precision.grad_scaler())
     st.counters["stage"] = cfg.stages[0]
     return st
 
@@ -430,6 +443,7 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
     log.info("data: %d images from %s (%d unreadable skipped)", len(data), data.source, data.skipped)
 
     st = new_state(cfg, data, device)
+    log.info("precision: %s", st.precision.describe())
     state = load_checkpoint(run_dir, map_location=device) if resume else None
     if state is not None:
         restore(st, state)
