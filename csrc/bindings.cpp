@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -167,6 +168,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
         py::arg("var"), py::arg("training"), py::arg("eps"), py::arg("act"), py::arg("slope"), py::arg("want_dres"),
         py::arg("dx") = py::none());
+  m.def("cpu_isa", [] { return std::string(cpu::cpu_isa()); },
+        "the instruction set the CPU kernels run with: base, avx2 or avx512");
+  m.def("best_cpu_isa", [] { return std::string(cpu::best_cpu_isa()); },
+        "the best instruction set this CPU supports for the CPU kernels");
+  m.def("set_cpu_isa", [](const std::string& name) {
+          const std::string before = cpu::cpu_isa();
+          TORCH_CHECK_VALUE(cpu::set_cpu_isa(name.c_str()), "aegan_fast cpp ops: instruction set must be one of base, "
+                            "avx2, avx512 and at most ", cpu::best_cpu_isa(), " on this CPU, got '", name, "'");
+          return before;
+        }, "run the CPU kernels with this instruction set (tests); returns the previous one", py::arg("name"));
   // The activation codes of bn_params.h, for the test that the Python table agrees.
   py::dict codes;
   codes["identity"] = int(aegan_fast::Act::kIdentity);

@@ -61,6 +61,15 @@ struct BnBackwardOut {
 // The whole backward: reduction pass (+ apply pass in training mode).
 void bn_backward(const BnParams& p, const BnBackwardArgs& a, const BnBackwardOut& o);
 
+// ---- instruction set --------------------------------------------------------------------------
+// The kernels are compiled for baseline x86-64, AVX2 and AVX-512 (F, BW, VL, DQ) and the best one the
+// CPU supports runs ("base" only off x86 or with a compiler other than GCC). AEGAN_CPU_ISA=base|avx2
+// |avx512 in the environment caps the choice at start; set_cpu_isa changes it (tests compare the
+// paths) and returns false, changing nothing, for an unknown name or one this CPU cannot run.
+const char* cpu_isa();       // the one in use
+const char* best_cpu_isa();  // the best this CPU supports
+bool set_cpu_isa(const char* name);
+
 // ---- storage conversion (exposed for the C++ tests) -------------------------------------------
 float bf16_to_float(uint16_t h);
 uint16_t float_to_bf16(float f);  // round to nearest even, NaN -> quiet NaN (as c10::BFloat16)
