@@ -18,6 +18,16 @@ def bn_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optio
                 dx: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dres, dweight, dbias); dweight / dbias are fp32 sums; dres is empty unless want_dres."""
 
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with: 'base', 'avx2' or 'avx512'."""
+
+def best_cpu_isa() -> str:
+    """The best one this CPU supports (AEGAN_CPU_ISA in the environment caps the start-up choice)."""
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels with ``name`` (tests); returns the previous one. ValueError for an unknown name
+    or one above best_cpu_isa()."""
+
 # CUDA builds only (with_cuda): the same contract on CUDA tensors.
 def cuda_bn_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
