@@ -258,17 +258,15 @@ class Sampler:
         except Exception as e:
             raise UserError(f"OpenVINO cannot compile {xml}: {type(e).__name__}: {e}".splitlines()[0]) from None
         compile_s = time.perf_counter() - t0
-        request = compiled.create_infer_request()
 
         def run(z):
-            # share_outputs=False (the default) copies the output: the request reuses its buffer next call
-            y = request.infer({0: z.detach().to("cpu", torch.float32).contiguous().numpy()}, share_outputs=False)
-            return torch.from_numpy(y[0])
+            return torch.from_numpy(compiled.infer(z.detach().to("cpu", torch.float32).contiguous().numpy()))
 
-        from_cache = bool(compiled.get_property("LOADED_FROM_CACHE"))
+        from_cache = compiled.loaded_from_cache
         sampler = cls(run, backend="openvino", z_dim=int(meta["z_dim"]), resolution=int(meta["resolution"]),
                       device=device, denoise=denoise,
-                      description=f"{precision}, {xml.name}, compiled in {compile_s:.1f} s"
+                      description=f"{precision}{' (G_E in fp32)' if compiled.split else ''}, {xml.name}, "
+                                  f"compiled in {compile_s:.1f} s"
                                   f"{' (from the cache)' if from_cache else ''}, hint {compiled.get_property('PERFORMANCE_HINT')}, "
                                   f"{compiled.get_property('NUM_STREAMS')} stream, "
                                   f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads")

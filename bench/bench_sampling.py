@@ -1,12 +1,18 @@
 """512×512 sampling benchmark (issue 5): latency at batch 1, throughput at batch 8 and 32, for every
 Sampler backend that runs here, with parity against eager checked in the same run.
 
-    nice -n 10 .venv/bin/python bench/bench_sampling.py [--resolution 512] [--reps 3 2 1] [--json out.json]
+    nice -n 10 .venv/bin/python bench/bench_sampling.py [--resolution 512] [--batches 1 8 32] [--rounds 3]
+        [--backends eager,openvino-bf16] [--json out.json]
+
+For the suite (``python -m bench``): ``sampler_cases(resolution, batch)`` → {row name: zero-arg callable
+sampling one batch}, the eager fp32 baseline included, every callable already warmed up.
 
 CPU rows: ``eager`` (the nets as trained, BatchNorm through aegan_fast.ops, what `sample` ran
 before the Sampler: the baseline of every ratio), ``eager-folded`` (BatchNorm folded into the
 convs), ``compile`` (torch.compile of the folded chain, inductor defaults — never freezing=True),
-``onnxruntime`` (CPU provider, fp32 ONNX of the folded chain, exported in this run).
+``onnxruntime`` (CPU provider, fp32 ONNX of the folded chain, exported in this run), ``openvino-fp32``
+and ``openvino-bf16`` (the IR exported in this run; bf16 only where OpenVINO's CPU lists BF16), and
+``auto`` (what Sampler ``backend="auto"`` picks here; its description says which).
 GPU rows, only with a CUDA device (else skipped with the reason): eager fp32, eager bf16 +
 channels_last (folded), compile fp32, onnxruntime CUDA provider where the installed onnxruntime has
 it, at batch 1 and 32.
@@ -16,22 +22,27 @@ redrawn so images fill [-1, 1] without saturating (convs N(0, 1/fan_in), non-tri
 statistics), so the parity figures mean something; at the DCGAN init the output is ~0.005 and
 any parity check would pass vacuously. Speed does not depend on the values.
 
-Each (backend, batch) is warmed up once (compiles, allocates), then timed ``reps`` times; medians.
-Parity: max |backend(z) − eager(z)| on the timed batch itself. These machines vary 10–30 % run to
-run, so compare ratios within one run. Heavy on 2 cores (one 512² sample ≈ 49 GFLOP): the default
-reps are few.
+Each (backend, batch) is warmed up once (compiles, allocates), then timed for ``rounds`` rounds,
+interleaved: every round times every backend once, eager fp32 included, so load from other processes
+falls on all of them alike; a 1 s pause before each timing lets the previous backend's thread pool
+(onnxruntime's, OpenMP's, OpenVINO's) stop spinning. Medians. Parity: max |backend(z) − eager(z)| and
+PSNR against eager on the timed batch itself. These machines vary 10–30 % run to run, so compare
+ratios within one run. Heavy on 2 cores (one 512² sample ≈ 49 GFLOP): the default rounds are few.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,14 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from aegan_fast import ops  # noqa: E402
 from aegan_fast.config import TrainConfig  # noqa: E402
+from aegan_fast.metrics.recon import psnr  # noqa: E402
 from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
 from aegan_fast.sampling import Sampler, sampler_backends  # noqa: E402
 from tests.weights import lively_weights  # noqa: E402  (a test helper: weights whose images vary)
 
 BATCHES = (1, 8, 32)
-
-
-
 
 def make_checkpoint(folder: Path, resolution: int) -> Path:
     cfg = TrainConfig(model=ModelConfig(resolution=resolution), device="cpu")
@@ -79,12 +88,22 @@ def _runnable(makers: dict, backend_of: dict, device: str, only: set[str] | None
 
 def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
     """name → a function building that sampler, for the backends that run here."""
-    return _runnable({
+    from aegan_fast.export.openvino_export import cpu_has_bf16, openvino_unavailable
+
+    makers = {
         "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", fold=False),
         "eager-folded": lambda: Sampler.load(ckpt, backend="torch", device="cpu"),
         "compile": lambda: Sampler.load(ckpt, backend="compile", device="cpu"),
         "onnxruntime": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cpu"),
-    }, {"eager": "torch", "eager-folded": "torch"}, "cpu", only)
+        "openvino-fp32": lambda: Sampler.load(ckpt, backend="openvino", device="cpu", precision="fp32"),
+        "openvino-bf16": lambda: Sampler.load(ckpt, backend="openvino", device="cpu", precision="bf16"),
+        "auto": lambda: Sampler.load(ckpt, backend="auto", device="cpu"),
+    }
+    if openvino_unavailable() is None and not cpu_has_bf16():
+        print("  skip openvino-bf16: this CPU lists no BF16 in OpenVINO's OPTIMIZATION_CAPABILITIES")
+        del makers["openvino-bf16"]
+    return _runnable(makers, {"eager": "torch", "eager-folded": "torch", "openvino-fp32": "openvino",
+                              "openvino-bf16": "openvino", "auto": "torch"}, "cpu", only)
 
 
 def gpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
@@ -97,66 +116,107 @@ def gpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
     }, {"eager": "torch", "eager-bf16-cl": "torch", "onnxruntime-cuda": "onnxruntime"}, "cuda", only)
 
 
-def run(device: torch.device, makers: dict, batches, reps: dict[int, int], z_dim: int) -> list[dict]:
-    """All samplers are built first; at each batch size each backend is warmed up once, then timed
-    ``reps`` times in a block, backend after backend. Not interleaved rep by rep: on 2 cores a thread
-    pool still spinning after its run (onnxruntime's, OpenMP's) slows the next backend down."""
+def build(makers: dict) -> tuple[dict, dict]:
     samplers, load_s = {}, {}
     for name, make in makers.items():
         t0 = time.perf_counter()
         samplers[name] = make()
         load_s[name] = time.perf_counter() - t0
         print(f"  loaded {name} in {load_s[name]:.1f} s: {samplers[name].description}", flush=True)
+    return samplers, load_s
+
+
+def run(device: torch.device, makers: dict, batches, rounds: int, z_dim: int) -> list[dict]:
+    """All samplers are built first; at each batch size each backend is warmed up once, then the
+    backends are timed round by round (interleaved), a pause before each timing."""
+    samplers, load_s = build(makers)
     rows = []
     for n in batches:
         z = sample_z(n, z_dim, torch.Generator().manual_seed(n)).to(device)
         outs, times = {}, {name: [] for name in samplers}
         for name, sampler in samplers.items():
-            time.sleep(1.0)  # let the previous backend's thread pool stop spinning
+            time.sleep(1.0)
             t0 = time.perf_counter()
-            sampler(z)  # warm-up: compile (and parity-check), allocate, first touch
+            outs[name] = sampler(z).float().cpu()  # warm-up: compile (and parity-check), allocate, first touch
             _sync(device)
             print(f"  warm-up {name} batch {n}: {time.perf_counter() - t0:.1f} s", flush=True)
-            for _ in range(reps[n]):
+        for _ in range(rounds):
+            for name, sampler in samplers.items():
+                time.sleep(1.0)  # let the previous backend's thread pool stop spinning
                 t0 = time.perf_counter()
-                out = sampler(z)
+                sampler(z)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
-            outs[name] = out.float().cpu()
         reference = outs.get("eager")
         for name in samplers:
             med = statistics.median(times[name])
             parity = (outs[name] - reference).abs().max().item() if reference is not None else float("nan")
+            db = psnr(outs[name], reference) if reference is not None else float("nan")
             rows.append({"device": device.type, "backend": name, "batch": n, "median_s": med, "img_per_s": n / med,
-                         "times_s": times[name], "max_abs_diff_vs_eager": parity, "load_s": load_s[name],
-                         "description": samplers[name].description})
+                         "times_s": times[name], "max_abs_diff_vs_eager": parity, "psnr_vs_eager_db": db,
+                         "load_s": load_s[name], "description": samplers[name].description})
             print(f"  {name:<16} batch {n:>3}: median {med * 1e3:9.1f} ms  {n / med:6.2f} img/s  "
-                  f"|Δ eager| {parity:.2e}  ({len(times[name])} reps)", flush=True)
+                  f"|Δ eager| {parity:.2e}  PSNR {db:5.1f} dB  ({len(times[name])} rounds)", flush=True)
     base = {r["batch"]: r["img_per_s"] for r in rows if r["backend"] == "eager"}
     for r in rows:
         r["ratio_vs_eager"] = r["img_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
     return rows
 
 
+_CASES: dict[tuple, dict] = {}  # (resolution, device) → {name: Sampler}, built once per process
+
+
+def sampler_cases(resolution: int = 512, batch: int = 8, *, device: str = "cpu",
+                  backends: set[str] | None = None) -> dict[str, Callable[[], torch.Tensor]]:
+    """{row name: zero-arg callable sampling ``batch`` images} for every sampler backend that runs on
+    ``device`` (``backends`` narrows it; ``eager``, the nets as trained in fp32 — the baseline of every
+    ratio — is always there), on lively paper-size nets at ``resolution``. The samplers are built once
+    per (resolution, device) and process (exports, compiles) and each callable is warmed up at this
+    batch before it is returned, so timing a call times sampling only. For ``python -m bench``."""
+    key = (resolution, device)
+    if key not in _CASES:
+        tmp = Path(tempfile.mkdtemp(prefix="aegan-bench-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        ckpt = make_checkpoint(tmp, resolution)
+        only = backends | {"eager"} if backends else None
+        makers = cpu_samplers(ckpt, only) if device == "cpu" else gpu_samplers(ckpt, only)
+        _CASES[key] = build(makers)[0]
+    samplers = {name: s for name, s in _CASES[key].items() if not backends or name in backends | {"eager"}}
+    z = sample_z(batch, ModelConfig().z_dim, torch.Generator().manual_seed(batch)).to(device)
+    dev = torch.device(device)
+
+    def case(sampler):
+        def call():
+            out = sampler(z)
+            _sync(dev)
+            return out
+        return call
+
+    cases = {name: case(s) for name, s in samplers.items()}
+    for call in cases.values():
+        call()
+    return cases
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| device | backend | batch | median | img/s | × eager | max abs diff vs eager |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| device | backend | batch | median | img/s | × eager | max abs diff vs eager | PSNR vs eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['device']} | {r['backend']} | {r['batch']} | {r['median_s'] * 1e3:.0f} ms | "
-                     f"{r['img_per_s']:.2f} | {r['ratio_vs_eager']:.2f} | {r['max_abs_diff_vs_eager']:.1e} |")
+                     f"{r['img_per_s']:.2f} | {r['ratio_vs_eager']:.2f} | {r['max_abs_diff_vs_eager']:.1e} | "
+                     f"{r['psnr_vs_eager_db']:.1f} dB |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--reps", type=int, nargs=3, default=(3, 3, 1), metavar=("B1", "B8", "B32"),
-                   help="timed repetitions at batch 1, 8 and 32 (after one warm-up each)")
+    p.add_argument("--batches", type=int, nargs="+", default=BATCHES, help="batch sizes (default 1 8 32)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per batch size (after one warm-up)")
     p.add_argument("--backends", default=None, help="comma-separated subset, e.g. eager,compile")
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
-    reps = dict(zip(BATCHES, args.reps))
     only = set(args.backends.split(",")) | {"eager"} if args.backends else None
 
     print(f"# sampling benchmark R={args.resolution}  {datetime.date.today()}  torch {torch.__version__}  "
@@ -169,13 +229,13 @@ def main(argv=None) -> None:
         z_dim = ModelConfig().z_dim
         if args.device in ("cpu", "all"):
             print("cpu:")
-            rows += run(torch.device("cpu"), cpu_samplers(ckpt, only), BATCHES, reps, z_dim)
+            rows += run(torch.device("cpu"), cpu_samplers(ckpt, only), args.batches, args.rounds, z_dim)
         if args.device in ("cuda", "all"):
             if not torch.cuda.is_available():
                 print("cuda: skipped, no CUDA device visible to torch")
             else:
                 print(f"cuda: {torch.cuda.get_device_name()}")
-                rows += run(torch.device("cuda"), gpu_samplers(ckpt, only), (1, 32), reps, z_dim)
+                rows += run(torch.device("cuda"), gpu_samplers(ckpt, only), args.batches, args.rounds, z_dim)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on these cores slow every row)")
     print(table(rows))
     for device in sorted({r["device"] for r in rows}):

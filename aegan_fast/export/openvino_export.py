@@ -106,29 +106,118 @@ def cache_dir_for(xml: str | Path) -> Path:
     return xml.with_name(xml.stem + ".ov-cache")
 
 
-# Performance hints, measured at 512², lively paper-size nets, on 2 cores with avx512_bf16 (no AMX),
-# OpenVINO 2026.4.1, medians of 3 rounds interleaved (/tmp helper script, 2026-12-02):
-# see HINTS_MEASURED in the Sampler; the single-request LATENCY configuration (1 stream, every core)
-# was the fastest for batch 8 too, so one compiled model serves both.
+# Performance hints, measured at 512² on lively paper-size nets, 2 cores with avx512_bf16 (no AMX),
+# OpenVINO 2026.4.1, bf16, medians of 3 interleaved rounds on a quiet machine (2026-12-02):
+#   batch 8: LATENCY (1 stream, 2 threads) dynamic batch 1500 ms; LATENCY with the batch fixed to 8
+#   1389 ms; THROUGHPUT (2 streams) with the batch split over 2 async requests 1401 ms (1340 ms with a fixed
+#   batch of 4); LATENCY without CPU pinning 1480 ms; the default THROUGHPUT hint with one request 3224 ms
+#   (it gives each stream one core);
+#   batch 1: LATENCY dynamic 195 ms, fixed batch 178 ms, LATENCY on 1 thread 363 ms.
+# The fixed-batch and split variants gained 4–12 %, within these machines' run-to-run spread and at the
+# price of a compile per batch size, so one LATENCY model with a dynamic batch and every core serves
+# both; INFERENCE_NUM_THREADS follows torch's thread count.
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}
 
 
-def compile_ir(model, precision: str, cache_dir: Path | None = None, threads: int | None = None):
-    """``model`` (an ov.Model, or an IR's path: then a cached blob is found without reading the IR)
-    compiled for the CPU at ``precision`` ('bf16' | 'fp32', already resolved)."""
-    config = {**COMPILE_CONFIG, "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
-              "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
-    if cache_dir is not None:
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(cache_dir)
-        except OSError:
-            pass  # a read-only place: compile every time rather than fail
-    return _core().compile_model(str(model) if isinstance(model, Path) else model, "CPU", config)
+def _embedding_cut(model):
+    """G_E's output (its final tanh: the first Tanh of the chain, N × C × R/16 × R/16), or None."""
+    res = int(model.get_rt_info([RT_KEY, "resolution"]).astype(str)) if model.has_rt_info([RT_KEY, "resolution"]) else None
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Tanh":
+            shape = op.get_output_partial_shape(0)
+            if res and shape.rank.get_length() == 4 and shape[2].is_static and shape[2].get_length() == res // 16:
+                return op
+            return None
+    return None
 
 
-def run_compiled(compiled, z: np.ndarray) -> np.ndarray:
-    return compiled.create_infer_request().infer({0: z})[0]
+def _split_at_embedding(model):
+    """(z → embedding, embedding → image) sub-models of the chain, or None when no cut is found."""
+    import openvino as ov
+
+    if _embedding_cut(model) is None:
+        return None
+    head_src = model.clone()
+    cut = _embedding_cut(head_src)
+    head = ov.Model([ov.opset13.result(cut.output(0))], head_src.get_parameters(), "G_E")
+    tail_src = model.clone()
+    cut = _embedding_cut(tail_src)
+    emb = ov.opset13.parameter(cut.output(0).get_partial_shape(), ov.Type.f32, name="embedding")
+    for target in list(cut.output(0).get_target_inputs()):
+        target.replace_source_output(emb.output(0))
+    return head, ov.Model(tail_src.get_results(), [emb], "F_phi")
+
+
+def _bf16_out(model):
+    """The same model with a bf16 output tensor: OpenVINO's CPU plugin keeps the graph's tail after the
+    last Convolution in fp32 unless the output is bf16 itself, which here was φ's whole ConvTranspose
+    decoder (658 of 1543 ms at 512², batch 8: 1500 → ~1070 ms with it in bf16, PSNR unchanged)."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.output(0).tensor().set_element_type(ov.Type.bf16)
+    return ppp.build()
+
+
+def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    """OpenVINO hands bf16 out as 16-bit words (shown as float16): widen them to the float32 they are."""
+    return (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+class CompiledChain:
+    """The chain compiled for the CPU. fp32: one model. bf16: G_E in fp32 (0.7 of 49 GFLOP at 512²)
+    and F∘φ in bf16 with a bf16 output — with G_E in bf16 too its 2 % embedding error took the 512²
+    samples to 27.5 dB PSNR against fp32 (lively nets); with G_E in fp32 they are at 36–38.5 dB, within
+    the ≥ 35 dB bound. ``infer(z)`` takes and returns float32 numpy arrays (a fresh output each call)."""
+
+    def __init__(self, model, precision: str, cache_dir: Path | None = None, threads: int | None = None):
+        self.precision = precision
+        config = {**COMPILE_CONFIG, "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+        if cache_dir is not None:
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache_dir)
+            except OSError:
+                pass  # a read-only place: compile every time rather than fail
+        core = _core()
+        if precision == "fp32":
+            # From the IR's path a cached blob is found without reading the IR.
+            self.parts = [core.compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                             {**config, "INFERENCE_PRECISION_HINT": "f32"})]
+            self.split = False
+        else:
+            model = core.read_model(str(model)) if isinstance(model, Path) else model
+            halves = _split_at_embedding(model)
+            self.split = halves is not None
+            head, tail = halves if halves else (None, model)
+            self.parts = ([core.compile_model(head, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"})] if head
+                          else []) + [core.compile_model(_bf16_out(tail), "CPU", {**config, "INFERENCE_PRECISION_HINT": "bf16"})]
+        self.requests = [c.create_infer_request() for c in self.parts]
+
+    def infer(self, z: np.ndarray) -> np.ndarray:
+        x = z
+        for request in self.requests:
+            # share_outputs=False (the default) copies: a request reuses its output buffer on the next call
+            x = request.infer({0: x}, share_outputs=False)[0]
+        return _bf16_to_f32(x) if self.precision == "bf16" else x
+
+    def get_property(self, name: str):
+        return self.parts[-1].get_property(name)
+
+    @property
+    def loaded_from_cache(self) -> bool:
+        return all(bool(c.get_property("LOADED_FROM_CACHE")) for c in self.parts)
+
+
+def compile_ir(model, precision: str, cache_dir: Path | None = None, threads: int | None = None) -> CompiledChain:
+    """``model`` (an ov.Model or an IR's path) compiled for the CPU at ``precision`` ('bf16' | 'fp32',
+    already resolved), the blobs cached in ``cache_dir`` when given."""
+    return CompiledChain(model, precision, cache_dir, threads)
+
+
+def run_compiled(compiled: CompiledChain, z: np.ndarray) -> np.ndarray:
+    return compiled.infer(z)
 
 
 def save_ir(model, out: Path) -> None:
