@@ -29,8 +29,10 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The suite: one table, one bench/results/<date>-<host>.json (ARGS=--quick for ~2 minutes). The
+# pytest-benchmark files still run on their own: $(PY) -m pytest -q bench --benchmark-only
 bench: setup
-	$(PY) -m pytest -q bench --benchmark-only
+	$(PY) -m bench $(ARGS)
 
 doctor: setup
 	$(PY) -m aegan_fast.doctor

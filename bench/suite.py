@@ -1,0 +1,423 @@
+"""The benchmark suite behind ``python -m bench``: one process, one table, one JSON file per run.
+
+Sections, in order (``--only`` picks some; ``peaks`` and ``features`` always run, every fraction of
+peak needs them and they cost seconds):
+
+    peaks     this machine's measured peaks, in this run: copy bandwidth (dst.copy_(src), read + write),
+              fp32 and bf16 matmul 2048², conv 3×3 64→64 N16 64×64 forward fp32 NCHW and bf16
+              channels_last. A peak is the best of its rounds (a best case; a median on a loaded
+              machine undercounts it); the table shows medians like every other row.
+    features  what torch and the OS say about the CPU (named, never chosen by here)
+    ops       the fused BN ops forward + backward, fp32 NCHW and bf16 channels_last (bench_ops.py)
+    loaders   images/s of the data loaders at R=128 (bench_loaders.py)
+    steps     a training step of each stage, eager fp32 reference vs the default fast path
+              (bench_train_step.py)
+    sampling  batch 8 and batch 1 for every sampler backend that runs here vs eager fp32
+              (bench_sampling.py)
+
+Within a section every row runs once to warm up, then the rows take turns round by round with their
+baseline, so load from other processes falls on all alike; compare ratios within one run (absolute
+times on these shared machines are noise). A row that cannot run here says why; a row that fails is
+reported in the table and the suite goes on, exiting 1 at the end.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the bench_*.py modules import tests.weights and aegan_fast from the checkout
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Case:
+    """One row to time. ``fn`` does ``work`` units of ``unit`` per call (img, FLOP or B); a
+    ``self_timed`` fn returns its own seconds per call (a loader times a steady window)."""
+    name: str
+    fn: Callable[[], object]
+    work: float
+    unit: str
+    baselines: tuple[str, ...] = ()
+    note: str = ""
+    self_timed: bool = False
+    peaks: tuple[str, ...] | None = None   # the measured peaks its rate is a fraction of (None: by unit)
+    warmed: bool = False                   # already called once (by whoever built it)
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    status: str                       # ok | skipped | error
+    note: str = ""
+    unit: str = ""
+    work: float = 0.0
+    samples_s: list[float] = field(default_factory=list)
+    median_s: float = math.nan
+    best_s: float = math.nan
+    rate: float = math.nan            # work / median_s, in unit/s
+    ratios: dict[str, float] = field(default_factory=dict)   # baseline row -> its median / ours (>1: faster)
+    peaks: tuple[str, ...] = ()
+    peak_fraction: dict[str, float] = field(default_factory=dict)
+
+
+class Context:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.peaks: dict[str, float] = {}   # copy_Bps, matmul_fp32_flops, matmul_bf16_flops, conv_*_flops
+
+    def rounds(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    print(f"[bench {time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(section: str, cases: list[Case], rounds: int, pause_s: float = 0.0) -> list[Row]:
+    """Warm every case up once, then time ``rounds`` rounds, each case once per round in turn. A
+    case that raises becomes an error row and leaves the others running. ``pause_s`` before each
+    timing lets the previous case's thread pool (onnxruntime's, OpenVINO's) stop spinning."""
+    by_unit = {"FLOP": ("matmul_fp32", "matmul_bf16"), "B": ("copy",)}
+    rows = {c.name: Row(section, c.name, "ok", c.note, c.unit, c.work,
+                        peaks=c.peaks if c.peaks is not None else by_unit.get(c.unit, ())) for c in cases}
+    live = []
+    for c in cases:
+        if not c.warmed:
+            progress(f"{section}: warm-up {c.name}")
+        if c.warmed or _call(c, rows[c.name]) is not None:
+            live.append(c)
+    for r in range(rounds):
+        for c in list(live):
+            if pause_s:
+                time.sleep(pause_s)
+            t = _call(c, rows[c.name])
+            if t is None:
+                live.remove(c)
+            else:
+                rows[c.name].samples_s.append(t)
+        progress(f"{section}: round {r + 1}/{rounds} done")
+    for c in cases:
+        row = rows[c.name]
+        if row.status == "ok":
+            row.median_s, row.best_s = statistics.median(row.samples_s), min(row.samples_s)
+            row.rate = row.work / row.median_s
+    for c in cases:
+        row = rows[c.name]
+        for b in c.baselines:
+            if row.status == "ok" and b in rows and rows[b].status == "ok":
+                row.ratios[b] = rows[b].median_s / row.median_s
+    return list(rows.values())
+
+
+def _call(case: Case, row: Row) -> float | None:
+    try:
+        t = time.perf_counter()
+        out = case.fn()
+        return float(out) if case.self_timed else time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 - one failing row must not stop the suite
+        row.status, row.note = "error", f"{type(e).__name__}: {e}"
+        row.samples_s.clear()
+        progress(f"{row.section}: {case.name} FAILED\n{traceback.format_exc()}")
+        return None
+
+
+def skipped(section: str, name: str, why: str) -> Row:
+    progress(f"{section}: skip {name}: {why}")
+    return Row(section, name, "skipped", why)
+
+
+def fill_peak_fractions(rows: list[Row], peaks: dict[str, float]) -> None:
+    for row in rows:
+        if row.status == "ok":
+            row.peak_fraction = {k: row.rate / peaks[k] for k in row.peaks if peaks.get(k)}
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+def section_peaks(ctx: Context) -> list[Row]:
+    mb = 64 if ctx.quick else 256
+    src = torch.randn(mb * 2 ** 20 // 4)
+    dst = torch.empty_like(src).copy_(src)
+    n = 2048
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    conv_flops = 2 * 16 * 64 * 64 * 64 * 64 * 9
+    x32, w32 = torch.randn(16, 64, 64, 64), torch.randn(64, 64, 3, 3) * 0.05
+    cl = torch.channels_last
+    x16, w16 = x32.bfloat16().contiguous(memory_format=cl), w32.bfloat16().contiguous(memory_format=cl)
+    conv = torch.nn.functional.conv2d
+    with torch.no_grad():
+        rows = measure("peaks", [
+            Case(f"copy_ {mb} MB", lambda: dst.copy_(src), 2 * src.numel() * 4, "B"),
+            Case(f"matmul fp32 {n}²", lambda: a32 @ b32, 2 * n ** 3, "FLOP", peaks=("matmul_fp32",)),
+            Case(f"matmul bf16 {n}²", lambda: a16 @ b16, 2 * n ** 3, "FLOP", (f"matmul fp32 {n}²",),
+                 peaks=("matmul_bf16",)),
+            Case("conv3x3 64→64 N16 64² fp32 NCHW", lambda: conv(x32, w32, padding=1), conv_flops, "FLOP",
+                 peaks=("matmul_fp32",)),
+            Case("conv3x3 64→64 N16 64² bf16 channels_last", lambda: conv(x16, w16, padding=1), conv_flops, "FLOP",
+                 ("conv3x3 64→64 N16 64² fp32 NCHW",), peaks=("matmul_bf16",)),
+        ], ctx.rounds(15, 5))
+    for key, row in zip(("copy", "matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16_cl"), rows):
+        if row.status == "ok":
+            ctx.peaks[key] = row.work / row.best_s
+            row.note = (row.note + " " if row.note else "") + f"peak (best of {len(row.samples_s)}) " + \
+                _rate(ctx.peaks[key], row.unit)
+    return rows
+
+
+def features() -> dict:
+    flags: list[str] = []
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine()):
+                model = value.strip()
+            if key.strip() == "flags":
+                have = set(value.split())
+                flags = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in have]
+                break
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_bf16_supported": bool(bf16()) if bf16 is not None else None,
+        "cpuinfo_flags": flags if cpuinfo.exists() else None,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def section_ops(ctx: Context) -> list[Row]:
+    from bench import bench_ops
+
+    shape = (16, 64, 64, 64) if ctx.quick else (16, 64, 128, 128)
+    impls = ["reference", "cpp"] + ([] if ctx.quick else ["compiled"])
+    layouts = [("fp32", torch.float32, False, "NCHW"), ("bf16", torch.bfloat16, True, "channels_last")]
+    rows: list[Row] = []
+    if ctx.quick:
+        rows.append(skipped("ops", "compiled", "not in --quick (a cold torch.compile per op and dtype)"))
+    numel = math.prod(shape)
+    for op in ("bn_act", "bn_add_act"):
+        cases = []
+        for impl in impls:
+            if impl == "cpp" and bench_ops.WHY_NOT is not None:
+                rows.append(skipped("ops", f"{op} cpp", f"cpp backend unavailable: {bench_ops.WHY_NOT}"))
+                continue
+            for dname, dtype, cl, layout in layouts:
+                name = f"{op} {impl} {dname} {layout}"
+                eager_same, eager_fp32 = f"{op} reference {dname} {layout}", f"{op} reference fp32 NCHW"
+                baselines = tuple(dict.fromkeys(b for b in (eager_same, eager_fp32) if b != name))
+                nbytes = bench_ops.PASSES[op] * numel * (2 if dtype == torch.bfloat16 else 4)
+                cases.append(Case(name, bench_ops.fwd_bwd_case(op, impl, dtype, cl, shape), nbytes, "B", baselines))
+        rows += measure("ops", cases, ctx.rounds(7, 3))
+    return rows
+
+
+def section_loaders(ctx: Context) -> list[Row]:
+    from bench import bench_loaders
+
+    try:
+        makers = bench_loaders.loaders(128)
+    except Exception as e:  # noqa: BLE001 - no emoji set here (offline, not prepared) is a reason, not a failure
+        return [skipped("loaders", "all", f"the emoji set at R=128 is not available: {type(e).__name__}: {e}")]
+    names = ["naive-png", "torch"] + ([] if ctx.quick else ["naive-raw", "torch-mmap", "dali-cpu-png",
+                                                            "dali-cpu-jpeg"])
+    rows = []
+    if "dali-cpu-png" not in makers and not ctx.quick:
+        rows.append(skipped("loaders", "dali", f"DALI unavailable: {bench_loaders.dali_unavailable()}"))
+    batch, seconds = bench_loaders.BATCH, (1.0 if ctx.quick else 3.0)
+    its, cases = {}, []
+    for name in names:
+        if name not in makers:
+            continue
+        its[name] = makers[name]()
+        # throughput() drops `warmup` batches first: they drain what the workers prefetched while the
+        # other loaders had their turn, so each window times the loader's steady rate
+        cases.append(Case(name, lambda it=its[name]: batch / bench_loaders.throughput(it, warmup=10, seconds=seconds),
+                          batch, "img", () if name == "naive-png" else ("naive-png",), self_timed=True))
+    try:
+        rows += measure("loaders", cases, ctx.rounds(3, 2))
+    finally:
+        for it in its.values():
+            if hasattr(it, "close"):
+                it.close()
+    return rows
+
+
+def section_steps(ctx: Context) -> list[Row]:
+    from bench import bench_train_step as bts
+
+    resolutions = (64,) if ctx.quick else (64, 128, 256)
+    batch = 8 if ctx.quick else None
+    rows = []
+    for R in resolutions:
+        for stage in ("ae", "embed", "finetune"):
+            base = f"{stage} R={R} reference"
+            progress(f"steps: building {stage} R={R}")
+            steps = {v: bts.make_step(stage, R, v, batch=batch) for v in ("reference", "fast")}
+            counter = FlopCounterMode(display=False)
+            with counter:  # the reference's warm-up; the same arithmetic for both variants, counted once
+                steps["reference"]()
+            flops = counter.get_total_flops()
+            cases = [Case(f"{stage} R={R} {v}", fn, flops, "FLOP", () if v == "reference" else (base,),
+                          f"batch {fn.images}, {flops / 1e9:.1f} GFLOP; {fn.describe}", warmed=v == "reference")
+                     for v, fn in steps.items()]
+            rows += measure("steps", cases, ctx.rounds(3 if R < 256 else 2, 2))
+            for row in rows[-2:]:
+                if row.status == "ok":
+                    row.note = f"{steps[row.name.rsplit(' ', 1)[1]].images / row.median_s:.1f} img/s; " + row.note
+            del steps
+    return rows
+
+
+def section_sampling(ctx: Context) -> list[Row]:
+    from bench import bench_sampling as bsamp
+    from aegan_fast.sampling import sampler_backends
+
+    R = 128 if ctx.quick else 512
+    rows = []
+    backends = None
+    if ctx.quick:
+        backends = {"eager", "auto"}
+        rows.append(skipped("sampling", "eager-folded, compile, onnxruntime, openvino-*",
+                            "not in --quick (each folds the paper-size nets and compiles or exports them again)"))
+    for backend, why in sampler_backends("cpu").items():
+        if why:
+            rows.append(skipped("sampling", backend, why))
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    else:
+        rows.append(skipped("sampling", "cuda", "no CUDA device visible to torch"))
+    for device in devices:
+        flops_per_image = None
+        for batch in (1, 8):  # batch 1 first: its eager call is the cheap one to count FLOPs on
+            progress(f"sampling: building the samplers at {R}², batch {batch}, {device}")
+            with redirect_stdout(sys.stderr):  # bench_sampling prints its progress
+                cases = bsamp.sampler_cases(R, batch, device=device, backends=backends)
+            if flops_per_image is None:
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    cases["eager"]()
+                flops_per_image = counter.get_total_flops() / batch
+            prefix = f"{device} {R}² b{batch}"
+            measured = measure("sampling", [  # sampler_cases has warmed every sampler up at this batch
+                Case(f"{prefix} {name}", fn, flops_per_image * batch, "FLOP",
+                     () if name == "eager" else (f"{prefix} eager",), warmed=True)
+                for name, fn in cases.items()], ctx.rounds(3, 2), pause_s=0.5)
+            for row in measured:
+                if row.status == "ok":
+                    row.note = (f"{batch / row.median_s:.2f} img/s" if batch > 1 else
+                                f"latency {row.median_s * 1e3:.0f} ms") + (f"; {row.note}" if row.note else "")
+            rows += measured
+    return rows
+
+
+SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
+    "peaks": section_peaks,
+    "ops": section_ops,
+    "loaders": section_loaders,
+    "steps": section_steps,
+    "sampling": section_sampling,
+}
+ALWAYS = ("peaks",)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _rate(v: float, unit: str) -> str:
+    if unit == "FLOP":
+        return f"{v / 1e9:.1f} GFLOP/s"
+    if unit == "B":
+        return f"{v / 1e9:.1f} GB/s"
+    return f"{v:.1f} {unit}/s"
+
+
+def _short(baseline: str, name: str) -> str:
+    """The baseline's name without the words it shares with the row's at the start."""
+    b, n = baseline.split(), name.split()
+    i = 0
+    while i < min(len(b), len(n)) - 1 and b[i] == n[i]:
+        i += 1
+    return " ".join(b[i:])
+
+
+def table(rows: list[Row], feats: dict, header: str) -> str:
+    lines = [header, "", "features: " + ", ".join(f"{k} {v}" for k, v in feats.items()), "",
+             "| section | row | median | rate | × baseline | of peak | note |", "|---|---|---:|---:|---|---|---|"]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"| {r.section} | {r.name} | {r.status.upper()} | | | | {r.note} |")
+            continue
+        ratios = ", ".join(f"{v:.2f}× {_short(k, r.name)}" for k, v in r.ratios.items())
+        peak = " / ".join(f"{v:.0%} {k}" for k, v in r.peak_fraction.items())
+        lines.append(f"| {r.section} | {r.name} | {r.median_s * 1e3:.1f} ms | {_rate(r.rate, r.unit)} | {ratios} | "
+                     f"{peak} | {r.note} |")
+    return "\n".join(lines)
+
+
+def run(sections: list[str], quick: bool, out: Path | None, argv: list[str]) -> int:
+    t0 = time.perf_counter()
+    ctx = Context(quick)
+    feats = features()
+    progress("features: " + ", ".join(f"{k}={v}" for k, v in feats.items()))
+    chosen = [s for s in SECTIONS if s in ALWAYS or s in sections]
+    rows: list[Row] = []
+    for name in chosen:
+        progress(f"section {name}")
+        try:
+            with redirect_stdout(sys.stderr):
+                rows += SECTIONS[name](ctx)
+        except Exception as e:  # noqa: BLE001 - a section that cannot even build its rows is one error row
+            progress(f"section {name} FAILED\n{traceback.format_exc()}")
+            rows.append(Row(name, "(section)", "error", f"{type(e).__name__}: {e}"))
+    fill_peak_fractions(rows, ctx.peaks)
+    wall = time.perf_counter() - t0
+    date = datetime.datetime.now(datetime.timezone.utc)
+    mode = "--quick: R=64 steps at batch 8, 128² sampling, ops at N16 C64 64², 2–3 rounds" if quick else \
+        "full: ops at N16 C64 128², steps at R=64/128/256, 512² sampling"
+    header = (f"# python -m bench  {date:%Y-%m-%d %H:%M} UTC  {socket.gethostname()}  {mode}; "
+              f"medians of interleaved rounds; × baseline = its median / this one's (>1 faster); "
+              f"of peak = rate / this run's measured peak; wall {wall:.0f} s")
+    print(table(rows, feats, header), flush=True)
+    errors = [r for r in rows if r.status == "error"]
+    out = out or RESULTS / f"{date:%Y-%m-%d}-{socket.gethostname()}{'-quick' if quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": [sys.executable, "-m", "bench", *argv], "date": date.isoformat(), "host": socket.gethostname(),
+        "quick": quick, "sections": chosen, "wall_s": wall, "features": feats, "peaks": ctx.peaks,
+        "rows": [asdict(r) for r in rows]}, indent=1, allow_nan=True) + "\n")
+    progress(f"wrote {out}")
+    if errors:
+        progress(f"{len(errors)} row(s) failed: " + "; ".join(f"{r.section}/{r.name}" for r in errors))
+        return 1
+    return 0
