@@ -1,5 +1,7 @@
 """Print the CPU ops benchmark as markdown tables: medians, speedups over eager, GB/s and the
 fraction of the memory bandwidth (copy_ / in-place add_, the faster) measured in the same run.
+fp32 rows are compared with eager fp32; the bf16 channels_last rows (test_fwd_bwd_bf16) with eager
+bf16 channels_last, in a table of their own.
 
     .venv/bin/python bench/report_ops.py .benchmarks/ops.json      (from pytest --benchmark-json)
 """
@@ -34,20 +36,27 @@ def report(path) -> str:
         each = ", ".join(f"{how} {gbs:.1f} GB/s" for how, gbs in sorted(bw[shape].items()))
         lines.append(f"\nmemory bandwidth ({shape}x{shape} activation, read+write): {each}; "
                      f"roofline = {copy[shape]:.1f} GB/s\n")
-        lines.append("| op | impl | median ms | speedup vs eager | GB/s | of roofline |")
-        lines.append("|---|---|---:|---:|---:|---:|")
-        fb = [r for r in rows if r.get("kind") == "fwd_bwd" and r["shape"] == shape]
-        for op in ("bn_act", "bn_add_act"):
-            base = next((r["median"] for r in fb if r["op"] == op and r["impl"] == "reference"), None)
-            for impl in ("reference", "compiled", "cpp"):
-                r = next((r for r in fb if r["op"] == op and r["impl"] == impl), None)
-                if r is None:
-                    continue
-                gbs = r["bytes"] / r["median"] / 1e9
-                name = {"reference": "eager reference", "compiled": "torch.compile(reference)", "cpp": "cpp"}[impl]
-                sp = f"{base / r['median']:.2f}x" if base else "-"
-                lines.append(f"| {op} fwd+bwd | {name} | {r['median'] * 1e3:.1f} | {sp} | {gbs:.1f} | "
-                             f"{gbs / copy[shape]:.0%} |")
+        for dtype, layout in (("fp32", "NCHW"), ("bf16", "channels_last")):
+            fb = [r for r in rows if r.get("kind") == "fwd_bwd" and r["shape"] == shape
+                  and r.get("dtype", "fp32") == dtype and r.get("layout", "NCHW") == layout]
+            if not fb:
+                continue
+            if dtype != "fp32":
+                lines.append(f"\n{dtype} {layout} activations, fp32 parameters ({shape}x{shape}); speedup vs eager "
+                             f"{dtype}:\n")
+            lines.append(f"| op | impl | median ms | speedup vs eager {dtype} | GB/s | of roofline |")
+            lines.append("|---|---|---:|---:|---:|---:|")
+            for op in ("bn_act", "bn_add_act"):
+                base = next((r["median"] for r in fb if r["op"] == op and r["impl"] == "reference"), None)
+                for impl in ("reference", "compiled", "cpp"):
+                    r = next((r for r in fb if r["op"] == op and r["impl"] == impl), None)
+                    if r is None:
+                        continue
+                    gbs = r["bytes"] / r["median"] / 1e9
+                    name = {"reference": "eager reference", "compiled": "torch.compile(reference)", "cpp": "cpp"}[impl]
+                    sp = f"{base / r['median']:.2f}x" if base else "-"
+                    lines.append(f"| {op} fwd+bwd | {name} | {r['median'] * 1e3:.1f} | {sp} | {gbs:.1f} | "
+                                 f"{gbs / copy[shape]:.0%} |")
         passes = [r for r in rows if r.get("kind") == "cpp_pass" and r["shape"] == shape]
         if passes:
             lines.append(f"\ncpp kernels into preallocated buffers ({shape}x{shape}, bn_act leaky_relu):\n")

@@ -34,7 +34,17 @@ AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 # fixed cost per call against the reference's 0.15 ms). Per channel rather than per call because
 # the cost grows with C at a fixed map (C=512 N=32 8x8 is 1M values per call and still a tie).
 # CUDA: not measured yet (no GPU so far), so no threshold.
-AUTO_MIN_PER_CHANNEL = {"cpu": 4096}
+# bf16 channels_last on CPU (the trainer's bf16 path: bf16 activations, fp32 parameters; key
+# "cpu/bf16/channels_last"; 2026-12-02, bench_ops.py --sweep --dtype bf16 --channels-last and a
+# targeted rerun, cpp on AVX-512, 2 threads, on a machine other sessions loaded to 3-7 runnable
+# threads, so min of 9-15 interleaved rounds, four runs): the reference is relatively stronger here
+# (ATen's channels_last bf16 batch norm is vectorised; the per-call fixed cost of the custom op is
+# not smaller in bf16). At 4096 values per channel cpp lost in every run (C=64 N=16 16x16 0.55x-0.70x,
+# C=256 N=16 16x16 0.78x-0.86x, C=512 N=16 16x16 0.36x-0.70x); at 8192 it lost or tied (0.67x-1.49x,
+# the sign flipping between runs); from 16384 it won or tied every run (C=64 N=16 32x32 1.07x-1.44x,
+# C=256 N=16 32x32 2.79x, 64x64 at C=64 2.2x-2.4x; 128x128 at C=64 about 3x). So 16384: bf16 layers
+# of N=16 on maps from 32x32 up take the kernel. Re-measure on a quiet machine before lowering it.
+AUTO_MIN_PER_CHANNEL = {"cpu": 4096, "cpu/bf16/channels_last": 16384}
 
 _requested: ContextVar[str] = ContextVar("aegan_fast_ops_backend", default=os.environ.get("AEGAN_OPS", "auto"))
 _warned: set[str] = set()
@@ -79,18 +89,35 @@ def use_backend(name: str):
         _requested.reset(token)
 
 
-def small(device_type: str, per_channel: int) -> bool:
+def size_key(device_type: str, dtype: torch.dtype | None = None, channels_last: bool = False) -> str:
+    """The AUTO_MIN_PER_CHANNEL entry for tensors of this device type, dtype and layout: a measured
+    per-layout entry where there is one, else the device type's (measured in fp32 NCHW)."""
+    if dtype == torch.bfloat16 and channels_last:
+        key = f"{device_type}/bf16/channels_last"
+        if key in AUTO_MIN_PER_CHANNEL:
+            return key
+    return device_type
+
+
+def small(device_type: str, per_channel: int, dtype: torch.dtype | None = None, channels_last: bool = False) -> bool:
     """Whether `auto` leaves a call with this many values per channel (N*H*W) to the reference."""
-    return per_channel < AUTO_MIN_PER_CHANNEL.get(device_type, 0)
+    return per_channel < AUTO_MIN_PER_CHANNEL.get(size_key(device_type, dtype, channels_last), 0)
 
 
 def per_channel(x) -> int:
     return x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else x.numel()
 
 
-def resolve(device_type: str, per_channel: int | None = None, backend: str | None = None) -> str:
+def is_channels_last(x) -> bool:
+    """Whether the kernels run x in channels_last (library.memory_format's choice)."""
+    return library.memory_format(x) == torch.channels_last
+
+
+def resolve(device_type: str, per_channel: int | None = None, backend: str | None = None,
+            dtype: torch.dtype | None = None, channels_last: bool = False) -> str:
     """The kernel ('cpp' | 'cuda' | 'triton') or 'reference' that runs an op on a tensor of this
-    device type with this many values per channel, for ``backend`` (default: the context's request)."""
+    device type, dtype and layout with this many values per channel, for ``backend`` (default: the
+    context's request)."""
     name = requested() if backend is None else backend
     if name != "auto":
         _check(name)
@@ -100,7 +127,7 @@ def resolve(device_type: str, per_channel: int | None = None, backend: str | Non
                 raise BackendUnavailable(f"ops backend {name!r} cannot run on {device_type} tensors "
                                          f"(it runs on {', '.join(a.devices)})")  # type: ignore[union-attr]
         return name
-    if per_channel is not None and small(device_type, per_channel):
+    if per_channel is not None and small(device_type, per_channel, dtype, channels_last):
         return "reference"
     reasons = []
     for kernel in AUTO_ORDER.get(device_type, ()):
@@ -130,11 +157,11 @@ def run(kernel: str, x, residual, running_mean, running_var, weight, bias, train
 
 def bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
            negative_slope=0.01):
-    return run(resolve(x.device.type, per_channel(x)), x, None, running_mean, running_var, weight, bias, training,
+    return run(resolve(x.device.type, per_channel(x), None, x.dtype, is_channels_last(x)), x, None, running_mean, running_var, weight, bias, training,
                momentum, eps, activation, negative_slope)
 
 
 def bn_add_act(x, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                activation="identity", negative_slope=0.01):
-    return run(resolve(x.device.type, per_channel(x)), x, residual, running_mean, running_var, weight, bias, training,
+    return run(resolve(x.device.type, per_channel(x), None, x.dtype, is_channels_last(x)), x, residual, running_mean, running_var, weight, bias, training,
                momentum, eps, activation, negative_slope)

@@ -20,15 +20,17 @@ class _FusedBatchNorm(nn.BatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.activation = activation
         self.negative_slope = negative_slope
-        self._kernels: dict[tuple, str] = {}  # (device type, requested backend, below auto's size) -> kernel
+        # (device type, requested backend, below auto's size for x's dtype and layout) -> kernel
+        self._kernels: dict[tuple, str] = {}
 
     def _kernel(self, x: torch.Tensor) -> str:
         """The kernel for x, resolved once per (device type, requested backend, auto's size class)."""
         n = dispatch.per_channel(x)
-        key = (x.device.type, dispatch.requested(), dispatch.small(x.device.type, n))
+        cl = dispatch.is_channels_last(x)
+        key = (x.device.type, dispatch.requested(), dispatch.small(x.device.type, n, x.dtype, cl))
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = dispatch.resolve(key[0], n, key[1])
+            kernel = self._kernels[key] = dispatch.resolve(key[0], n, key[1], x.dtype, cl)
         return kernel
 
     def _mode(self) -> tuple[bool, float]:
