@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import ops
+from . import compiling, ops
 from . import precision as precisions
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (LOSSES, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides,
@@ -48,8 +48,6 @@ log = logging.getLogger("aegan_fast.train")
 
 # The flags README documents, kept as aliases of the generated ones: (flag, dotted field, how the
 # value lands there, argparse keywords).
-COMPILE_CHOICES = ("auto", "on", "off")
-
 ALIASES = [
     ("--resolution", "model.resolution", None, dict(type=int, help="alias of --model.resolution")),
     *[(f"--kimg-{s}", "kimg", lambda v, s=s: [(s, v)], dict(type=float, help=f"alias of --kimg {s}=KIMG"))
@@ -123,7 +121,7 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")
     for flag, value, choices in (("--loss", cfg.loss, LOSSES), ("--ops", cfg.ops, ("auto",) + ops.BACKENDS),
                                  ("--loader", cfg.loader, LOADERS), ("--precision", cfg.precision, precisions.PRECISIONS),
-                                 ("--compile", cfg.compile, COMPILE_CHOICES)):
+                                 ("--compile", cfg.compile, compiling.CHOICES)):
         if value not in choices:
             raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -449,6 +447,10 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
         restore(st, state)
         log.info("resuming at stage %s, %.1f kimg into it", st.counters["stage"], st.counters["stage_img"] / 1000)
     cfg.save(run_dir / "config.json")  # from the same dict every checkpoint of the run stores
+    do_compile, why = compiling.wanted(cfg.compile, device)
+    log.info("compile: %s", why)
+    if do_compile:
+        compiling.compile_nets(st.nets, compiling.example_inputs(cfg, device), st.precision)
 
     # A resumed run gets the same batches: the torch loader's order is a function of (seed, images
     # consumed), DALI's restores from the checkpoint it saved.
