@@ -49,13 +49,18 @@ BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino", "tensorrt")
 log = logging.getLogger(__name__)
 
 # What ``auto`` picks for a checkpoint: the first of these that runs on the device. A measured table,
-# not a measurement at load time (timing every backend at 512² costs minutes). 512² sampling, batch 8,
-# 2 cores with avx512_bf16 (no AMX), torch 2.13, medians, img/s (DESIGN.md §4 and the issue, 2026-12-01):
-# openvino bf16 7.2, openvino fp32 4.3, compile 3.4, onnxruntime 2.8–3.0, eager 1.6. OpenVINO is first on
-# x86 CPUs whether or not they have bf16 (its fp32 alone beat every other CPU backend); elsewhere its CPU
-# plugin is unmeasured here, so it comes after compile. compile goes before onnxruntime for its throughput,
-# although its first call compiles (~25 s per batch size at 512² cold, ~3 s warm). On CUDA: TensorRT (fp16
-# engines), then compile — not measured here (no GPU with TensorRT was available).
+# not a measurement at load time (timing every backend at 512² costs minutes). 512² sampling on lively
+# paper-size nets, 2 cores with avx512_bf16 (no AMX), torch 2.13, OpenVINO 2026.4.1, medians of 3
+# interleaved rounds, ratio to eager fp32 in the same run (bench/bench_sampling.py, 2026-12-02, a loaded
+# machine: load average 5–7, so absolute times are ~3× slow):
+#   batch 8: openvino bf16 3.65–4.22×, openvino fp32 1.89×, compile 1.86×, onnxruntime 1.85×, folded eager 1.09×
+#   batch 1: openvino bf16 7.5× (321 ms), openvino fp32 3.77×, onnxruntime 2.94×, folded eager 1.88×, compile 1.67×
+# (DESIGN.md §4 on a quiet machine, batch 8, img/s: openvino bf16 7.2, openvino fp32 4.3, compile 3.4,
+# onnxruntime 2.8–3.0, eager 1.6.) OpenVINO is first on x86 CPUs whether or not they have bf16 (its fp32
+# alone matched or beat every other CPU backend); elsewhere its CPU plugin is unmeasured here, so it comes
+# after compile. compile goes before onnxruntime for its batch-8 throughput, although its first call
+# compiles (~25 s per batch size at 512² cold, ~3 s warm). On CUDA: TensorRT (fp16 engines), then compile —
+# not measured here (no GPU with TensorRT was available).
 AUTO_ORDER = {"cuda": ("tensorrt", "compile", "torch"),
               "x86": ("openvino", "compile", "onnxruntime", "torch"),
               "cpu": ("compile", "openvino", "onnxruntime", "torch")}

@@ -82,7 +82,9 @@ def test_bf16_samples_against_fp32(lively):
     a, b = fp32(z), bf16(z)
     per_image = psnr(b, a, reduction="none")
     assert per_image.mean().item() >= BF16_PSNR_DB, per_image
-    assert per_image.max().item() < 80  # bf16 really ran: fp32 against itself is ~120 dB or inf
+    # bf16 really computed: fp32 against itself is ~120 dB, and fp32 compute with only the output rounded
+    # to bf16 is ~70 dB
+    assert per_image.max().item() < 55
 
 
 def test_bf16_runs_g_e_in_fp32_and_the_decoder_in_bf16(lively):
@@ -163,8 +165,10 @@ def test_missing_corrupt_and_foreign_ir(lively, tmp_path):
     with pytest.raises(UserError, match="no weights file lonely.bin"):
         Sampler.load(lonely)
     p = ov.opset13.parameter([1, 100], ov.Type.f32, name="z")
+    relu = ov.opset13.relu(p)
+    relu.output(0).get_tensor().set_names({"image"})  # our input and output names, but none of our facts
     foreign = tmp_path / "foreign.xml"
-    ov.save_model(ov.Model([ov.opset13.relu(p)], [p], "foreign"), str(foreign))
+    ov.save_model(ov.Model([relu], [p], "foreign"), str(foreign))
     with pytest.raises(UserError, match="not an aegan_fast sampler"):
         Sampler.load(foreign)
     with pytest.raises(UserError, match="runs with backend 'openvino'"):
