@@ -93,12 +93,14 @@ def preset(name: str) -> TrainConfig:
             # φ and D_R at width ≤128 cost 60% of their 512-wide FLOPs at R=64 and train as well here.
             model=ModelConfig(resolution=64, max_channels=128),
             batch=32,
-            kimg={"ae": 10.0, "embed": 8.0, "finetune": 2.0},
+            # 50 kimg in ~10 min: bf16 steps on 2 cores run ae ≈ 175, embed ≈ 65, finetune ≈ 70 img/s
+            # (bench/RESULTS.md, 2026-12-02); in fp32 the same minutes held 20 kimg (10/8/2).
+            kimg={"ae": 30.0, "embed": 16.0, "finetune": 4.0},
             embed_steps=4,
-            # The paper's 1e-5 for the autoencoder needs hundreds of kimg; the demo has a dozen.
+            # The paper's 1e-5 for the autoencoder needs hundreds of kimg; the demo has a few dozen.
             lr={"H": 1e-3, "F": 1e-3, "G_E": 2e-4, "D_E": 2e-4, "phi": 2e-4, "D_R": 2e-4},
-            sample_every_kimg=2.0,
-            ckpt_every_kimg=2.0,
+            sample_every_kimg=5.0,
+            ckpt_every_kimg=5.0,
             ema_kimg=0.5,
         )
     if name == "paper":
