@@ -13,6 +13,7 @@ times on these shared machines are noise). FLOPs are counted once per case by
 torch.utils.flop_counter on the reference step.
 
     .venv/bin/python bench/bench_train_step.py [--stages ae embed] [--resolutions 64 128] [--rounds 5]
+    .venv/bin/python bench/bench_train_step.py --stages embed --resolutions 128 --profile   # top ops
     .venv/bin/python -m pytest bench/bench_train_step.py --benchmark-only
 """
 from __future__ import annotations
@@ -121,13 +122,36 @@ def test_train_step(benchmark, variant, stage_name, resolution):
     benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
 
 
+def top_ops(stage_name: str, resolution: int, variant: str, rows: int = 12) -> str:
+    """A markdown table of the ops with the most self CPU time in two steps (after two warm-ups)."""
+    from torch.profiler import ProfilerActivity, profile
+    step = make_step(stage_name, resolution, variant)
+    step(), step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(), step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"{variant}: {step.describe}", "| op | self CPU ms per step | share | calls per step |", "|---|---:|---:|---:|"]
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 2e3:.1f} | {e.self_cpu_time_total / total:.1%} | {e.count // 2} |")
+    lines.append(f"| total | {total / 2e3:.0f} | | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", nargs="+", default=["ae", "embed"], choices=list(STAGES))
     p.add_argument("--resolutions", nargs="+", type=int, default=[64, 128], choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="print each variant's top ops (torch.profiler) instead")
     args = p.parse_args(argv)
+    if args.profile:
+        for resolution in args.resolutions:
+            for stage_name in args.stages:
+                for v in args.variants:
+                    print(f"\n{stage_name} step R={resolution}, " + top_ops(stage_name, resolution, v))
+        return
     for resolution in args.resolutions:
         for stage_name in args.stages:
             steps = {v: make_step(stage_name, resolution, v) for v in args.variants}
