@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from aegan_fast import stages
+from aegan_fast.config import preset
 from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets
 from aegan_fast.data import load_folder, make_loader
 from aegan_fast.models import SamplingChain, build_nets, sample_z
@@ -242,10 +243,13 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
     train_main(["--dry-run", "--outdir", str(tmp_path), "--model.resolution", "128", "--kimg", "ae=1.5",
                 "--kimg-embed", "2", "--lr-gan", "1e-3", "--lr", "D_R=5e-4", "--betas", "0.1", "0.9",
                 "--no-model.denoiser", "--stages", "ae", "embed", "--ema-kimg", "0", "--embed-steps", "3",
-                "--eval-metrics", "swd", "--device", "cpu"])
+                "--eval-metrics", "swd", "--device", "cpu", "--precision", "fp32", "--no-channels-last",
+                "--compile", "off"])
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["model"]["resolution"] == 128 and cfg["model"]["denoiser"] is False
-    assert cfg["kimg"] == {"ae": 1.5, "embed": 2.0, "finetune": 2.0}  # the demo's finetune length kept
+    # the demo's finetune length kept
+    assert cfg["kimg"] == {"ae": 1.5, "embed": 2.0, "finetune": preset("demo").kimg["finetune"]}
+    assert (cfg["precision"], cfg["channels_last"], cfg["compile"]) == ("fp32", False, "off")
     assert cfg["lr"] == {"H": 1e-3, "F": 1e-3, "G_E": 1e-3, "D_E": 1e-3, "phi": 1e-3, "D_R": 5e-4}
     assert cfg["betas"] == [0.1, 0.9] and cfg["stages"] == ["ae", "embed"] and cfg["eval_metrics"] == ["swd"]
     assert cfg["ema_kimg"] == 0 and cfg["embed_steps"] == 3 and cfg["device"] == "cpu"
