@@ -24,14 +24,15 @@ from .models import ModelConfig
 STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (aegan_fast/stages.py has "direct" too)
 LOSSES = ("bce", "hinge", "lsgan")
 # Where and how a run executes, not what it trains: these may differ when a run is resumed.
-RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile")
+RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile",
+             "sync_bn", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale", "max_rollbacks")
 
 
 @dataclass
 class TrainConfig:
     preset: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
-    batch: int = 16                 # images per step (≥ 2: BatchNorm)
+    batch: int = 16                 # images per step over all processes (per process ≥ 2: BatchNorm)
     # Stages run in order: ae, embed, finetune (AEGAN) or direct (the baseline GAN on pixels).
     stages: tuple[str, ...] = STAGES
     # Length of each stage in thousands of real images shown.
@@ -52,6 +53,12 @@ class TrainConfig:
     seed: int = 0                   # seeds nets, data order, z and dropout: a run is a function of its config
     sample_every_kimg: float = 2.0  # sample grids every this many kimg of a stage (0: only at its end)
     ckpt_every_kimg: float = 5.0    # periodic checkpoints every this many kimg (0: only at stage ends)
+    ckpt_keep: int = 3              # periodic checkpoints kept (the newest; stage-end ones are all kept)
+    # A run whose steps skip non-finite updates this many steps in a row goes back to its last good
+    # checkpoint, its learning rates scaled by rollback_lr_scale, at most max_rollbacks times.
+    max_bad_steps: int = 8
+    rollback_lr_scale: float = 0.5
+    max_rollbacks: int = 3
     log_every_steps: int = 20       # a metrics.jsonl row (and the only host sync) every this many steps
     grid_size: int = 64              # images in each sample grid (fixed z)
     eval_metrics: tuple[str, ...] = ("swd", "msssim")  # cheap metrics of the sampling chain at each stage end
@@ -63,6 +70,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None  # activations and weights in channels_last (default: with bf16/fp16)
     compile: str = "auto"           # torch.compile each net's forward: on | off | auto (where measured faster)
+    sync_bn: bool = False           # under torchrun: BatchNorm statistics over the global batch, not each rank's
+    collective_timeout_s: float = 1800.0  # under torchrun: a rank that waits this long on the others fails
     data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
     loader: str = "auto"             # auto | torch | dali (aegan_fast/data/loaders.py)
     loader_workers: int = 2          # loader threads (torch) or DALI CPU threads

@@ -116,6 +116,7 @@ def resolve(precision: str, channels_last: bool | None, device: torch.device) ->
 
 _active: contextvars.ContextVar[Precision] = contextvars.ContextVar("aegan_fast_precision", default=FP32)
 _scaler: contextvars.ContextVar = contextvars.ContextVar("aegan_fast_grad_scaler", default=None)
+_guard: contextvars.ContextVar = contextvars.ContextVar("aegan_fast_update_guard", default=None)
 
 
 def active() -> Precision:
@@ -123,16 +124,17 @@ def active() -> Precision:
 
 
 @contextlib.contextmanager
-def steps_in(precision: Precision, scaler=None):
-    """Training steps inside run under ``precision``: autocast on, and ``backward_and_step`` scales
-    fp16 losses with ``scaler``."""
-    token, scaler_token = _active.set(precision), _scaler.set(scaler)
+def steps_in(precision: Precision, scaler=None, guard=None):
+    """Training steps inside run under ``precision``: autocast on, ``backward_and_step`` scales
+    fp16 losses with ``scaler`` and lets ``guard`` (guard.UpdateGuard: gradients averaged over the
+    ranks, non-finite updates skipped) see every update before it is applied."""
+    tokens = _active.set(precision), _scaler.set(scaler), _guard.set(guard)
     try:
         with precision.autocast():
             yield
     finally:
-        _active.reset(token)
-        _scaler.reset(scaler_token)
+        for var, token in zip((_active, _scaler, _guard), tokens):
+            var.reset(token)
 
 
 def backward_and_step(loss: torch.Tensor, optimizers) -> None:
@@ -140,13 +142,14 @@ def backward_and_step(loss: torch.Tensor, optimizers) -> None:
     active GradScaler when there is one (fp16: an overflowing step is skipped, the scale lowered)."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    scaler = _scaler.get()
-    if scaler is None:
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        return
-    scaler.scale(loss).backward()
+    scaler, guard = _scaler.get(), _guard.get()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if guard is not None:
+        guard.after_backward(loss, optimizers, scaler)
     for opt in optimizers:
-        scaler.step(opt)
-    scaler.update()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+    if scaler is not None:
+        scaler.update()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses, precision
+from .distributed import SINGLE, World
 from .config import TrainConfig
 from .data import ImageSet
 from .models import SAMPLING_CHAIN, SamplingChain, sample_z
@@ -247,8 +248,13 @@ class TrainState:
     device: torch.device
     precision: Precision = FP32     # the steps' dtype and layout (precision.py)
     grad_scaler: object = None      # fp16 only: torch.amp.GradScaler
+    # Images are counted over all ranks: stage_img and total_img are the global batch's.
     counters: dict = field(default_factory=lambda: {"stage": None, "stage_img": 0, "total_img": 0, "step": 0})
     ema: EMA | None = None
+    world: World = SINGLE
+    guard: object = None            # guard.UpdateGuard: skips non-finite updates (the trainer's)
+    lr_scale: float = 1.0           # lowered each time the run rolls back from a divergence
+    rollbacks: int = 0
 
 
 def make_optimizers(nets, cfg: TrainConfig, fused: bool = True) -> dict:
@@ -259,15 +265,16 @@ def make_optimizers(nets, cfg: TrainConfig, fused: bool = True) -> dict:
             for name, net in nets.items() if any(True for _ in net.parameters())}
 
 
-def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig) -> None:
-    """Modes, frozen nets and learning rates for a stage (also on resume in the middle of one)."""
+def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig, lr_scale: float = 1.0) -> None:
+    """Modes, frozen nets and learning rates for a stage (also on resume in the middle of one);
+    ``lr_scale``: the run's own factor (lowered after a divergence)."""
     for name, net in nets.items():
         trained = name in stage.trains
         net.train(trained)  # frozen nets run in eval mode: BN uses running stats, no updates
         requires_grad(net, trained)
     for name, opt in opts.items():
         for group in opt.param_groups:
-            group["lr"] = cfg.lr[name] * stage.lr_scale(cfg)
+            group["lr"] = cfg.lr[name] * stage.lr_scale(cfg) * lr_scale
 
 
 def start_stage(stage: Stage, opts: dict) -> None:
@@ -281,7 +288,7 @@ def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
     """Get st ready for steps of stage: modes, rates, fresh moments at its start, the EMA from the
     first stage that runs one, and the real embeddings it reads."""
     cfg = st.cfg
-    prepare_stage(stage, st.nets, st.opts, cfg)
+    prepare_stage(stage, st.nets, st.opts, cfg, st.lr_scale)
     if st.counters["stage_img"] == 0:
         start_stage(stage, st.opts)
     if st.ema is None and stage.ema and cfg.ema_kimg > 0:
@@ -307,13 +314,16 @@ def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=
         x, idx, mirror = next(batches)
         batch = Batch(st.precision.activations(x), idx, mirror)
         data_s = time.perf_counter() - t0
-        with precision.steps_in(st.precision, st.grad_scaler):
+        with precision.steps_in(st.precision, st.grad_scaler, st.guard):
             losses = stage.step(st.nets, st.opts, batch, emb, st.cfg)
+        if st.guard is not None:
+            st.guard.end_step()
+        shown = batch.x.shape[0] * st.world.size
         if ema is not None:
-            ema.update(st.nets, batch.x.shape[0])
+            ema.update(st.nets, shown)
         before = c["stage_img"]
-        c["stage_img"] += batch.x.shape[0]
-        c["total_img"] += batch.x.shape[0]
+        c["stage_img"] += shown
+        c["total_img"] += shown
         c["step"] += 1
         if after_step is not None and after_step(losses, before, data_s):
             return True

@@ -1,0 +1,193 @@
+"""Training on several processes: ``torchrun --nproc_per_node=N [--nnodes ...] -m aegan_fast.train``.
+
+torchrun starts one process per device and sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
+address; ``init`` joins the process group (NCCL on GPUs, gloo on CPUs) with the run's collective
+timeout, so a rank that hangs fails the others after that long instead of blocking them for ever.
+
+How gradients are averaged, and why not DDP: an AEGAN step trains up to five nets with their own
+optimizers, runs a discriminator twice (real and fake) before one backward, and toggles
+``requires_grad`` between the discriminator's and the generator's phase. DDP's reducer is built
+for one forward and one backward per module and step; with ``broadcast_buffers=True`` its buffer
+broadcast at the second forward also rewrites BatchNorm buffers in place under autograd. So we do
+what StyleGAN3 does: after each backward, one flattened all-reduce of the gradients of exactly the
+nets that phase steps (``average_gradients``), then their optimizers step. It costs the overlap of
+communication with the backward that DDP would give, and buys step functions that stay plain
+single-device code, one collective per optimizer phase, and identical averaged gradients (hence
+bit-identical weights) on every rank, which ``check_consistency`` verifies before every checkpoint.
+
+BatchNorm: without ``--sync-bn`` each rank normalises with its own batch's statistics (as DDP does)
+and the running statistics drift apart per rank; they are averaged across ranks before each
+checkpoint (``average_buffers``, timm's "reduce" mode), so what is saved, and what frozen nets use
+in later stages, is the same on every rank. With ``--sync-bn`` the fused ops reduce their
+statistics across ranks (ops/sync_bn.py) and the buffers never differ.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs, draws grids, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def job_id() -> str:
+    """What names this torchrun job across its elastic restarts: the rendezvous id (``--rdzv-id``;
+    ``--standalone`` makes one), else the agent's process id (the agent outlives its workers)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return run_id if run_id and run_id != "none" else f"agent{os.getppid()}"
+
+
+def current() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return SINGLE
+
+
+def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
+    """Join torchrun's process group when launched by it with more than one process; (world,
+    this rank's device: ``cuda:LOCAL_RANK`` for a CUDA run)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or not launched_by_torchrun():
+        return SINGLE, device
+    if not dist.is_available():
+        raise UserError("this torch build has no torch.distributed; run without torchrun")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPUs: "
+                            f"--nproc_per_node must not exceed the GPU count")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current(), device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device(world_device: torch.device) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU ones."""
+    return world_device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool, device: torch.device = torch.device("cpu")) -> bool:
+    """True on every rank when ``flag`` is true on any (one tiny all-reduce)."""
+    if not current().distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Replace each parameter's gradient by its mean over the ranks, in one flattened all-reduce;
+    ``extra`` (a small float tensor) rides along and comes back summed over the ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [g.reshape(-1).float() for g in grads] + ([extra.reshape(-1).float()] if extra is not None else [])
+    if not parts:
+        return extra
+    flat = torch.cat(parts)
+    device = flat.device
+    flat = flat.to(_collective_device(device))
+    dist.all_reduce(flat)
+    flat = flat.to(device)
+    offset, size = 0, current().size
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g).div_(size))
+        offset += n
+    return flat[offset:].view_as(extra) if extra is not None else None
+
+
+def broadcast_from_main(tensors) -> None:
+    """Every rank takes rank 0's values (at the start of a run: one set of initial weights)."""
+    for t in tensors:
+        dist.broadcast(t.data if isinstance(t, torch.nn.Parameter) else t, src=0)
+
+
+def _float_buffers(module: torch.nn.Module):
+    return [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+
+
+def average_buffers(modules: dict) -> None:
+    """BatchNorm running statistics averaged over the ranks (see the module docstring)."""
+    for module in modules.values():
+        for _, b in _float_buffers(module):
+            t = b.to(_collective_device(b.device))
+            dist.all_reduce(t)
+            b.copy_(t.div_(current().size))
+
+
+def check_consistency(named: dict) -> None:
+    """Every rank holds rank 0's exact tensors; else a UserError on every rank naming the first that
+    differs. ``named``: {name: module}; parameters and buffers are compared bit for bit."""
+    tensors = [(f"{k}.{n}", t) for k, m in named.items()
+               for n, t in list(m.named_parameters()) + list(m.named_buffers())]
+    first = len(tensors)
+    for i, (_, t) in enumerate(tensors):
+        mine = t.detach().to(_collective_device(t.device))
+        theirs = mine.clone()
+        dist.broadcast(theirs, src=0)
+        if first == len(tensors) and not torch.equal(mine, theirs):
+            first = i
+    worst = torch.tensor([first], dtype=torch.int64, device=_collective_device(tensors[0][1].device) if tensors
+                         else torch.device("cpu"))
+    dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+    if int(worst) < len(tensors):
+        raise UserError(f"ranks disagree before a checkpoint: {tensors[int(worst)][0]} differs from rank 0's "
+                        f"(a nondeterministic op, or a rank that skipped a step); nothing was saved")
+
+
+def gather_objects(obj) -> list:
+    """[each rank's obj] on every rank (small objects: RNG states)."""
+    out = [None] * current().size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if current().distributed:
+        dist.barrier()
