@@ -57,10 +57,10 @@ class UpdateGuard:
         self.step_bad = torch.zeros_like(self.step_bad)
 
     def read(self) -> tuple[int, int]:
-        """(updates skipped, longest run of bad steps) since the last read; one host sync."""
+        """(updates skipped, longest run of bad steps ending) since the last read; one host sync."""
         skipped, worst = int(self.skipped), int(self.worst_run)
         self.skipped.zero_()
-        self.worst_run.copy_(self.bad_steps_in_a_row)
+        self.worst_run.zero_()  # a run still going on keeps counting in bad_steps_in_a_row
         return skipped, worst
 
 
