@@ -4,6 +4,8 @@
     y = ops.bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, "leaky_relu", 0.2)
     with ops.use_backend("cpp"):
         ...
+    with ops.sync_batchnorm():  # training-mode BatchNorm modules reduce statistics across ranks (sync_bn.py)
+        ...
 
 Backends: ``reference`` (plain PyTorch, always there) and the kernels ``cpp``, ``cuda``, ``triton``
 of the ops in ``library.py`` (one schema per op); ``dispatch.py`` says how one is chosen and
@@ -12,6 +14,7 @@ of the ops in ``library.py`` (one schema per op); ``dispatch.py`` says how one i
 from .dispatch import (BACKENDS, BackendUnavailable, availability, bn_act, bn_add_act, requested, resolve,
                        use_backend)
 from .modules import BatchNormAct2d, BatchNormAddAct2d
+from .sync_bn import sync_batchnorm
 
 __all__ = ["BACKENDS", "BackendUnavailable", "availability", "bn_act", "bn_add_act", "requested", "resolve",
-           "use_backend", "BatchNormAct2d", "BatchNormAddAct2d"]
+           "use_backend", "BatchNormAct2d", "BatchNormAddAct2d", "sync_batchnorm"]

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from . import activations, dispatch
+from . import activations, dispatch, sync_bn
 
 
 class _FusedBatchNorm(nn.BatchNorm2d):
@@ -41,6 +41,15 @@ class _FusedBatchNorm(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         return use_batch_stats, factor
+
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        use_batch_stats, factor = self._mode()
+        mean, var = self._running()
+        if self.training and sync_bn.enabled():  # inside ops.sync_batchnorm() with world > 1; eval never syncs
+            return sync_bn.run(self._kernel(x), x, residual, mean, var, self.weight, self.bias, factor, self.eps,
+                               self.activation, self.negative_slope, sync_bn.current_group())
+        return dispatch.run(self._kernel(x), x, residual, mean, var, self.weight, self.bias, use_batch_stats, factor,
+                            self.eps, self.activation, self.negative_slope)
 
     def _running(self):
         if not self.training or self.track_running_stats:
@@ -83,10 +92,7 @@ class BatchNormAct2d(_FusedBatchNorm):
         super().__init__(num_features, activation, negative_slope, eps, momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_batch_stats, factor = self._mode()
-        mean, var = self._running()
-        return dispatch.run(self._kernel(x), x, None, mean, var, self.weight, self.bias, use_batch_stats, factor,
-                            self.eps, self.activation, self.negative_slope)
+        return self._run(x, None)
 
 
 class BatchNormAddAct2d(_FusedBatchNorm):
@@ -97,7 +103,4 @@ class BatchNormAddAct2d(_FusedBatchNorm):
         super().__init__(num_features, activation, negative_slope, eps, momentum)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        use_batch_stats, factor = self._mode()
-        mean, var = self._running()
-        return dispatch.run(self._kernel(x), x, residual, mean, var, self.weight, self.bias, use_batch_stats, factor,
-                            self.eps, self.activation, self.negative_slope)
+        return self._run(x, residual)
