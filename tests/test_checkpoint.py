@@ -310,6 +310,16 @@ def test_a_flipped_byte_in_a_tensor_is_caught_by_the_digest_alone(tmp_path):
         load_checkpoint(run / "checkpoints" / _ckpt(2000))
 
 
+@pytest.mark.parametrize("damage", [_truncate, _random], ids=["truncated", "random bytes"])
+def test_a_bad_file_without_a_digest_is_named_with_torchs_reason(tmp_path, damage):
+    """A file copied out of its run (no latest beside it to check it against) is judged by torch.load."""
+    alone = tmp_path / "alone.pt"
+    torch.save(_state(1), alone)
+    damage(alone)
+    with pytest.raises(UserError, match=rf"^checkpoint {alone} is truncated or corrupt \(\w+: .*\)$"):
+        load_checkpoint(alone)
+
+
 def test_none_loadable_lists_every_file_tried(tmp_path):
     run = _run_with_two(tmp_path)
     save_checkpoint(run, "stage-ae.pt", _state(2500))
@@ -397,6 +407,9 @@ def test_load_state_strict_names_the_first_mismatch_and_both_shapes():
         load_state_strict(_net(8, extra=True), _net(8).state_dict(), "D_R")
     with pytest.raises(UserError, match=r"^D_R: the checkpoint has 2.weight, which this model does not \(and 1 more"):
         load_state_strict(_net(8), _net(8, extra=True).state_dict(), "D_R")
+    with pytest.raises(UserError, match=r"^D_R: the checkpoint's 0.weight is \[16, 3, 3, 3\], this model's \[8, 3, 3, 3\] "
+                                        r"\(and 7 more"):  # a shape says more than a missing key: named first
+        load_state_strict(_net(8, extra=True), _net(16).state_dict(), "D_R")
     source = {k: v.clone() for k, v in _net(8).state_dict().items()}
     target = _net(8)
     load_state_strict(target, source, "G_E")
