@@ -115,10 +115,10 @@ def _read_manifest(folder: Path) -> list[tuple[str, str | None]]:
     """(name, sha256) of the committed checkpoints, current first. A pointer from before the digests
     holds one bare name: (name, None)."""
     pointer = folder / LATEST
-    if not pointer.exists():
+    if not pointer.is_file():
         return []
     entries = []
-    for line in pointer.read_text().splitlines():
+    for line in pointer.read_text(errors="replace").splitlines():
         m = _LINE.fullmatch(line)
         if m:
             entries.append((m[2], m[1]))
@@ -133,6 +133,11 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _manifest_text(entries) -> str:
+    # an entry from an old bare-name pointer stays bare: hashing it now would vouch for a file never checked
+    return "".join(f"{d}  {n}\n" if d else f"{n}\n" for n, d in entries)
 
 
 def save_checkpoint(run_dir: Path, name: str, state: dict, keep: int = 3) -> Path:
@@ -160,7 +165,7 @@ def save_checkpoint(run_dir: Path, name: str, state: dict, keep: int = 3) -> Pat
         # current one has the smallest count, and must stay
         dropped = set([n for n, _ in entries if n.startswith(PERIODIC)][keep:])
         entries = [e for e in entries if e[0] not in dropped]
-        atomic_write_bytes(folder / LATEST, lambda f: f.write("".join(f"{d}  {n}\n" for n, d in entries).encode()))
+        atomic_write_bytes(folder / LATEST, lambda f: f.write(_manifest_text(entries).encode()))
     except OSError as e:
         if renamed and name not in {n for n, _ in old}:
             with contextlib.suppress(OSError):

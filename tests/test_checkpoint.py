@@ -357,6 +357,11 @@ def test_a_pointer_from_before_digests_still_loads(tmp_path):
     _assert_is(load_checkpoint(tmp_path), 7)
     state, path = load_for_resume(tmp_path)
     _assert_is(state, 7)
+    save_checkpoint(tmp_path, "stage-ae.pt", _state(8))  # the resumed run's first save keeps it listed
+    _random(folder / "stage-ae.pt")
+    state, path = load_for_resume(tmp_path)
+    assert path.name == "ckpt-000000007.pt"
+    _assert_is(state, 7)
 
 
 @pytest.mark.skipif(shutil.which("sha256sum") is None, reason="no sha256sum to check latest's format with")
