@@ -66,7 +66,7 @@ def _run_with_two(tmp_path):
 # --- a kill at any moment -------------------------------------------------------------------------
 
 def _events(run, n: int) -> list[str]:
-    """The fsyncs and renames one save makes, in order (a dry run in a copy of the run)."""
+    """The fsyncs and renames one save makes, in order (a dry run in a run of its own)."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
