@@ -1,4 +1,5 @@
-"""The trainer end to end on tiny nets: artifacts, checkpoints, resume mid-stage, and the CLIs."""
+"""The trainer end to end on tiny nets: artifacts, checkpoints and the CLIs (resume and signals:
+test_resume.py)."""
 import dataclasses
 import json
 import os
@@ -77,79 +78,6 @@ def test_checkpoint_round_trip(tmp_path, image_folder):
             torch.testing.assert_close(loaded[i][k], moments[i][k], rtol=0, atol=0)
     assert fresh.counters == {"stage": "ae", "stage_img": 4, "total_img": 4, "step": 1}
     assert set(load_checkpoint(run)["opts"]) == {"H", "F", "G_E", "D_E", "phi", "D_R"}
-
-
-def _assert_same_training_state(a: dict, b: dict) -> None:
-    """Nets, EMA and every optimizer's Adam state (moments and step) of two checkpoints."""
-    assert a["counters"] == b["counters"]
-    for k in a["nets"]:  # same data order, same z, same dropout masks: the same weights
-        torch.testing.assert_close(a["nets"][k], b["nets"][k], rtol=1e-5, atol=1e-6, msg=k)
-    assert (a["ema"] is None) == (b["ema"] is None)
-    for net, sd in (a["ema"] or {}).items():
-        for k, v in sd.items():
-            torch.testing.assert_close(v, b["ema"][net][k], rtol=1e-5, atol=1e-6, msg=f"ema {net}.{k}")
-    assert set(a["opts"]) == set(b["opts"])
-    for net in a["opts"]:
-        sa, sb = a["opts"][net]["state"], b["opts"][net]["state"]
-        assert set(sa) == set(sb), net
-        for i in sa:
-            for k in ("exp_avg", "exp_avg_sq", "step"):
-                torch.testing.assert_close(sa[i][k], sb[i][k], rtol=1e-5, atol=1e-7, msg=f"{net} {i} {k}")
-
-
-def _straight_run(tmp_path, image_folder, **overrides):
-    """(data, config, a run trained without a stop, an empty folder for the interrupted twin)."""
-    data = load_folder(image_folder, 64)
-    cfg = tiny_config(**overrides)
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    straight.mkdir(), split.mkdir()
-    train(cfg, straight, progress=False, data=data)
-    return data, cfg, straight, split
-
-
-@pytest.mark.parametrize("stop_at", [2, 6, 10])  # inside stage 1, 2 and 3 (4 steps a stage)
-def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, image_folder, stop_at):
-    data, cfg, straight, split = _straight_run(tmp_path, image_folder)
-
-    train(cfg, split, progress=False, data=data, stop_after_steps=stop_at)
-    mid = load_checkpoint(split)["counters"]
-    assert mid["step"] == stop_at and mid["stage"] == ("ae", "embed", "finetune")[stop_at // 4]
-    train(cfg, split, resume=True, progress=False, data=data)
-    _assert_same_training_state(load_checkpoint(straight), load_checkpoint(split))
-
-
-def test_resume_in_stage_2_with_several_embedding_steps(tmp_path, image_folder):
-    """The demo's embed_steps=4 draws extra real embeddings from the run's data generator: its state
-    travels in the checkpoint, so a run split in the middle of stage 2 trains the same weights."""
-    data = load_folder(image_folder, 64)
-    cfg = tiny_config(embed_steps=4, kimg={"ae": 0.008, "embed": 0.016, "finetune": 0.0})
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    straight.mkdir(), split.mkdir()
-    train(cfg, straight, progress=False, data=data)
-    train(cfg, split, progress=False, data=data, stop_after_steps=3)  # 2 ae steps, 1 of 4 embed steps
-    assert load_checkpoint(split)["counters"]["stage"] == "embed"
-    train(cfg, split, resume=True, progress=False, data=data)
-    _assert_same_training_state(load_checkpoint(straight), load_checkpoint(split))
-
-
-def test_ctrl_c_saves_the_step_it_reached_and_the_run_resumes_from_it(tmp_path, image_folder, monkeypatch):
-    data, cfg, straight, split = _straight_run(tmp_path, image_folder)
-
-    calls = []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as Ctrl-C lands: in the middle of the run's second embed step
-        return stages.EMBED.step(*args)
-
-    monkeypatch.setitem(stages.STAGES, "embed", dataclasses.replace(stages.EMBED, step=interrupted))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, split, progress=False, data=data)
-    assert load_checkpoint(split)["counters"] == {"stage": "embed", "stage_img": 4, "total_img": 20, "step": 5}
-    monkeypatch.setitem(stages.STAGES, "embed", stages.EMBED)
-    train(cfg, split, resume=True, progress=False, data=data)
-    _assert_same_training_state(load_checkpoint(straight), load_checkpoint(split))
 
 
 def test_ema_off_keeps_no_ema(tmp_path, image_folder):
