@@ -92,7 +92,12 @@ def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun's store outlives a restart of the workers, and the previous attempt's gloo
+        # addresses are still in it (restarted ranks then dial dead peers): one key prefix per attempt.
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"aegan_fast/attempt{restart_count()}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return current(), device
 
 

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from . import compiling, ops
 from . import precision as precisions
 from . import distributed
-from .checkpoint import NonFiniteCheckpoint, latest_checkpoint, load_for_resume, load_state_strict, save_checkpoint
+from .checkpoint import (LATEST, NonFiniteCheckpoint, config_mismatch, latest_checkpoint, load_for_resume,
+                         load_state_strict, save_checkpoint)
 from .config import (LOSSES, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides,
                      config_overrides, dict_fields, preset)
 from .data import LOADERS, ImageSet, load_dataset, make_loader
@@ -163,8 +164,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def resumed_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
     """The checkpoint's config, with only the RESUMABLE fields taken from the command line."""
-    if latest_checkpoint(run_dir) is None:
-        raise UserError(f"--resume {run_dir}: no checkpoint there to continue from")
     overrides = requested_overrides(args)
     fixed = sorted(set(overrides) - set(RESUMABLE))
     if fixed:
@@ -177,18 +176,16 @@ def resumed_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
 
 def check_same_run(saved: dict, cfg: TrainConfig) -> None:
     """A resumed run trains what its checkpoint says: a field outside RESUMABLE that differs is an error."""
-    now = cfg.to_dict()
-    saved = TrainConfig.from_dict(saved).to_dict()
-    differ = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k)]
+    differ = config_mismatch(TrainConfig.from_dict(saved).to_dict(), cfg.to_dict(), ignore=RESUMABLE)
     if differ:
-        raise UserError(f"this config differs from the run's checkpoint in {', '.join(differ)}; "
-                        f"a resumed run keeps its config (only {', '.join(RESUMABLE)} may change)")
+        raise UserError(f"this config differs from the run's checkpoint ({'; '.join(differ)}); a resumed run "
+                        f"keeps its config (only {', '.join(RESUMABLE)} may change)")
 
 
 def new_run_dir(cfg: TrainConfig, outdir: str, run_dir: str | None) -> Path:
     if run_dir:
         path = Path(run_dir)
-        if latest_checkpoint(path) is not None or (path / "config.json").exists():
+        if (path / "checkpoints" / LATEST).exists() or (path / "config.json").exists():
             raise UserError(f"{path} already holds a run; continue it with --resume {path}")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -640,7 +637,9 @@ def roll_back(st: TrainState, run_dir: Path, why: str) -> dict | None:
                         f"down to ×{st.lr_scale:g}; the last good checkpoint is {latest or 'none'}: lower --lr, "
                         f"or raise --max-rollbacks")
     rollbacks, lr_scale, at_step = st.rollbacks + 1, st.lr_scale * cfg.rollback_lr_scale, st.counters["step"]
-    state = load_for_resume(run_dir, map_location=st.device)[0] if latest_checkpoint(run_dir) else None
+    state, path = None, None
+    if (run_dir / "checkpoints" / LATEST).exists():
+        state, path = load_for_resume(run_dir, map_location=st.device)
     if state is None:
         start = new_state(cfg, st.data, st.device, st.world)
         st.nets.load_state_dict(start.nets.state_dict())
@@ -651,7 +650,7 @@ def roll_back(st: TrainState, run_dir: Path, why: str) -> dict | None:
     else:
         restore(st, state)
     st.rollbacks, st.lr_scale = rollbacks, lr_scale
-    where = f"{latest_checkpoint(run_dir).name}" if state is not None else "the start of the run"
+    where = path.name if path is not None else "the start of the run"
     log.warning("diverged at step %d: %s; back to %s (step %d) with learning rates ×%g (rollback %d of at most %d)",
                 at_step, why, where, st.counters["step"], lr_scale, rollbacks, cfg.max_rollbacks)
     return state
@@ -677,7 +676,7 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
     if resume:
         state, path = load_for_resume(run_dir, map_location=device)
         restore(st, state)
-        log.info("resuming from %s: stage %s, %.1f kimg into it", path.name, st.counters["stage"],
+        log.info("resuming from %s: stage %s, %.4g kimg into it", path.name, st.counters["stage"],
                  st.counters["stage_img"] / 1000)
     elif world.distributed:
         distributed.broadcast_from_main(list(st.nets.parameters()) + list(st.nets.buffers()))
@@ -744,7 +743,7 @@ def job_run_dir(cfg: TrainConfig, args: argparse.Namespace, world: World) -> tup
     restarted ones continue the same directory from its latest checkpoint."""
     if distributed.launched_by_torchrun() and distributed.restart_count() > 0:
         path = Path(args.run_dir) if args.run_dir else Path(args.outdir) / torchrun_run_name(cfg)
-        if latest_checkpoint(path) is not None:
+        if (path / "checkpoints" / LATEST).exists():
             log.warning("elastic restart %d: continuing %s from its latest checkpoint", distributed.restart_count(), path)
             return path, True
         if world.main:
