@@ -443,7 +443,7 @@ def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> 
             distributed.average_buffers(modules)
         distributed.check_consistency(modules)
         ranks = distributed.gather_objects({"rng": rng_state(st.data_gen), "loader": loader.state_dict()})
-    failure, path = None, None
+    failure, path, error = None, None, None
     if world.main:
         try:
             path = save_checkpoint(run_dir, name, {
@@ -455,15 +455,15 @@ def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> 
                 keep=st.cfg.ckpt_keep)
         except NonFiniteCheckpoint as e:
             failure = ("diverged", str(e))
-        except UserError as e:
-            failure = ("error", str(e))
+        except UserError as e:  # a full disk, say: every rank stops with rank 0's error
+            failure, error = ("error", str(e)), e
     if world.distributed:
         failure = distributed.broadcast_object(failure)
     if failure is not None:
         kind, message = failure
         if kind == "diverged":
             raise Diverged(f"not saved: {message}")
-        raise UserError(message)
+        raise error or UserError(message)
     return path
 
 

@@ -448,3 +448,49 @@ def test_config_mismatch_names_nested_fields_by_dotted_name():
     del now["seed"]
     assert "seed: checkpoint 0, now (not set)" in config_mismatch(saved, now)
     assert config_mismatch(TrainConfig().to_dict(), TrainConfig().to_dict()) == []
+
+
+# --------------------------------------------------------------------------- in the trainer
+
+def test_a_full_disk_during_training_stops_with_a_clear_error_and_the_run_resumes(tmp_path, image_folder,
+                                                                                  monkeypatch):
+    """The trainer's third checkpoint hits ENOSPC mid-file: the run stops with a CheckpointWriteError
+    naming the intact previous checkpoint, which --resume then continues to the end."""
+    from aegan_fast.data import load_folder
+    from aegan_fast.train import train
+    run = tmp_path / "run"
+    run.mkdir()
+    data, cfg = load_folder(image_folder, 64), tiny_config()
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint .*stage-ae.pt.* intact"):
+        train(cfg, run, progress=False, data=data)
+    assert load_checkpoint(run)["counters"]["stage"] == "embed"
+    assert not list((run / "checkpoints").glob(".*"))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    train(cfg, run, resume=True, progress=False, data=data)
+    assert load_checkpoint(run)["counters"] == {"stage": "done", "stage_img": 0, "total_img": 48, "step": 12}
+
+
+def test_resume_refuses_a_checkpoint_of_another_resolution(tmp_path, image_folder):
+    """A stage-end checkpoint of an R=64 run copied under a run whose config says R=128: restore names
+    the first mismatching setting with both values."""
+    from aegan_fast.data import load_folder
+    from aegan_fast.train import new_state, restore
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(kimg={"ae": 0.004, "embed": 0.0, "finetune": 0.0})
+    from aegan_fast.train import train
+    train(cfg, run, progress=False, data=load_folder(image_folder, 64))
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, resolution=128))
+    st = new_state(other, load_folder(image_folder, 128), torch.device("cpu"))
+    with pytest.raises(UserError, match="model.resolution: checkpoint 64, now 128"):
+        restore(st, load_checkpoint(run))
