@@ -248,9 +248,14 @@ def wait_until(trainer: Trainer, condition, what: str, timeout: float = 90):
 def periodic_in(run: Path, after_img: int):
     """The periodic checkpoint `latest` names, once it is one past after_img images (its total)."""
     name = pointed_checkpoint(run)
-    if name and name.startswith("ckpt-") and int(name[5:-3]) > after_img:
+    if name and name.startswith("ckpt-") and 4 * checkpoint_step(name) > after_img:
         return name
     return None
+
+
+def checkpoint_step(name: str) -> int:
+    """The step of a periodic checkpoint, from its name (ckpt-<images seen>.pt, batch 4)."""
+    return int(name.removeprefix("ckpt-").removesuffix(".pt")) // 4
 
 
 def metrics_steps(run: Path) -> list:
@@ -284,7 +289,8 @@ def cli_straight(cli_world):
 
 
 def test_sigkill_mid_stage_then_resume_finishes_with_the_configured_image_count(cli_world, tmp_path):
-    """kill -9 in the middle of stage 2: `latest` still names a whole checkpoint, and --resume
+    """kill -9 in the middle of stage 2, a step after a periodic checkpoint: `latest` still names a
+    whole checkpoint (its digest checked on load), and --resume
     finishes the run with exactly the configured images per stage. What is lost: the steps finished
     since that checkpoint (at most one checkpoint interval, 2 steps here); the resumed run trains
     them again."""
@@ -297,7 +303,9 @@ def test_sigkill_mid_stage_then_resume_finishes_with_the_configured_image_count(
     t = Trainer(["--run-dir", str(run), *args], tmp_path / "killed", cache)
     try:
         wait_until(t, lambda: periodic_in(run, per_stage["ae"]), "a periodic checkpoint inside stage 2")
-        t.proc.send_signal(signal.SIGKILL)
+        periodic_step = checkpoint_step(pointed_checkpoint(run))
+        wait_until(t, lambda: max(metrics_steps(run), default=0) > periodic_step, "a step after that checkpoint")
+        t.proc.send_signal(signal.SIGKILL)  # between two checkpoints
         assert t.wait() == -signal.SIGKILL
     finally:
         t.kill()
@@ -311,6 +319,7 @@ def test_sigkill_mid_stage_then_resume_finishes_with_the_configured_image_count(
 
     r = Trainer(["--resume", str(run), "--device", "cpu"], tmp_path / "resumed", cache)
     assert r.wait() == 0, r.stderr()[-3000:]
+    assert not list((run / "checkpoints").glob("*.tmp"))  # a temp file the kill left is cleared, never used
     final = load_checkpoint(run)["counters"]
     assert final == {"stage": "done", "stage_img": 0, "total_img": sum(per_stage.values()),
                      "step": sum(per_stage.values()) // 4}
@@ -326,7 +335,7 @@ def _interrupt_mid_stage_2(images, cache, run: Path, log: Path, sig: int) -> tup
     t = Trainer(["--run-dir", str(run), *cli_args(images, SIGNAL_KIMG, SIGNAL_CKPT_KIMG)], log, cache)
     ae_img = int(SIGNAL_KIMG["ae"] * 1000)
     wait_until(t, lambda: periodic_in(run, ae_img), "a periodic checkpoint inside stage 2")
-    periodic_step = int(pointed_checkpoint(run)[5:-3]) // 4
+    periodic_step = checkpoint_step(pointed_checkpoint(run))
     wait_until(t, lambda: max(metrics_steps(run), default=0) > periodic_step, "a step after that checkpoint")
     t.proc.send_signal(sig)
     return t, periodic_step
