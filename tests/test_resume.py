@@ -259,9 +259,10 @@ def checkpoint_step(name: str) -> int:
 
 
 def metrics_steps(run: Path) -> list:
+    """Steps of the metrics rows written so far (a row being appended right now is left out)."""
     path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return [r["step"] for r in rows if "losses" in r]
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [r["step"] for r in map(json.loads, lines) if "losses" in r]
 
 
 @pytest.fixture(scope="module")
