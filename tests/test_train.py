@@ -166,6 +166,36 @@ def test_train_cli_bad_input(args, message, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-made left behind
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--kimg", "ae=0", "embed=0", "finetune=0"], "every stage has length 0"),
+    (["--kimg", "ae=nan"], "--kimg ae must be ≥ 0"),
+    (["--stages", "ae", "ae"], "each stage once"),
+    (["--embed-steps", "0"], "--embed-steps must be > 0"),
+    (["--log-every-steps", "-3"], "--log-every-steps must be > 0"),
+    (["--ckpt-every-kimg", "-1"], "--ckpt-every-kimg must be ≥ 0"),
+    (["--ckpt-keep", "0"], "--ckpt-keep must be > 0"),
+    (["--grid-size", "0"], "--grid-size must be > 0"),
+    (["--lr", "G_E=0"], "--lr G_E must be > 0"),
+    (["--rollback-lr-scale", "2"], "--rollback-lr-scale must be in (0, 1]"),
+    (["--loader-workers", "-1"], "--loader-workers must be ≥ 0"),
+])
+def test_bad_lengths_rates_and_counts_are_refused_before_anything_runs(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--outdir", str(tmp_path), "--dry-run", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, image_folder, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data", str(image_folder), "--outdir", str(blocker / "runs"), "--device", "cpu"])
+    assert e.value.code == 2
+    assert f"cannot write in {blocker / 'runs'}" in capsys.readouterr().err
+
+
 def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
     """Generated flags (nested, dict, tuple, bool) and the README's aliases land in one config."""
     train_main(["--dry-run", "--outdir", str(tmp_path), "--model.resolution", "128", "--kimg", "ae=1.5",
