@@ -23,6 +23,7 @@ import importlib.util
 import itertools
 import json
 import sys
+import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
@@ -358,43 +359,87 @@ def _worker(rank, world, store, out_dir, cases):
         for i, (cid, case) in enumerate(cases.items()):
             try:
                 results[cid] = _run_case(case, rank, world, seed=i)
-            except Exception as e:  # report, keep going: a failing case must not hang the others
+                _write_results(out_dir, rank, results)  # what a hang leaves behind
+            except Exception as e:
+                # Stop at the first failure: a case that fails on one rank leaves the ranks' collectives
+                # out of step, so later cases would time out (60 s each) or pair unrelated collectives.
+                # The other ranks stop at their next collective's timeout at the latest.
                 results[cid] = f"FAIL: {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
-                if isinstance(e, dist.DistError) or "timed out" in str(e).lower():
-                    break  # the ranks' collectives are out of step: later cases would only time out too
-                dist.barrier()  # every rank reaches the next case together (none is left in a collective)
+                for rest in list(cases)[i + 1:]:
+                    results[rest] = f"FAIL: not run: rank {rank} stopped after {cid} failed"
+                break
     finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        _write_results(out_dir, rank, results)
         dist.destroy_process_group()
+
+
+GROUP_DEADLINE_S = 240  # a group takes 15-30 s on 2 busy cores
+
+
+def _write_results(out_dir, rank, results):
+    tmp = Path(out_dir, f"rank{rank}.json.tmp")
+    tmp.write_text(json.dumps(results))
+    tmp.replace(Path(out_dir, f"rank{rank}.json"))  # whole or absent, whenever the rank dies
+
+
+def _read_results(tmp, rank):
+    f = tmp / f"rank{rank}.json"
+    return json.loads(f.read_text()) if f.exists() else {}
 
 
 def _spawn(group_name, tmp):
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
     spec = GROUPS[group_name]
     with pytest.MonkeyPatch.context() as mpatch:
         if spec.get("interpret"):
             mpatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks only, at their kernel import
         mpatch.setenv("OMP_NUM_THREADS", "1")
-        mp.start_processes(_worker, args=(spec["world"], str(tmp / "store"), str(tmp), spec["cases"]),
-                           nprocs=spec["world"], join=True, start_method="spawn")
+        ranks = mp.start_processes(_worker, args=(spec["world"], str(tmp / "store"), str(tmp), spec["cases"]),
+                                   nprocs=spec["world"], join=False, start_method="spawn")
+    # The collectives time out after 60 s, but ranks whose collectives fell out of step can pair
+    # unrelated ones and keep waiting: bound the whole group too, so a hang fails instead of stalling.
+    deadline = time.monotonic() + GROUP_DEADLINE_S
+
+    def last_done():
+        return {r: (list(_read_results(tmp, r)) or [None])[-1] for r in range(spec["world"])}
+
+    try:
+        while not ranks.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ranks.processes:
+                    p.kill()
+                pytest.fail(f"{group_name}: the ranks did not finish within {GROUP_DEADLINE_S} s; "
+                            f"last case finished per rank: {last_done()}")
+    except ProcessException as e:  # e.g. gloo aborts a rank on a collective size mismatch
+        raise RuntimeError(f"{e}; last case finished per rank: {last_done()}") from None
     merged = {}
     for rank in range(spec["world"]):
-        for cid, res in json.loads((tmp / f"rank{rank}.json").read_text()).items():
-            if res != "ok" and merged.get(cid, "ok") == "ok":
+        for cid, res in _read_results(tmp, rank).items():
+            before = merged.get(cid, "ok")
+            if res != "ok" and (before == "ok" or "FAIL: not run" in before):  # the first real failure wins
                 merged[cid] = f"rank {rank}: {res}"
             merged.setdefault(cid, res)
     return merged
 
 
-_results: dict[str, dict] = {}
+_results: dict[str, dict | str] = {}  # group -> {case: result}, or why the group did not run
 
 
 @pytest.fixture(scope="module")
 def group_results(tmp_path_factory):
-    def get(name):
+    """The spawned group's results, spawned once per group: a group that crashed or hung is
+    remembered too, so its other cases fail at once instead of spawning it again."""
+    def get(name, case):
         if name not in _results:
-            _results[name] = _spawn(name, tmp_path_factory.mktemp(f"syncbn-{name}"))
-        return _results[name]
+            try:
+                _results[name] = _spawn(name, tmp_path_factory.mktemp(f"syncbn-{name}"))
+            except (Exception, pytest.fail.Exception) as e:
+                _results[name] = f"{name}: the spawned ranks failed: {type(e).__name__}: {e}"
+        res = _results[name]
+        if isinstance(res, str):
+            pytest.fail(res)
+        return res.get(case, "missing from the ranks' output")
     return get
 
 
@@ -406,18 +451,18 @@ def _check(result):
 
 @pytest.mark.parametrize("case", sorted(GROUPS["world2"]["cases"]))
 def test_two_ranks(group_results, case):
-    _check(group_results("world2").get(case, "missing from the ranks' output"))
+    _check(group_results("world2", case))
 
 
 @pytest.mark.parametrize("case", sorted(GROUPS["world3"]["cases"]))
 def test_three_ranks(group_results, case):
-    _check(group_results("world3").get(case, "missing from the ranks' output"))
+    _check(group_results("world3", case))
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install -r requirements.txt)")
 @pytest.mark.parametrize("case", sorted(GROUPS["triton"]["cases"]))
 def test_triton_interpreter(group_results, case):
-    _check(group_results("triton").get(case, "missing from the ranks' output"))
+    _check(group_results("triton", case))
 
 
 def test_without_torch_distributed_is_unsynced():
