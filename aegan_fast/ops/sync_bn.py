@@ -212,7 +212,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
             dx, dres, sdzx, sdz = _eval_backward(kernel, grad_out, x, residual, has_res, w, b, mean, var, eps,
                                                  activation, slope)
         else:
-            dx, sdzx, sdz = torch.empty_like(x), x.new_zeros(C, dtype=torch.float32), x.new_zeros(C, dtype=torch.float32)
+            dx, sdzx, sdz = torch.empty_like(x), *x.new_zeros((2, C), dtype=torch.float32)
             dres = torch.empty_like(grad_out) if has_res else None
         sums = torch.cat([sdz, sdzx]).double()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
