@@ -25,7 +25,8 @@ STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (aegan_fast/s
 LOSSES = ("bce", "hinge", "lsgan")
 # Where and how a run executes, not what it trains: these may differ when a run is resumed.
 RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile",
-             "sync_bn", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale", "max_rollbacks")
+             "sync_bn", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale", "max_rollbacks",
+             "ckpt_every_kimg", "sample_every_kimg", "log_every_steps")
 
 
 @dataclass
