@@ -58,7 +58,7 @@ GROUPS = {
                                          split=(1, 2), hw=(1, 1)) for k in ("reference", "cpp")},
         **{f"special-{name}": dict(special=name) for name in (
             "eval_makes_no_collective", "outside_context_makes_no_collective", "one_value_in_global_batch",
-            "single_rank_group_is_unsynced", "momentum_none_three_steps")},
+            "single_rank_group_is_unsynced", "momentum_none_three_steps", "two_forwards_one_backward")},
     }),
     "world3": dict(world=3, cases={
         **_grid(("reference", "cpp"), ("float32",), ("nchw", "channels_last"),
@@ -328,6 +328,40 @@ def _special_momentum_none_three_steps(rank, world):
     close(module.running_mean, bn.running_mean, 1e-5, "running_mean")
     close(module.running_var, bn.running_var, 1e-5, "running_var")
     _identical_on_every_rank("running_var", module.running_var, world)
+    return "ok"
+
+
+def _special_two_forwards_one_backward(rank, world):
+    """The GAN pattern: one module called on two batches (real, fake: each its own uneven split)
+    before one backward of the summed loss; each call syncs its own statistics and updates the
+    running ones, as nn.BatchNorm2d called twice on the concatenated batches."""
+    import torch.nn.functional as F
+    from aegan_fast import ops
+    cases = [dict(op="bn_act", act="leaky_relu", split=(2, 1)), dict(op="bn_act", act="leaky_relu", split=(1, 3))]
+    ds = [_data(c, 200 + i) for i, c in enumerate(cases)]
+    m, bn = ops.BatchNormAct2d(C, "leaky_relu", 0.2), torch.nn.BatchNorm2d(C).double()
+    with torch.no_grad():
+        for mod in (m, bn):
+            mod.weight.copy_(ds[0]["w"]), mod.bias.copy_(ds[0]["b"])
+    xs, outs, sls, truth = [], [], [], 0
+    with ops.use_backend("cpp"), ops.sync_batchnorm():
+        for c, d in zip(cases, ds):
+            lo = sum(c["split"][:rank])
+            sls.append(slice(lo, lo + c["split"][rank]))
+            xs.append(d["x"][sls[-1]].float().requires_grad_())
+            outs.append(m(xs[-1]))
+    sum((o * d["dy"][sl].float()).sum() for o, d, sl in zip(outs, ds, sls)).backward()
+    x64 = [d["x"].clone().requires_grad_() for d in ds]
+    want = [F.leaky_relu(bn(x), 0.2) for x in x64]
+    sum((o * d["dy"]).sum() for o, d in zip(want, ds)).backward()
+    for i in range(2):
+        _close_slice(f"out{i}", outs[i].detach(), want[i].detach(), sls[i], 1e-5)
+        _close_slice(f"grad_x{i}", xs[i].grad, x64[i].grad, sls[i], 1e-5)
+    from ops_parity import close
+    close(_summed(m.weight.grad), bn.weight.grad, 1e-5, "grad_weight")
+    close(_summed(m.bias.grad), bn.bias.grad, 1e-5, "grad_bias")
+    close(m.running_var, bn.running_var, 1e-5, "running_var")
+    close(m.running_mean, bn.running_mean, 1e-5, "running_mean")
     return "ok"
 
 
