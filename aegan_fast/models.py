@@ -16,6 +16,10 @@ so 4×4×64 at R=64):
 - G_E ends in a 3×3 conv to the embedding channels (+ tanh) instead of ending on its last up layer,
   so at R=64, where no up layer exists, it still has a BN+ReLU+residual body.
 - D_E starts with two 3×3 stride-1 convs so it has a hidden body even on a 4×4 embedding.
+
+Beyond the paper (an option; the paper's design stays the default): ``upsample="resize_conv"``
+makes every ×2 up layer of G_E, F and φ a nearest-neighbour resize + 3×3 conv (``ResizeConv2d``)
+instead of the 4×4 stride-2 ConvTranspose2d, whose uneven tap coverage prints a dot pattern.
 """
 from __future__ import annotations
 
@@ -45,9 +49,14 @@ class ModelConfig:
     denoiser: bool = True           # False: no φ (an identity), the sampling chain ends at F
     denoiser_skips: bool = False    # U-Net skip connections in φ (the paper has none)
     denoiser_dropout: float = 0.5
+    # how every ×2 up layer of G_E, F and φ upsamples: transposed (the paper's 4×4 stride-2
+    # ConvTranspose) or resize_conv (nearest ×2 + reflect-padded 3×3 conv, against the transposed
+    # conv's dot pattern; beyond the paper, 2.25× the multiply-adds per layer)
+    upsample: str = "transposed"
 
     def __post_init__(self):
         check_resolution(self.resolution)
+        check_upsample(self.upsample)
 
     @property
     def embed_size(self) -> int:
@@ -60,6 +69,14 @@ class ModelConfig:
 def check_resolution(r: int) -> None:
     if not isinstance(r, int) or r < 64 or r & (r - 1):
         raise ValueError(f"resolution must be a power of two ≥ 64 (64, 128, 256, 512, ...), got {r}")
+
+
+UPSAMPLE = ("transposed", "resize_conv")
+
+
+def check_upsample(kind: str) -> None:
+    if kind not in UPSAMPLE:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE)}, got {kind!r}")
 
 
 def _log2(n: int) -> int:
@@ -81,6 +98,31 @@ class ReflectConv2d(nn.Conv2d):
         with torch.autocast(input.device.type, enabled=False):
             padded = nnf.pad(input, self._reversed_padding_repeated_twice, mode="reflect")
         return nnf.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+class ResizeConv2d(ReflectConv2d):
+    """Nearest-neighbour ×2, then a reflect-padded 3×3 conv (Odena et al. 2016, "Deconvolution and
+    Checkerboard Artifacts"). Every output pixel sees its input through the same nine taps, so a flat
+    input stays flat; a 4×4 stride-2 ConvTranspose2d gives each of its four output phases a different
+    2×2 subset of its taps, and unless training balances them that prints a period-2 dot pattern.
+    A Conv2d subclass, so init and BatchNorm folding treat it as the convolution it is."""
+
+    def __init__(self, channels_in: int, channels_out: int, bias: bool = True):
+        super().__init__(channels_in, channels_out, 3, 1, 1, bias=bias)
+
+    def forward(self, x):
+        return super().forward(nnf.interpolate(x, scale_factor=2, mode="nearest"))
+
+    def extra_repr(self) -> str:
+        return "nearest ×2, " + super().extra_repr()
+
+
+def upsample_conv(cin: int, cout: int, kind: str, bias: bool = True) -> nn.Module:
+    """A layer doubling the spatial size: ``kind`` is ModelConfig.upsample."""
+    check_upsample(kind)
+    if kind == "resize_conv":
+        return ResizeConv2d(cin, cout, bias=bias)
+    return nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)
 
 
 class ResBlock(nn.Module):
@@ -123,9 +165,9 @@ def _down(cin, cout, norm: bool, activation="leaky_relu"):
     return nn.Sequential(conv, act)
 
 
-def _up(cin, cout):
-    """conv-transpose 4×4 stride 2, then BN+ReLU."""
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), BatchNormAct2d(cout, "relu"))
+def _up(cin, cout, kind: str):
+    """×2 up (``upsample_conv``), then BN+ReLU."""
+    return nn.Sequential(upsample_conv(cin, cout, kind, bias=False), BatchNormAct2d(cout, "relu"))
 
 
 class Encoder(nn.Module):
@@ -155,9 +197,9 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = []
         cin = cfg.embed_channels
         for _ in range(3):
-            layers += [_up(cin, c), ResBlock(c, "relu")]
+            layers += [_up(cin, c, cfg.upsample), ResBlock(c, "relu")]
             cin = c
-        layers += [nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Tanh()]
+        layers += [upsample_conv(c, 3, cfg.upsample), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, e):
@@ -175,7 +217,7 @@ class EmbeddingGenerator(nn.Module):
         layers: list[nn.Module] = [nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False),
                                    BatchNormAct2d(c, "relu"), ResBlock(c, "relu")]
         for _ in range(n_up):
-            layers += [_up(c, c // 2), ResBlock(c // 2, "relu")]
+            layers += [_up(c, c // 2, cfg.upsample), ResBlock(c // 2, "relu")]
             c //= 2
         layers += [nn.Conv2d(c, cfg.embed_channels, 3, 1, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -214,7 +256,7 @@ def _denoiser_channels(depth: int, max_channels: int) -> list[int]:
 
 class Denoiser(nn.Module):
     """φ: image → image. log2(R) stride-2 convs down to 1×1 (BN+LeakyReLU(0.2); the first has no BN,
-    the innermost ReLU and no BN, as in pix2pix), then as many ConvT back up with BN+ReLU and dropout
+    the innermost ReLU and no BN, as in pix2pix), then as many ×2 up layers with BN+ReLU and dropout
     on the first three, tanh out. With ``skips`` each up layer also sees the mirrored down activation
     (U-Net); the paper's default has no skips."""
 
@@ -234,9 +276,9 @@ class Denoiser(nn.Module):
             mirror = depth - 1 - j  # the down layer producing the same spatial size as this up's input
             cin = ch[mirror] * (2 if self.skips and j > 0 else 1)
             if j == depth - 1:
-                self.up.append(nn.Sequential(nn.ConvTranspose2d(cin, 3, 4, 2, 1), nn.Tanh()))
+                self.up.append(nn.Sequential(upsample_conv(cin, 3, cfg.upsample), nn.Tanh()))
             else:
-                block = _up(cin, ch[mirror - 1])
+                block = _up(cin, ch[mirror - 1], cfg.upsample)
                 if j < 3 and cfg.denoiser_dropout > 0:
                     block.append(nn.Dropout(cfg.denoiser_dropout))
                 self.up.append(block)
