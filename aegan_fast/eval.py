@@ -4,6 +4,9 @@ Generated images (the sampling chain, EMA weights when kept) are compared with r
 through the data set; ``psnr``/``l1`` measure the autoencoder on those real images. Writes JSON
 (``--out``, default RUN_DIR/eval-<checkpoint>.json) and prints a table. PSNR of a perfect
 reconstruction is infinite: JSON has no infinity, so it is written as the string "inf".
+Unless ``--no-sheet``, it also writes a picture next to the JSON (default
+RUN_DIR/eval-<checkpoint>-sheet.png): real images | samples | each sample's nearest training image,
+with the nearest distances' median against real images' own (aegan_fast/sheet.py).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .device import pick_device
 from .errors import UserError, cli
 from .evaluation import evaluate_run
 from .metrics import parse_metrics
+from .sheet import write_sheet
 
 BETTER = {"swd": "lower", "fid_efflite": "lower", "kid_efflite": "lower", "fid_inception": "lower",
           "kid_inception": "lower", "l1": "lower", "psnr": "higher", "msssim": "close to msssim_real"}
@@ -54,9 +58,14 @@ def main(argv=None) -> None:
     p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file, for fid/kid_inception")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default: RUN_DIR/eval-<checkpoint>.json)")
+    p.add_argument("--sheet", action=argparse.BooleanOptionalAction, default=True,
+                   help="write <out>-sheet.png: real | samples | nearest training image (default: on)")
+    p.add_argument("--sheet-n", type=int, default=16, help="images per block of the sheet")
     args = p.parse_args(argv)
     if args.n < 2:
         raise UserError("--n must be ≥ 2")
+    if args.sheet and args.sheet_n < 1:
+        raise UserError(f"--sheet-n must be ≥ 1, got {args.sheet_n}")
     metrics = parse_metrics(args.metrics)
     ckpt = resolve_checkpoint(args.ckpt)
     device = pick_device(args.device)
@@ -64,12 +73,21 @@ def main(argv=None) -> None:
     data = load_dataset(args.data if args.data else cfg.data, cfg.model.resolution)
     started = time.time()
     results = evaluate_run(nets, data, metrics, args.n, args.seed, device, args.inception_weights)
+    seconds = round(time.time() - started, 1)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval-{ckpt.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(ckpt), "data": data.source, "n": min(args.n, len(data)),
-                               "seed": args.seed, "seconds": round(time.time() - started, 1),
-                               "metrics": {k: _json_safe(v) for k, v in results.items()}}, indent=2) + "\n")
+    record = {"checkpoint": str(ckpt), "data": data.source, "n": min(args.n, len(data)), "seed": args.seed,
+              "seconds": seconds, "metrics": {k: _json_safe(v) for k, v in results.items()}}
+    sheet = None
+    if args.sheet:
+        # Nearest neighbours come from what the run trained on, whatever --data compares with.
+        train = data if not args.data or args.data == cfg.data else load_dataset(cfg.data, cfg.model.resolution)
+        sheet = write_sheet(nets, data, train, args.sheet_n, args.seed, out.with_name(f"{out.stem}-sheet.png"), device)
+        record["sheet"] = sheet.as_json()
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(format_table(results))
+    if sheet is not None:
+        print(f"\n{sheet.summary()}\nwrote {sheet.path}")
     print(f"\nwrote {out}")
 
 

@@ -1,11 +1,20 @@
-"""The eval CLI on a tiny trained run: JSON out, a readable table, clear errors."""
+"""The eval CLI on a tiny trained run: JSON out, a readable table, the real | samples | nearest
+sheet, clear errors."""
 import json
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from aegan_fast.data import load_folder
+from aegan_fast.checkpoint import load_sampling_nets, resolve_checkpoint
+from aegan_fast.data import load_folder, to_uint8
 from aegan_fast.eval import main as eval_main
+from aegan_fast.models import SamplingChain
+from aegan_fast.sheet import GAP, PAD, PAD_VALUE, STATS_N, make_sheet, nearest_training_images
 from aegan_fast.train import train
+from aegan_fast.viz import make_grid
 from conftest import make_image_folder, tiny_config
 
 
@@ -15,7 +24,9 @@ def trained(tmp_path_factory):
     images = make_image_folder(root / "images")
     run = root / "run"
     run.mkdir()
-    train(tiny_config(eval_metrics=()), run, progress=False, data=load_folder(images, 64, cache=root / "cache"))
+    # The run records its data, as a CLI run does: the sheet searches it for nearest neighbours.
+    train(tiny_config(eval_metrics=(), data=str(images)), run, progress=False,
+          data=load_folder(images, 64, cache=root / "cache"))
     return run, images
 
 
@@ -39,3 +50,115 @@ def test_eval_bad_metric_is_a_clear_error(trained, capsys):
     with pytest.raises(SystemExit) as e:
         eval_main(["--ckpt", str(run), "--data", str(images), "--metrics", "swd,fid"])
     assert e.value.code == 2 and "unknown metric" in capsys.readouterr().err
+
+
+def _brute_force(queries, train, size=32):
+    """Every query against every training image and its mirror, float64, all at once."""
+    q = F.interpolate(queries.double(), size=(size, size), mode="area").flatten(1)
+    t = F.interpolate(train.double() / 127.5 - 1, size=(size, size), mode="area")
+    d = torch.stack([torch.cdist(q, v.flatten(1)) for v in (t, t.flip(-1))])  # 2 × N × M
+    return d.amin(0), d.argmin(0)
+
+
+def test_nearest_finds_a_planted_copy_whatever_the_chunk():
+    g = torch.Generator().manual_seed(0)
+    train_images = torch.randint(0, 256, (40, 3, 64, 64), generator=g, dtype=torch.uint8)
+    queries = torch.rand(6, 3, 64, 64, generator=g) * 2 - 1
+    queries[2] = train_images[29].float() / 127.5 - 1           # a copy
+    queries[4] = train_images[11].flip(-1).float() / 127.5 - 1  # a mirrored copy: the trainer sees mirrors
+    d_all, _ = _brute_force(queries, train_images)
+    expected = d_all.argmin(1)
+    answers = [nearest_training_images(queries, train_images, chunk=c) for c in (1, 7, 40, 1000)]
+    for dist, idx, mirrored in answers:
+        assert idx.tolist() == expected.tolist()
+        assert dist[2] == 0 and dist[4] == 0 and (idx[2], idx[4]) == (29, 11)
+        assert not mirrored[2] and mirrored[4]
+        # RMS per value on the 0-1 scale: brute force's L2 over 3·32² values in [-1, 1], halved
+        torch.testing.assert_close(dist.double(), d_all.amin(1) / (2 * (3 * 32 * 32) ** 0.5), rtol=1e-5, atol=1e-6)
+    for other in answers[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(answers[0], other))
+
+
+def test_nearest_excludes_a_query_s_own_image():
+    """Leave-one-out: a real image of the training set must find its nearest OTHER image."""
+    g = torch.Generator().manual_seed(1)
+    train_images = torch.randint(0, 256, (20, 3, 64, 64), generator=g, dtype=torch.uint8)
+    queries = train_images[[3, 17]].float() / 127.5 - 1
+    d_all, _ = _brute_force(queries, train_images)
+    d_all[0, 3] = d_all[1, 17] = float("inf")
+    for chunk in (1, 6, 20):
+        dist, idx, _ = nearest_training_images(queries, train_images, chunk=chunk, exclude=torch.tensor([3, 17]))
+        assert idx.tolist() == d_all.argmin(1).tolist() and (dist > 0.1).all()
+
+
+def test_sheet_size_and_blocks():
+    g = torch.Generator().manual_seed(2)
+    real, samples, nearest = (torch.rand(5, 3, 16, 16, generator=g) * 2 - 1 for _ in range(3))
+    sheet = make_sheet([("real", real), ("samples", samples), ("nearest", nearest)])
+    grid = make_grid(samples, pad_value=PAD_VALUE)
+    _, gh, gw = grid.shape
+    _, h, w = sheet.image.shape
+    assert w == 3 * gw + 2 * GAP and h > gh  # short labels: blocks as wide as their grids
+    assert [b[2:] for b in sheet.boxes] == [(gw, gh)] * 3
+    left, top, _, _ = sheet.boxes[1]
+    assert top == h - gh and left == gw + GAP
+    assert torch.equal(sheet.image[:, top:top + gh, left:left + gw], grid)
+    r = 16  # sample 4 of a 3-wide grid: row 1, column 1
+    cell = sheet.image[:, top + PAD + (r + PAD):top + PAD + (r + PAD) + r, left + PAD + (r + PAD):left + PAD + 2 * r + PAD]
+    assert torch.equal(cell, to_uint8(samples[4]))
+    assert (sheet.image[:, :top, :gw] < 128).any()  # the label is drawn above its block
+    wide = make_sheet([("a label far wider than a 3-image grid of 16-pixel images", real), ("s", samples)])
+    assert wide.image.shape[-1] > 2 * gw + GAP and wide.boxes[1][0] > gw + GAP  # labels never overlap
+
+
+def test_eval_writes_the_sheet(trained, capsys):
+    run, images = trained
+    ckpt = resolve_checkpoint(run)
+    eval_main(["--ckpt", str(run), "--metrics", "swd", "--n", "8", "--seed", "3"])  # default: 16 per block
+    path = run / f"eval-{ckpt.stem}-sheet.png"
+    record = json.loads((run / f"eval-{ckpt.stem}.json").read_text())["sheet"]
+    assert record["path"] == str(path) and record["n"] == 16
+    assert record["reference"].startswith("other training images")  # the run's own data: leave-one-out
+    assert 0 < record["nearest_median"] < 1 and 0 < record["reference_median"] < 1
+    printed = capsys.readouterr().out
+    assert "nearest training image" in printed and str(path) in printed
+    png = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    _, nets = load_sampling_nets(ckpt)
+    samples = SamplingChain.of(nets).sample(STATS_N, 3)[:16]
+    grid = make_grid(samples, pad_value=PAD_VALUE)
+    _, gh, gw = grid.shape
+    assert png.shape[-1] == 3 * gw + 2 * GAP
+    top = png.shape[1] - gh
+    assert torch.equal(png[:, top:, gw + GAP:2 * gw + GAP], grid)
+    # the third block: each sample's nearest training image (brute force's), mirrored when it matched so
+    train_images = load_folder(images, 64).images
+    d_all, view = _brute_force(samples, train_images)
+    idx = d_all.argmin(1)
+    assert [e["train_index"] for e in record["shown"]] == idx.tolist()
+    mirrored = view[torch.arange(16), idx] == 1
+    assert [e["mirrored"] for e in record["shown"]] == mirrored.tolist()
+    nearest = torch.where(mirrored[:, None, None, None], train_images[idx].flip(-1), train_images[idx])
+    third = png[:, top:, 2 * (gw + GAP):]
+    assert torch.equal(third[:, :, :gw], make_grid(nearest.float() / 127.5 - 1, pad_value=PAD_VALUE))
+
+
+def test_eval_sheet_against_held_out_images(trained, tmp_path, capsys):
+    run, _ = trained
+    other = make_image_folder(tmp_path / "other", n=6, seed=1)
+    out = tmp_path / "e.json"
+    eval_main(["--ckpt", str(run), "--data", str(other), "--metrics", "swd", "--n", "4", "--sheet-n", "2",
+               "--out", str(out)])
+    record = json.loads(out.read_text())["sheet"]
+    assert record["path"] == str(tmp_path / "e-sheet.png") and (tmp_path / "e-sheet.png").exists()
+    assert record["reference"] == f"held-out images of {other}"
+
+
+def test_eval_no_sheet_and_bad_sheet_n(trained, tmp_path, capsys):
+    run, images = trained
+    out = tmp_path / "e.json"
+    eval_main(["--ckpt", str(run), "--metrics", "swd", "--n", "4", "--no-sheet", "--out", str(out)])
+    assert "sheet" not in json.loads(out.read_text()) and not (tmp_path / "e-sheet.png").exists()
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            eval_main(["--ckpt", str(run), "--metrics", "swd", "--sheet-n", bad, "--out", str(out)])
+        assert e.value.code == 2 and f"--sheet-n must be ≥ 1, got {bad}" in capsys.readouterr().err
