@@ -9,6 +9,11 @@ moment leaves the previous checkpoint loadable, and a file renamed in but never 
 (``<sha256>  <name>``; ``cd checkpoints && sha256sum -c latest`` checks them by hand). The digest is
 what catches a flipped byte inside a tensor: torch.load does not, it would load wrong weights.
 A resume falls back along that list, newest first, when a file is truncated or corrupt.
+
+``checkpoints/sampling`` (one file name; the trainer writes it at each chain stage's end after the
+first) names the stage-end checkpoint whose sampling chain scored the best SWD: a stage that made
+the samples worse is trained but not sampled from. Sampling, eval and export of a run directory
+follow it; resuming always follows ``latest``.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from .errors import UserError
 from .models import build_nets
 
 LATEST = "latest"
+SAMPLING = "sampling"
 PERIODIC = "ckpt-"  # periodic checkpoints, pruned to the newest few; stage-end ones are kept
 log = logging.getLogger("aegan_fast.checkpoint")
 
@@ -193,14 +199,55 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.exists() else None
 
 
+def write_sampling_pointer(run_dir: Path, name: str) -> None:
+    """Make the committed checkpoint ``name`` the run's sampling default (atomically)."""
+    atomic_write_bytes(Path(run_dir) / "checkpoints" / SAMPLING, lambda f: f.write(f"{name}\n".encode()))
+
+
+def _sampling_entry(folder: Path) -> tuple[str, str | None] | None:
+    """(name, sha256) of the checkpoint ``sampling`` names, None without a pointer; a UserError saying
+    what is wrong with a pointer that cannot be followed."""
+    pointer = folder / SAMPLING
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    committed = dict(_read_manifest(folder))
+    if not name or Path(name).name != name:  # a path elsewhere would be sampled unverified
+        raise UserError(f"{pointer} does not name a checkpoint file ({name[:80]!r})")
+    if name not in committed or not (folder / name).is_file():
+        raise UserError(f"{pointer} names {name}, which is not a committed checkpoint of this run")
+    return name, committed[name]
+
+
+def _warn_sampling_fallback(folder: Path, e: UserError) -> None:
+    log.warning("%s; sampling from the latest checkpoint %s instead", e, latest_checkpoint(folder.parent) or "(none)")
+
+
+def _latest_of(run_dir: Path) -> Path:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir} holds no checkpoint (no checkpoints/{LATEST} pointer)")
+    return ckpt
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its latest checkpoint) or a checkpoint file."""
+    """The checkpoint file to sample from: a checkpoint file as given; for a run directory the one its
+    ``sampling`` pointer names when that file is intact (its sha256 as committed), else its latest
+    (with a warning when a pointer exists but cannot be followed)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        ckpt = latest_checkpoint(p)
-        if ckpt is None:
-            raise UserError(f"{p} holds no checkpoint (no checkpoints/{LATEST} pointer)")
-        return ckpt
+        folder = p / "checkpoints"
+        try:
+            entry = _sampling_entry(folder)
+            if entry is not None:
+                name, digest = entry
+                if digest is not None and _sha256(folder / name) != digest:
+                    raise UserError(f"checkpoint {folder / name}, which {SAMPLING} names, is truncated or corrupt "
+                                    f"(its sha256 differs from the one recorded in {LATEST})")
+                return folder / name
+        except UserError as e:
+            _warn_sampling_fallback(folder, e)
+        return _latest_of(p)
     if p.is_file():
         return p
     raise UserError(f"no run directory or checkpoint at {p}")
@@ -226,7 +273,8 @@ def _load(path: Path, digest: str | None, map_location) -> dict:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """The state in a checkpoint file, or in a run directory's latest checkpoint (no fallback: see
     load_for_resume). A truncated or corrupt file is a UserError naming it."""
-    ckpt = resolve_checkpoint(path)
+    p = Path(path).expanduser()
+    ckpt = _latest_of(p) if p.is_dir() else resolve_checkpoint(p)
     digest = dict(_read_manifest(ckpt.parent)).get(ckpt.name)  # a file copied out alone has none
     return _load(ckpt, digest, map_location)
 
@@ -289,8 +337,24 @@ def config_mismatch(saved: dict, now: dict, ignore: tuple = ()) -> list[str]:
 
 
 def load_sampling_nets(path: str | Path, device="cpu", use_ema: bool = True):
-    """(config, nets in eval mode) from a run directory or checkpoint file, EMA weights when present."""
-    state = load_checkpoint(path, map_location=device)
+    """(config, nets in eval mode) from a checkpoint file, or from a run directory's sampling default
+    (see resolve_checkpoint; a pointed-to file that fails to load falls back to the latest with a
+    warning), EMA weights when present. Logs the file used."""
+    p = Path(path).expanduser()
+    state = None
+    if p.is_dir():
+        folder = p / "checkpoints"
+        try:
+            entry = _sampling_entry(folder)
+            if entry is not None:
+                ckpt = folder / entry[0]
+                state = _load(ckpt, entry[1], map_location=device)
+        except UserError as e:
+            _warn_sampling_fallback(folder, e)
+    if state is None:
+        ckpt = _latest_of(p) if p.is_dir() else resolve_checkpoint(p)
+        state = load_checkpoint(ckpt, map_location=device)
+    log.info("sampling nets from %s", ckpt)
     if not isinstance(state, dict) or "config" not in state or "nets" not in state:
         raise UserError(f"{path} is not an aegan_fast training checkpoint (no config and nets in it)")
     cfg = TrainConfig.from_dict(state["config"])

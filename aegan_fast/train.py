@@ -6,9 +6,10 @@ The config's stages run in order, each for its length in kimg (thousands of real
     finetune  the whole sampling chain end to end (see stages.py)
 (``--stages direct`` trains the baseline GAN on pixels instead, in the same loop.)
 
-Everything lands in one run directory: config.json, checkpoints/ (atomic, with a `latest` pointer),
-samples/ (grids from a fixed z), metrics.jsonl, losses.png, and TensorBoard events when tensorboard
-is installed. ``--resume RUN_DIR`` continues from the latest checkpoint, in the middle of a stage too,
+Everything lands in one run directory: config.json, checkpoints/ (atomic, with a `latest` pointer,
+and a `sampling` one naming the stage-end checkpoint with the best SWD: a stage that made samples
+worse is warned about and not sampled from), samples/ (grids from a fixed z), metrics.jsonl,
+losses.png, and TensorBoard events when tensorboard is installed. ``--resume RUN_DIR`` continues from the latest checkpoint, in the middle of a stage too,
 with the checkpoint's config (only ``--ops``, ``--device``, ``--loader``, ``--loader-workers`` and
 ``--data-cache-mb`` may change); Ctrl-C saves a checkpoint first. ``--dry-run`` prints the resolved
 config and exits.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -35,8 +37,8 @@ from tqdm import tqdm
 from . import compiling, ops
 from . import precision as precisions
 from . import distributed
-from .checkpoint import (LATEST, NonFiniteCheckpoint, config_mismatch, latest_checkpoint, load_for_resume,
-                         load_state_strict, save_checkpoint)
+from .checkpoint import (LATEST, SAMPLING, NonFiniteCheckpoint, config_mismatch, latest_checkpoint, load_for_resume,
+                         load_state_strict, resolve_checkpoint, save_checkpoint, write_sampling_pointer)
 from .config import (LOSSES, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides,
                      config_overrides, dict_fields, preset)
 from .data import LOADERS, ImageSet, load_dataset, make_loader
@@ -360,6 +362,65 @@ def stage_end_evaluation(stage: Stage, st: TrainState) -> dict:
         return evaluate_run(nets, st.data, metrics, st.cfg.eval_n, st.cfg.seed, st.device)
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a kill mid-append is left out."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def choose_sampling_chain(stage: Stage, st: TrainState, run_dir: Path, report: dict, metrics: MetricsLog) -> None:
+    """After a chain stage other than the run's first: warn when the stage made SWD worse than the
+    previous chain stage, and point checkpoints/sampling at the stage-end checkpoint with the best SWD
+    so far (ties to the later stage; without SWD figures the latest), logging and recording the choice.
+    The figures come from metrics.jsonl's eval rows, so a resumed run compares with stages it ran
+    before the resume. Training goes on with the latest nets either way: this only picks what is sampled."""
+    names = st.cfg.stages[:st.cfg.stages.index(stage.name) + 1]
+    chain = [n for n in names if STAGE_RECORDS[n].preview == "samples"]
+    if len(chain) < 2:
+        return  # nothing to compare: sampling keeps following latest
+    evals = {r["stage"]: r["eval"] for r in metrics_rows(metrics.path) if isinstance(r.get("eval"), dict)}
+    evals[stage.name] = report  # this stage's own figures, not those of an attempt before a rollback
+    swd = {n: evals.get(n, {}).get("swd") for n in chain}
+    prev, now = chain[-2], chain[-1]
+    if "swd" not in st.cfg.eval_metrics:
+        kept, why = now, "SWD is not among --eval-metrics, so the latest chain is kept"
+    elif swd[now] is None or swd[prev] is None:
+        kept, why = now, f"stage {prev if swd[now] is not None else now} has no SWD figure, so the latest chain is kept"
+    else:
+        def badness(n):  # a diverged chain's NaN is the worst figure, not an incomparable one
+            v = swd[n]
+            return v if v is not None and math.isfinite(v) else math.inf
+        kept = min(reversed(chain), key=badness)
+        if badness(now) > badness(prev):
+            why = (f"stage {now} made SWD worse: {swd[now]:.4g} after it against {swd[prev]:.4g} after {prev}; "
+                   f"sampling keeps the {kept} chain (SWD {swd[kept]:.4g})")
+            log.warning("WARNING: %s", why)
+        else:
+            why = f"SWD {swd[now]:.4g} after {now}, {swd[prev]:.4g} after {prev}: the {kept} chain is kept"
+    checkpoint = f"stage-{kept}.pt"
+    write_sampling_pointer(run_dir, checkpoint)
+    metrics.write({"stage": now, "kept": kept, "checkpoint": checkpoint, "why": why,
+                   "swd": {n: swd[n] for n in chain if swd[n] is not None}})
+    log.info("sampling default: checkpoints/%s (%s)", checkpoint, why)
+
+
+def sampling_summary(run_dir: Path) -> str:
+    """The checkpoint a run samples from, and why (main's closing lines)."""
+    try:
+        ckpt = resolve_checkpoint(run_dir)
+    except UserError as e:
+        return str(e)
+    kept = [r for r in metrics_rows(run_dir / "metrics.jsonl") if "kept" in r]
+    why = kept[-1]["why"] if kept and (run_dir / "checkpoints" / SAMPLING).is_file() else "the latest checkpoint"
+    return f"{ckpt} ({why})"
+
+
 # --------------------------------------------------------------------------- the run
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -572,6 +633,7 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
         raise Diverged(f"{worst} steps in a row had a non-finite loss or gradient (skipped)")
     metrics.skipped += skipped
     metrics.flush(stage.name, st.counters)
+    report = {}
     if st.world.main:
         report = stage_end_evaluation(stage, st)
         if report:
@@ -582,6 +644,8 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
     following = names[names.index(stage.name) + 1:]
     st.counters.update(stage=following[0] if following else "done", stage_img=0)
     save_run(st, run_dir, loader, f"stage-{stage.name}.pt")
+    if st.world.main and stage.preview == "samples":  # after the save: the pointer names committed files only
+        choose_sampling_chain(stage, st, run_dir, report, metrics)
     metrics.restart_clock()
 
 
@@ -804,6 +868,7 @@ def main(argv=None) -> None:
               f"  samples     {run_dir / 'samples' / (cfg.stages[-1] + '-final.png')}\n"
               f"  loss plot   {run_dir / 'losses.png'}\n"
               f"  checkpoint  {latest_checkpoint(run_dir)}\n"
+              f"  sampling    {sampling_summary(run_dir)}\n"
               f"  sample more python -m aegan_fast.sample --ckpt {run_dir} --n 64 --out grid.png")
 
 

@@ -35,23 +35,52 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
     save_png(make_grid(images, nrow), path)
 
 
-def plot_metrics(metrics_jsonl: Path, out_png: Path) -> None:
-    """Loss curves of every net against total kimg, stage boundaries marked, throughput below."""
+# Stage-end metrics in the order people read them, with the direction that is better.
+EVAL_ORDER = ("swd", "msssim", "psnr", "l1")
+EVAL_TITLES = {"swd": "SWD (lower is better)", "msssim": "MS-SSIM (near the real set's)",
+               "psnr": "PSNR dB (higher is better)", "l1": "L1 (lower is better)"}
+
+
+def stage_end_metrics(lines: list[dict]) -> dict[str, dict[str, float]]:
+    """{metric: {stage: value}} from metrics.jsonl's eval rows, stages in the order they ended; a stage
+    evaluated twice (finished again after a rollback) shows its last figures. Per-scale SWD parts are
+    left out: the total says it at a glance."""
+    last = {}
+    for r in lines:
+        if isinstance(r.get("eval"), dict):
+            last.pop(r["stage"], None)
+            last[r["stage"]] = r["eval"]
+    names = {k for ev in last.values() for k in ev if not k.startswith("swd_")}
+    order = [k for k in EVAL_ORDER if k in names] + sorted(names - set(EVAL_ORDER))
+    return {k: {stage: float(ev[k]) for stage, ev in last.items() if k in ev} for k in order}
+
+
+def plot_metrics(metrics_jsonl: Path, out_png: Path) -> dict | None:
+    """Loss curves of every net against total kimg, stage boundaries marked, throughput below, and a
+    row of small panels with each stage-end metric per stage, values written on (the stage the run
+    samples from starred on SWD). Returns what the panels show, {"eval": {metric: {stage: value}},
+    "kept": stage or None}, or None when there is no loss row to plot (nothing is written then)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    lines = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:  # a row cut short by a kill mid-append
+            continue
     rows = [r for r in lines if "losses" in r]
-    evals = [r for r in lines if "eval" in r]
     if not rows:
-        return
+        return None
+    evals = stage_end_metrics(lines)
+    kept = ([r["kept"] for r in lines if "kept" in r] or [None])[-1]
     keys = sorted({k for r in rows for k in r["losses"]})
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for r in evals:  # stage-end evaluation, written where the stage ends
-        text = "\n".join(f"{k} {v:.3g}" for k, v in r["eval"].items() if not k.startswith("swd_"))
-        ax2.annotate(text, (r["kimg"], 0), xycoords=("data", "axes fraction"), fontsize=7, ha="right",
-                     va="bottom", color="tab:blue")
+    cols = max(1, len(evals))
+    fig = plt.figure(figsize=(10, 9 if evals else 7))
+    grid = fig.add_gridspec(3 if evals else 2, cols, height_ratios=[3, 1, 1.4][:3 if evals else 2])
+    ax = fig.add_subplot(grid[0, :])
+    ax2 = fig.add_subplot(grid[1, :], sharex=ax)
     for k in keys:
         pts = [(r["kimg"], r["losses"][k]) for r in rows if k in r["losses"]]
         ax.plot(*zip(*pts), label=k, lw=1.2)
@@ -74,6 +103,21 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> None:
     ax2.plot([r["kimg"] for r in rows], [r["img_per_s"] for r in rows], color="k", lw=1)
     ax2.set_ylabel("img/s")
     ax2.set_xlabel("kimg (all stages)")
+    for i, (name, per_stage) in enumerate(evals.items()):
+        a = fig.add_subplot(grid[2, i])
+        stages, values = list(per_stage), list(per_stage.values())
+        a.plot(range(len(values)), values, "o-", color="tab:blue", lw=1, ms=5)
+        for x, (stage, v) in enumerate(per_stage.items()):
+            best = name == "swd" and stage == kept
+            a.annotate(f"{v:.3g}" + (" ★ sampled" if best else ""), (x, v), textcoords="offset points",
+                       xytext=(0, 5), ha="center", fontsize=8, color="tab:red" if best else "black",
+                       fontweight="bold" if best else "normal")
+        a.set_xticks(range(len(stages)), stages, fontsize=8)
+        a.set_xlim(-0.5, len(stages) - 0.5)
+        a.margins(y=0.35)
+        a.tick_params(axis="y", labelsize=7)
+        a.set_title(EVAL_TITLES.get(name, name), fontsize=9)
     fig.tight_layout()
     atomic_write_bytes(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+    return {"eval": evals, "kept": kept}

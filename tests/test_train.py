@@ -11,7 +11,7 @@ import torch
 
 from aegan_fast import stages
 from aegan_fast.config import preset
-from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets
+from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets, resolve_checkpoint
 from aegan_fast.data import load_folder, make_loader
 from aegan_fast.models import SamplingChain, build_nets, sample_z
 from aegan_fast.train import main as train_main
@@ -87,9 +87,12 @@ def test_ema_off_keeps_no_ema(tmp_path, image_folder):
           progress=False, data=load_folder(image_folder, 64))
     state = load_checkpoint(run)
     assert state["counters"]["stage"] == "done" and state["ema"] is None
+    # the stage-end checkpoint sampling uses (checkpoints/sampling: the better chain by SWD)
+    sampled = load_checkpoint(resolve_checkpoint(run))
+    assert sampled["ema"] is None
     _, nets = load_sampling_nets(run)  # the sampler then reads the live nets
     for k, v in nets["G_E"].state_dict().items():
-        assert torch.equal(v, state["nets"][f"G_E.{k}"])
+        assert torch.equal(v, sampled["nets"][f"G_E.{k}"])
 
 
 def test_sampler_reads_the_ema_weights(tmp_path, image_folder):
