@@ -107,12 +107,15 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> dict | None:
         a = fig.add_subplot(grid[2, i])
         stages, values = list(per_stage), list(per_stage.values())
         a.plot(range(len(values)), values, "o-", color="tab:blue", lw=1, ms=5)
+        labels = []
         for x, (stage, v) in enumerate(per_stage.items()):
             best = name == "swd" and stage == kept
-            a.annotate(f"{v:.3g}" + (" ★ sampled" if best else ""), (x, v), textcoords="offset points",
-                       xytext=(0, 5), ha="center", fontsize=8, color="tab:red" if best else "black",
-                       fontweight="bold" if best else "normal")
-        a.set_xticks(range(len(stages)), stages, fontsize=8)
+            if best:
+                a.plot([x], [v], "*", color="tab:red", ms=12)
+            a.annotate(f"{v:.3g}", (x, v), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8,
+                       color="tab:red" if best else "black", fontweight="bold" if best else "normal")
+            labels.append(f"{stage}\n★ sampled" if best else stage)
+        a.set_xticks(range(len(stages)), labels, fontsize=8)
         a.set_xlim(-0.5, len(stages) - 0.5)
         a.margins(y=0.35)
         a.tick_params(axis="y", labelsize=7)
