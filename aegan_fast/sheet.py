@@ -149,12 +149,14 @@ class SheetResult:
     reference_median: float   # real images to their nearest (other) training image
     reference: str            # which real images the reference measured
     shown: list[dict]         # per sample on the sheet: its nearest training image's index, mirrored, distance
+    boxes: list[tuple[int, int, int, int]] = ()  # the sheet's blocks (make_sheet)
 
     def summary(self) -> str:
-        closer = self.nearest_median < self.reference_median
-        return (f"sheet: median distance of a sample to its nearest training image {self.nearest_median:.4f}, "
-                f"of a real image {self.reference_median:.4f} ({self.reference}); samples are "
-                f"{'CLOSER to training images than real images are (look for copies)' if closer else 'not closer to training images than real images are'}")
+        ratio = self.nearest_median / self.reference_median if self.reference_median > 0 else math.inf
+        return (f"sheet: median distance to the nearest training image: samples {self.nearest_median:.4f}, "
+                f"real images {self.reference_median:.4f} ({self.reference}); ratio {ratio:.2f} "
+                f"(well below 1: samples sit closer to training images than real images do, look for "
+                f"copies in the sheet's third block)")
 
     def as_json(self) -> dict:
         return {"path": str(self.path), "n": self.n, "nearest_median": round(self.nearest_median, 5),
@@ -176,7 +178,10 @@ def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: 
     if len(real_idx) < n:  # fewer real images than asked to show: repeat them rather than show gaps
         real_idx = real_idx.repeat(math.ceil(n / len(real_idx)))[:n]
     real = data.images[real_idx]
-    same = data is train
+    # The same prepared set loaded twice (one folder spelled two ways) is still the training set:
+    # taken for held-out images, each would find itself and the reference would read 0.
+    same = data is train or (data.root is not None and train.root is not None
+                             and Path(data.root).resolve() == Path(train.root).resolve())
     if same and len(train) < 2:
         raise UserError(f"{train.source} has {len(train)} image: the sheet's leave-one-out reference needs 2")
     queries = torch.cat([samples, real.float().div(127.5).sub(1.0)])
@@ -194,4 +199,5 @@ def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: 
          f"(real images: {result.reference_median:.3f})", nearest),
     ])
     save_png(sheet.image, path)
+    result.boxes = sheet.boxes
     return result

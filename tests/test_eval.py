@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aegan_fast.checkpoint import load_sampling_nets, resolve_checkpoint
-from aegan_fast.data import load_folder, to_uint8
+from aegan_fast.data import ImageSet, load_folder, to_uint8
 from aegan_fast.eval import main as eval_main
 from aegan_fast.models import SamplingChain
-from aegan_fast.sheet import GAP, PAD, PAD_VALUE, STATS_N, make_sheet, nearest_training_images
+from aegan_fast.sheet import GAP, PAD, PAD_VALUE, STATS_N, make_sheet, nearest_training_images, write_sheet
 from aegan_fast.train import train
 from aegan_fast.viz import make_grid
 from conftest import make_image_folder, tiny_config
@@ -54,6 +54,7 @@ def test_eval_bad_metric_is_a_clear_error(trained, capsys):
 
 def _brute_force(queries, train, size=32):
     """Every query against every training image and its mirror, float64, all at once."""
+    size = min(size, queries.shape[-1])  # reduced, never enlarged
     q = F.interpolate(queries.double(), size=(size, size), mode="area").flatten(1)
     t = F.interpolate(train.double() / 127.5 - 1, size=(size, size), mode="area")
     d = torch.stack([torch.cdist(q, v.flatten(1)) for v in (t, t.flip(-1))])  # 2 × N × M
@@ -66,13 +67,18 @@ def test_nearest_finds_a_planted_copy_whatever_the_chunk():
     queries = torch.rand(6, 3, 64, 64, generator=g) * 2 - 1
     queries[2] = train_images[29].float() / 127.5 - 1           # a copy
     queries[4] = train_images[11].flip(-1).float() / 127.5 - 1  # a mirrored copy: the trainer sees mirrors
+    # ties: a duplicated image is found at its first index, a symmetric one unmirrored, in any chunking
+    train_images[25] = train_images[5]
+    queries[0] = train_images[5].float() / 127.5 - 1
+    train_images[8, ..., 32:] = train_images[8, ..., :32].flip(-1)
+    queries[1] = train_images[8].float() / 127.5 - 1
     d_all, _ = _brute_force(queries, train_images)
     expected = d_all.argmin(1)
     answers = [nearest_training_images(queries, train_images, chunk=c) for c in (1, 7, 40, 1000)]
     for dist, idx, mirrored in answers:
         assert idx.tolist() == expected.tolist()
-        assert dist[2] == 0 and dist[4] == 0 and (idx[2], idx[4]) == (29, 11)
-        assert not mirrored[2] and mirrored[4]
+        assert (dist[:5:2] == 0).all() and dist[1] == 0 and dist[4] == 0
+        assert idx[:5].tolist() == [5, 8, 29, idx[3], 11] and mirrored[:5].tolist() == [False, False, False, mirrored[3], True]
         # RMS per value on the 0-1 scale: brute force's L2 over 3·32² values in [-1, 1], halved
         torch.testing.assert_close(dist.double(), d_all.amin(1) / (2 * (3 * 32 * 32) ** 0.5), rtol=1e-5, atol=1e-6)
     for other in answers[1:]:
@@ -109,6 +115,66 @@ def test_sheet_size_and_blocks():
     assert (sheet.image[:, :top, :gw] < 128).any()  # the label is drawn above its block
     wide = make_sheet([("a label far wider than a 3-image grid of 16-pixel images", real), ("s", samples)])
     assert wide.image.shape[-1] > 2 * gw + GAP and wide.boxes[1][0] > gw + GAP  # labels never overlap
+
+
+class _Pixels(torch.nn.Module):
+    """A stand-in generator whose samples all differ (the tiny trained run's are near-identical grey)."""
+    z_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3 * 16 * 16)
+
+    def forward(self, z):
+        return torch.tanh(3 * self.lin(z)).view(-1, 3, 16, 16)
+
+
+def _blocks(png, boxes):
+    return [png[:, top:top + h, left:left + w] for left, top, w, h in boxes]
+
+
+@pytest.mark.parametrize("kind", ["train", "train_loaded_again", "held_out"])
+def test_write_sheet_blocks_are_real_samples_nearest(tmp_path, kind):
+    torch.manual_seed(4)
+    nets = {"G_E": _Pixels(), "F": torch.nn.Identity(), "phi": torch.nn.Identity()}
+    g = torch.Generator().manual_seed(5)
+    (tmp_path / "set").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "set")  # one prepared set, spelled two ways
+    train = ImageSet(torch.randint(0, 256, (30, 3, 16, 16), generator=g, dtype=torch.uint8), "train",
+                     root=tmp_path / "set")
+    held_out = kind == "held_out"
+    data = {"train": train, "train_loaded_again": ImageSet(train.images.clone(), "again", root=tmp_path / "alias"),
+            "held_out": ImageSet(torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8), "other",
+                                 root=tmp_path / "other")}[kind]
+    result = write_sheet(nets, data, train, 9, seed=7, path=tmp_path / "s.png")
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "s.png").convert("RGB"))).permute(2, 0, 1)
+    samples = SamplingChain.of(nets).sample(STATS_N, 7)
+    assert len({to_uint8(s).numpy().tobytes() for s in samples[:9]}) == 9
+    grid = make_grid(samples[:9], pad_value=PAD_VALUE)
+    assert [b[2:] for b in result.boxes] == [tuple(grid.shape[1:][::-1])] * 3
+    real, middle, third = _blocks(png, result.boxes)
+    assert torch.equal(middle, grid)
+    step = 16 + PAD
+    cells = [real[:, PAD + r * step:PAD + r * step + 16, PAD + k * step:PAD + k * step + 16].numpy().tobytes()
+             for r in range(3) for k in range(3)]
+    own = [im.numpy().tobytes() for im in data.images]
+    assert len(set(cells)) == 9 and set(cells) <= set(own)  # 9 different images of the data set
+    d_all, view = _brute_force(samples[:9], train.images)
+    idx = d_all.argmin(1)
+    mirrored = view[torch.arange(9), idx] == 1
+    nearest = torch.where(mirrored[:, None, None, None], train.images[idx].flip(-1), train.images[idx])
+    assert torch.equal(third, make_grid(nearest.float() / 127.5 - 1, pad_value=PAD_VALUE))
+    assert [e["train_index"] for e in result.shown] == idx.tolist()
+    every, _ = _brute_force(samples, train.images)  # the median is over all STATS_N samples, not the 9 shown
+    torch.testing.assert_close(torch.tensor(result.nearest_median),
+                               (every.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
+    assert result.reference.startswith("held-out" if held_out else "other training images")
+    # every real image is behind the reference here (fewer than STATS_N): its median needs no draw order
+    ref, _ = _brute_force(data.images.float() / 127.5 - 1, train.images)
+    if not held_out:
+        ref.fill_diagonal_(float("inf"))  # leave-one-out
+    torch.testing.assert_close(torch.tensor(result.reference_median),
+                               (ref.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
 
 
 def test_eval_writes_the_sheet(trained, capsys):
