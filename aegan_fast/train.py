@@ -9,10 +9,10 @@ The config's stages run in order, each for its length in kimg (thousands of real
 Everything lands in one run directory: config.json, checkpoints/ (atomic, with a `latest` pointer,
 and a `sampling` one naming the stage-end checkpoint with the best SWD: a stage that made samples
 worse is warned about and not sampled from), samples/ (grids from a fixed z), metrics.jsonl,
-losses.png, and TensorBoard events when tensorboard is installed. ``--resume RUN_DIR`` continues from the latest checkpoint, in the middle of a stage too,
-with the checkpoint's config (only ``--ops``, ``--device``, ``--loader``, ``--loader-workers`` and
-``--data-cache-mb`` may change); Ctrl-C saves a checkpoint first. ``--dry-run`` prints the resolved
-config and exits.
+losses.png, and TensorBoard events when tensorboard is installed. ``--resume RUN_DIR`` continues
+from the latest checkpoint, in the middle of a stage too, with the checkpoint's config (only
+``--ops``, ``--device``, ``--loader``, ``--loader-workers`` and ``--data-cache-mb`` may change);
+Ctrl-C saves a checkpoint first. ``--dry-run`` prints the resolved config and exits.
 """
 from __future__ import annotations
 
@@ -374,16 +374,17 @@ def metrics_rows(path: Path) -> list[dict]:
     return rows
 
 
-def choose_sampling_chain(stage: Stage, st: TrainState, run_dir: Path, report: dict, metrics: MetricsLog) -> None:
-    """After a chain stage other than the run's first: warn when the stage made SWD worse than the
-    previous chain stage, and point checkpoints/sampling at the stage-end checkpoint with the best SWD
-    so far (ties to the later stage; without SWD figures the latest), logging and recording the choice.
-    The figures come from metrics.jsonl's eval rows, so a resumed run compares with stages it ran
-    before the resume. Training goes on with the latest nets either way: this only picks what is sampled."""
+def sampling_choice(stage: Stage, st: TrainState, run_dir: Path, report: dict, metrics: MetricsLog) -> dict | None:
+    """After a chain stage other than the run's first, which stage-end checkpoint the run samples from:
+    the best SWD of its chain stages so far (ties to the later stage; without SWD figures the latest),
+    warning when this stage made SWD worse than the previous chain stage. The metrics.jsonl row that
+    records it ({"stage", "kept", "checkpoint", "why", "swd"}), None with one chain stage so far.
+    The earlier figures come from metrics.jsonl's eval rows, so a resumed run compares with stages it
+    ran before the resume. Training goes on with the latest nets either way: this only picks what is sampled."""
     names = st.cfg.stages[:st.cfg.stages.index(stage.name) + 1]
     chain = [n for n in names if STAGE_RECORDS[n].preview == "samples"]
     if len(chain) < 2:
-        return  # nothing to compare: sampling keeps following latest
+        return None  # nothing to compare: sampling keeps following latest
     evals = {r["stage"]: r["eval"] for r in metrics_rows(metrics.path) if isinstance(r.get("eval"), dict)}
     evals[stage.name] = report  # this stage's own figures, not those of an attempt before a rollback
     swd = {n: evals.get(n, {}).get("swd") for n in chain}
@@ -397,17 +398,23 @@ def choose_sampling_chain(stage: Stage, st: TrainState, run_dir: Path, report: d
             v = swd[n]
             return v if v is not None and math.isfinite(v) else math.inf
         kept = min(reversed(chain), key=badness)
+        if kept != now and not (run_dir / "checkpoints" / f"stage-{kept}.pt").is_file():
+            kept = now
         if badness(now) > badness(prev):
             why = (f"stage {now} made SWD worse: {swd[now]:.4g} after it against {swd[prev]:.4g} after {prev}; "
-                   f"sampling keeps the {kept} chain (SWD {swd[kept]:.4g})")
+                   + (f"sampling keeps the {kept} chain (SWD {swd[kept]:.4g})" if kept != now else
+                      "the better stage's checkpoint is gone, so sampling uses this one"))
             log.warning("WARNING: %s", why)
         else:
             why = f"SWD {swd[now]:.4g} after {now}, {swd[prev]:.4g} after {prev}: the {kept} chain is kept"
-    checkpoint = f"stage-{kept}.pt"
-    write_sampling_pointer(run_dir, checkpoint)
-    metrics.write({"stage": now, "kept": kept, "checkpoint": checkpoint, "why": why,
-                   "swd": {n: swd[n] for n in chain if swd[n] is not None}})
-    log.info("sampling default: checkpoints/%s (%s)", checkpoint, why)
+    return {"stage": now, "kept": kept, "checkpoint": f"stage-{kept}.pt", "why": why,
+            "swd": {n: swd[n] for n in chain if swd[n] is not None}}
+
+
+def record_sampling_choice(run_dir: Path, choice: dict, metrics: MetricsLog) -> None:
+    write_sampling_pointer(run_dir, choice["checkpoint"])
+    metrics.write(choice)
+    log.info("sampling default: checkpoints/%s (%s)", choice["checkpoint"], choice["why"])
 
 
 def sampling_summary(run_dir: Path) -> str:
@@ -643,9 +650,16 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
     names = st.cfg.stages
     following = names[names.index(stage.name) + 1:]
     st.counters.update(stage=following[0] if following else "done", stage_img=0)
+    choice = None
+    if st.world.main and stage.preview == "samples":
+        choice = sampling_choice(stage, st, run_dir, report, metrics)
+    # The pointer names committed files only: this stage's after its save, an earlier stage's before
+    # it, so that a run killed while saving a stage that made things worse never samples from it.
+    if choice is not None and choice["kept"] != stage.name:
+        record_sampling_choice(run_dir, choice, metrics)
     save_run(st, run_dir, loader, f"stage-{stage.name}.pt")
-    if st.world.main and stage.preview == "samples":  # after the save: the pointer names committed files only
-        choose_sampling_chain(stage, st, run_dir, report, metrics)
+    if choice is not None and choice["kept"] == stage.name:
+        record_sampling_choice(run_dir, choice, metrics)
     metrics.restart_clock()
 
 

@@ -35,13 +35,15 @@ def captured_logs():
         logger.setLevel(level)
 
 
-def run_with_figures(root, figures: dict, stop_after_steps=None, resume=False, **cfg_overrides):
+def run_with_figures(root, figures: dict, stop_after_steps=None, resume=False, patch=None, **cfg_overrides):
     """Train tiny nets with stage_end_evaluation reporting figures[stage]; (run, log messages)."""
     run = root / "run"
     run.mkdir(exist_ok=True)
     cfg = tiny_config(kimg=dict(KIMG), **cfg_overrides)
     with pytest.MonkeyPatch.context() as mp, captured_logs() as records:
         mp.setattr(train_module, "stage_end_evaluation", lambda stage, st: dict(figures.get(stage.name, {})))
+        if patch is not None:
+            patch(mp)
         train(cfg, run, resume=resume, progress=False, stop_after_steps=stop_after_steps,
               data=load_folder(make_image_folder(root / "images"), 64))
     return run, [(r.levelno, r.getMessage()) for r in records]
@@ -186,3 +188,35 @@ def test_a_resumed_finetune_compares_with_embed_from_before_the_resume(tmp_path)
     assert pointer(run) == "stage-embed.pt"
     (kept,) = [r for r in rows(run) if "kept" in r]
     assert kept["swd"] == {"embed": 41.5, "finetune": 87.25}
+
+
+def test_a_run_killed_while_saving_a_worse_stage_already_samples_the_better_one(tmp_path):
+    """The pointer to an earlier stage is written before the worse stage's own checkpoint: a run that
+    dies in that save (here: the save raises) is done training and never re-decides."""
+    real_save = train_module.save_run
+
+    def dying_save(st, run_dir, loader, name=None):
+        if name == "stage-finetune.pt":
+            raise RuntimeError("killed while saving stage-finetune.pt")
+        return real_save(st, run_dir, loader, name)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_with_figures(tmp_path, WORSE, patch=lambda mp: mp.setattr(train_module, "save_run", dying_save))
+    run = tmp_path / "run"
+    assert not (run / "checkpoints" / "stage-finetune.pt").exists() and pointer(run) == "stage-embed.pt"
+    assert resolve_checkpoint(run) == run / "checkpoints" / "stage-embed.pt"
+
+
+def test_a_better_stage_gone_from_disk_is_not_pointed_at(tmp_path):
+    real_save = train_module.save_run
+
+    def save_then_lose_embed(st, run_dir, loader, name=None):
+        path = real_save(st, run_dir, loader, name)
+        if name == "stage-embed.pt":
+            path.unlink()  # a user cleaning up, say
+        return path
+
+    run, messages = run_with_figures(tmp_path, WORSE, patch=lambda mp: mp.setattr(train_module, "save_run",
+                                                                                   save_then_lose_embed))
+    assert pointer(run) == "stage-finetune.pt"
+    assert any(level == logging.WARNING and "gone" in m for level, m in messages)
