@@ -47,7 +47,7 @@ from .distributed import SINGLE, World
 from .errors import Interrupted, UserError, cli
 from .evaluation import evaluate_run
 from .guard import UpdateGuard
-from .models import SamplingChain, build_nets, check_resolution, sample_z
+from .models import SamplingChain, build_nets, check_resolution, check_upsample, sample_z
 from .stages import STAGES as STAGE_RECORDS
 from .stages import EMA, Stage, TrainState, make_optimizers, run_stage
 from .viz import plot_metrics, save_grid
@@ -113,6 +113,7 @@ def validate(cfg: TrainConfig) -> None:
     """Bad values as one-line UserErrors before anything is made."""
     try:
         check_resolution(cfg.model.resolution)
+        check_upsample(cfg.model.upsample)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.batch < 2:

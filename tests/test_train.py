@@ -181,6 +181,7 @@ def test_train_cli_bad_input(args, message, tmp_path):
     (["--lr", "G_E=0"], "--lr G_E must be > 0"),
     (["--rollback-lr-scale", "2"], "--rollback-lr-scale must be in (0, 1]"),
     (["--loader-workers", "-1"], "--loader-workers must be ≥ 0"),
+    (["--model.upsample", "bilinear"], "upsample must be one of transposed, resize_conv"),
 ])
 def test_bad_lengths_rates_and_counts_are_refused_before_anything_runs(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
