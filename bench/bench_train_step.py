@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from aegan_fast import ops, precision  # noqa: E402
 from aegan_fast.config import preset  # noqa: E402
 from aegan_fast.data import ImageSet  # noqa: E402
+from aegan_fast.guard import UpdateGuard  # noqa: E402
 from aegan_fast.models import ModelConfig, build_nets  # noqa: E402
 from aegan_fast.stages import STAGES, Batch, RealEmbeddings, make_optimizers, prepare_stage  # noqa: E402
 
@@ -51,10 +52,11 @@ class Variant:
     precision: str = "auto"
     channels_last: bool | None = None
     fused_adam: bool = True
+    guard: bool = True      # the trainer's divergence guard (aegan_fast/guard.py) sees every update
 
 
 VARIANTS = {
-    "reference": Variant(ops="reference", precision="fp32", channels_last=False, fused_adam=False),
+    "reference": Variant(ops="reference", precision="fp32", channels_last=False, fused_adam=False, guard=False),
     "fast": Variant(),
 }
 
@@ -82,10 +84,16 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
     idx, mirror = data.sample_indices(batch_size, g)
     batch = Batch(prec.activations(data.gather(idx, mirror, "cpu")), idx, mirror)
 
+    guard = UpdateGuard("cpu") if variant.guard else None
+
     def step():
-        with ops.use_backend(variant.ops), precision.steps_in(prec, prec.grad_scaler()):
-            return stage.step(nets, opts, batch, emb, cfg)
-    step.describe = f"ops={variant.ops}, {prec.describe()}, {'fused' if variant.fused_adam else 'loop'} Adam"
+        with ops.use_backend(variant.ops), precision.steps_in(prec, prec.grad_scaler(), guard):
+            out = stage.step(nets, opts, batch, emb, cfg)
+        if guard is not None:
+            guard.end_step()
+        return out
+    step.describe = (f"ops={variant.ops}, {prec.describe()}, {'fused' if variant.fused_adam else 'loop'} Adam"
+                     + (", guard" if variant.guard else ""))
     step.images = batch_size
     return step
 
