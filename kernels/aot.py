@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import _common, bn_act, bn_add_act
+from . import _common, bn_act, bn_add_act, convt4x4
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # Pointer arguments that carry activations (the input dtype); every other pointer is fp32.
@@ -32,6 +32,8 @@ def kernels():
         "bn_add_act_fwd": (bn_act._bn_act_fwd_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=True)),
         "bn_add_act_bwd_reduce": (bn_add_act._bn_add_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
         "bn_add_act_bwd": (bn_add_act._bn_add_act_bwd_kernel, dict(tile, HAS_W=True, TRAINING=True)),
+        "convt4x4_fwd": (convt4x4._convt_fwd_kernel, dict(convt4x4.FWD_BLOCKS, HAS_AFFINE=True, STATS=True,
+                                                           INT64=False)),
     }
 
 

@@ -1,0 +1,273 @@
+"""The up block's ConvTranspose2d(Ci, Co, 4, stride=2, padding=1, bias=False) in Triton, with the previous
+BatchNorm+activation applied to the input while it is loaded (prologue) and the BatchNorm statistics of the
+output gathered while it is written (epilogue), so the next BatchNorm needs no statistics pass.
+
+    conv_transpose4x4s2_bnact(x, weight, scale, shift, activation) -> (y, mean, var)   forward
+    conv_transpose4x4s2_dgrad(grad_y, weight)                      -> grad_a           d loss / d act(x*scale+shift)
+    conv_transpose4x4s2_wgrad(grad_y, x, scale, shift, activation) -> grad_weight      fp32, (Ci, Co, 4, 4)
+
+Forward, sub-pixel decomposition: output pixel (2i+ph, 2j+pw) receives exactly the taps
+kh = 1 + ph - 2*dh of input row i + dh, dh in {0, 2*ph - 1} (and the same along w), so each of the four output
+phases is an implicit GEMM [input pixels x 4*Ci] @ [4*Ci x Co] with no wasted (zero-stuffed) products. The
+weight is repacked on the host (a few KB) as wk[ph, pw, th, tw, ci, co] so each phase's taps are contiguous.
+dgrad is the strided 4x4 conv of grad_y, an implicit GEMM [input pixels x 16*Co] @ [16*Co x Ci]. wgrad is,
+per tap, [Ci x pixels] @ [pixels x Co]; see its kernel for the reduction order.
+
+Every tensor is addressed through its four strides, so NCHW and channels_last (and any other strides) run the
+same kernels; outputs take x's (grad_y's) memory format. Activations and weights share one dtype (fp32, bf16 or
+fp16); the products accumulate in fp32, fp32 dots in IEEE precision (no TF32), so fp32 matches PyTorch to
+~1e-6 of scale. Block sizes on a GPU are untuned defaults (no GPU was available to tune them); under the
+interpreter they are large, so few programs run.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FINALIZE_BLOCK, _num_sms, _stats_finalize_kernel, act_code, activate, interpreting, launch
+
+# tests only: force small pixel blocks / several wgrad splits so multi-program paths run on small tensors
+BLOCK_P_OVERRIDE: int | None = None
+SPLITS_OVERRIDE: int | None = None
+
+# Phase ph's tap th reads input row i + th*(2*ph - 1) with kernel row 1 + ph - 2*th*(2*ph - 1).
+_TAP_K = ((1, 3), (2, 0))
+
+if "input_precision" in inspect.signature(tl.dot).parameters:  # triton >= 3.0
+    @triton.jit
+    def _dot_ieee(a, b, acc):
+        return tl.dot(a, b, acc, input_precision="ieee")
+else:
+    @triton.jit
+    def _dot_ieee(a, b, acc):
+        return tl.dot(a, b, acc, allow_tf32=False)
+
+
+if interpreting():
+    # The interpreter (triton 3.8, create_dot) multiplies bf16 dot operands as their raw 16-bit patterns.
+    # Upcasting first is exact: a product of two bf16 (or fp16) values fits fp32's mantissa, so this is what
+    # the GPU's bf16 dot with fp32 accumulation computes, up to the order of the sum.
+    @triton.jit
+    def _mma(a, b, acc):
+        return _dot_ieee(a.to(tl.float32), b.to(tl.float32), acc)
+else:
+    @triton.jit
+    def _mma(a, b, acc):
+        """acc + a @ b in fp32; fp32 operands without TF32 (it would cost ~1e-3 relative)."""
+        if a.dtype == tl.float32:
+            acc = _dot_ieee(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+
+@triton.jit
+def _pixels(pid, P, H, W, BLOCK_P: tl.constexpr):
+    """The input pixels (n, i, j) of pixel block pid, and their mask."""
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    HW = H * W
+    n = p // HW
+    r = p % HW
+    return n, r // W, r % W, p < P
+
+
+@triton.jit
+def _off(n, h, w, sn, sh, sw, INT64: tl.constexpr):
+    if INT64:
+        return n.to(tl.int64) * sn + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+    return n * sn + h * sh + w * sw
+
+
+@triton.jit
+def _prologue(x, c, cmask, valid, scale_ptr, shift_ptr, slope, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
+              C_AXIS: tl.constexpr):
+    """act(x * scale[c] + shift[c]) in fp32, and 0 where the tile is padding or out of range: the conv's zero
+    padding is of the activated input (act(0*scale + shift) is not 0 in general)."""
+    x = x.to(tl.float32)
+    if HAS_AFFINE:
+        sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)
+        sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)
+        if C_AXIS == 1:
+            z = x * sc[None, :] + sh[None, :]
+        else:
+            z = x * sc[:, None] + sh[:, None]
+        x = tl.where(valid, activate(z, ACT, slope), 0.0)
+    return x
+
+
+@triton.jit
+def _convt_fwd_kernel(x_ptr, wt_ptr, scale_ptr, shift_ptr, y_ptr, pcount_ptr, pmean_ptr, pm2_ptr,
+                      P, H, W, Ci, Co, sxn, sxc, sxh, sxw, syn, syc, syh, syw, n_pblocks, slope,
+                      HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, INT64: tl.constexpr):
+    """Program (pixel block, co block, phase): y[n, co, 2i+ph, 2j+pw] for its pixels, and (STATS) the exact
+    (count, mean, M2) of those outputs per channel as partial s = phase * n_pblocks + pixel block."""
+    pid_p = tl.program_id(0)
+    phase = tl.program_id(2)
+    ph = phase // 2
+    pw = phase % 2
+    n, i, j, pmask = _pixels(pid_p, P, H, W, BLOCK_P)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < Co
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], tl.float32)
+    for th in tl.static_range(2):
+        ih = i + th * (2 * ph - 1)
+        hok = pmask & (ih >= 0) & (ih < H)
+        for tw in tl.static_range(2):
+            iw = j + tw * (2 * pw - 1)
+            ok = hok & (iw >= 0) & (iw < W)
+            base = _off(n, ih, iw, sxn, sxh, sxw, INT64)
+            wbase = wt_ptr + (phase * 4 + th * 2 + tw) * Ci * Co
+            for c0 in range(0, Ci, BLOCK_K):
+                c = c0 + k
+                cmask = c < Ci
+                m = ok[:, None] & cmask[None, :]
+                a = tl.load(x_ptr + base[:, None] + c[None, :] * sxc, mask=m, other=0.0)
+                a = _prologue(a, c, cmask, m, scale_ptr, shift_ptr, slope, HAS_AFFINE, ACT, 1)
+                b = tl.load(wbase + c[:, None] * Co + co[None, :], mask=cmask[:, None] & comask[None, :], other=0.0)
+                acc = _mma(a.to(b.dtype), b, acc)
+    yoff = _off(n, 2 * i + ph, 2 * j + pw, syn, syh, syw, INT64)
+    tl.store(y_ptr + yoff[:, None] + co[None, :] * syc, acc.to(y_ptr.dtype.element_ty),
+             mask=pmask[:, None] & comask[None, :])
+    if STATS:
+        # the tile's own mean first, then squared deviations from it: no E[y^2] - E[y]^2 cancellation
+        n_b = tl.sum(pmask.to(tl.float32), axis=0)
+        mean_b = tl.sum(tl.where(pmask[:, None], acc, 0.0), axis=0) / n_b
+        d = tl.where(pmask[:, None], acc - mean_b[None, :], 0.0)
+        out = (phase * n_pblocks + pid_p) * Co + co
+        tl.store(pcount_ptr + out, tl.zeros([BLOCK_CO], tl.float32) + n_b, mask=comask)
+        tl.store(pmean_ptr + out, mean_b, mask=comask)
+        tl.store(pm2_ptr + out, tl.sum(d * d, axis=0), mask=comask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# GPU blocks: untuned defaults (no GPU was available to tune them); the host shrinks them for small C.
+FWD_BLOCKS = dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_K=32)
+
+
+def _np2(v: int, lo: int, hi: int) -> int:
+    """A power-of-two block for an axis of v, within [lo, hi] (tl.dot needs every dim >= 16)."""
+    return max(lo, min(triton.next_power_of_2(max(v, 1)), hi))
+
+
+def _block_p(P: int, gpu_default: int) -> int:
+    if BLOCK_P_OVERRIDE is not None:
+        return BLOCK_P_OVERRIDE
+    return _np2(P, 16, 1024) if interpreting() else gpu_default
+
+
+def _out_format(t: torch.Tensor):
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _int64(*ts: torch.Tensor) -> bool:
+    """Whether any offset can pass int32 (offsets reach at most the sum of |stride| * (size - 1))."""
+    return any(sum(abs(s) * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2 ** 31 - 1 for t in ts)
+
+
+def _check_device(name: str, t: torch.Tensor):
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name} is on {t.device}: the Triton conv kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def _check_4d(name: str, t: torch.Tensor):
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {shape}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def _check_weight(weight: torch.Tensor, x: torch.Tensor, x_name: str, ci: int):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (4, 4):
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a (Ci, Co, 4, 4) ConvTranspose2d weight, got {shape}")
+    if weight.shape[0] != ci:
+        raise ValueError(f"weight has {weight.shape[0]} input channels, {x_name} has {ci}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight is {weight.dtype} but {x_name} is {x.dtype}: they must share one dtype")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but {x_name} is on {x.device}")
+
+
+def _check_prologue(x: torch.Tensor, scale, shift, activation: str) -> int:
+    """ACT for the kernels; validates scale/shift (both fp32 (Ci,) on x's device, or both None)."""
+    act = act_code(activation)
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (or both None)")
+    if scale is None:
+        if act != 0:
+            raise ValueError(f"activation {activation!r} needs scale and shift (the prologue); "
+                             "without them the input is used as is")
+        return act
+    ci = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != ci:
+            raise ValueError(f"{name} must be a 1-D tensor of {ci} elements (one per input channel), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return act
+
+
+def _dummy(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(1, device=like.device, dtype=torch.float32)
+
+
+def _forward_weight(weight: torch.Tensor) -> torch.Tensor:
+    """wk[ph, pw, th, tw, ci, co] = weight[ci, co, _TAP_K[ph][th], _TAP_K[pw][tw]]."""
+    k = torch.tensor(_TAP_K, device=weight.device)
+    w = weight[:, :, k][..., k]  # (Ci, Co, ph, th, pw, tw)
+    return w.permute(2, 4, 3, 5, 0, 1).contiguous()
+
+
+def conv_transpose4x4s2_bnact(x, weight, scale=None, shift=None, activation="identity", negative_slope=0.2,
+                              stats=True):
+    """y = conv_transpose2d(act(x*scale[c] + shift[c]), weight, stride=2, padding=1), no bias, output (N, Co, 2H, 2W).
+    x (N, Ci, H, W) NCHW- or channels_last-contiguous; weight (Ci, Co, 4, 4) (ConvTranspose2d's layout).
+    scale/shift fp32 (Ci,) or both None (no prologue; activation must then be "identity").
+    Returns y in x's dtype and memory format and (when stats) per-output-channel batch mean and *biased* variance of y,
+    fp32, from the fp32 accumulator."""
+    _check_4d("x", x)
+    _check_device("x", x)
+    N, Ci, H, W = x.shape
+    _check_weight(weight, x, "x", Ci)
+    act = _check_prologue(x, scale, shift, activation)
+    Co = weight.shape[1]
+    y = torch.empty((N, Co, 2 * H, 2 * W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+    P = N * H * W
+    BLOCK_P = _block_p(P, FWD_BLOCKS["BLOCK_P"])
+    BLOCK_CO = _np2(Co, 16, FWD_BLOCKS["BLOCK_CO"])
+    BLOCK_K = _np2(Ci, 16, 64 if interpreting() else FWD_BLOCKS["BLOCK_K"])
+    n_pblocks = triton.cdiv(P, BLOCK_P)
+    S = 4 * n_pblocks
+    part = torch.empty((3, S, Co), device=x.device, dtype=torch.float32) if stats else None
+    p0, p1, p2 = (part[0], part[1], part[2]) if stats else (_dummy(x),) * 3
+    launch(_convt_fwd_kernel)[(n_pblocks, triton.cdiv(Co, BLOCK_CO), 4)](
+        x, _forward_weight(weight), scale if scale is not None else _dummy(x),
+        shift if shift is not None else _dummy(x), y, p0, p1, p2,
+        P, H, W, Ci, Co, *x.stride(), *y.stride(), n_pblocks, float(negative_slope),
+        HAS_AFFINE=scale is not None, ACT=act, STATS=bool(stats), BLOCK_P=BLOCK_P, BLOCK_CO=BLOCK_CO,
+        BLOCK_K=BLOCK_K, INT64=_int64(x, y))
+    if not stats:
+        return y, None, None
+    mean = torch.empty(Co, device=x.device, dtype=torch.float32)
+    var = torch.empty(Co, device=x.device, dtype=torch.float32)
+    launch(_stats_finalize_kernel)[(triton.cdiv(Co, FINALIZE_BLOCK),)](
+        part[0], part[1], part[2], mean, var, Co, S, BLOCK_C=FINALIZE_BLOCK)
+    return y, mean, var

@@ -1,0 +1,216 @@
+"""Cases for kernels/convt4x4.py, run in a child process with TRITON_INTERPRET=1 (see test_convt4x4_triton.py;
+the interpreter is fixed process-wide when the kernels are imported, so it must never reach the pytest process).
+
+    TRITON_INTERPRET=1 python tests/convt4x4_interp_worker.py [case-substring ...]
+
+prints one JSON object {case_id: "ok" | "FAIL: ..."} on its last line. ``CASES`` is importable without torch or
+triton (the parent parametrises over it).
+
+The truth is plain PyTorch in fp32: a = act(x*scale + shift), y = F.conv_transpose2d(a, w, stride=2, padding=1),
+torch.autograd.grad for d/da and d/dw, torch.var_mean(y, (0, 2, 3), unbiased=False) for the statistics.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import traceback
+
+# (N, Ci, Co, H, W): odd on purpose (no size a power of two or a multiple of a block), 1x1 and 1x5 inputs
+# (every output pixel touches the zero padding), and the models' 64 channels.
+SHAPES = {"odd": (3, 5, 6, 7, 9), "1x1": (3, 5, 6, 1, 1), "1x5": (3, 5, 6, 1, 5), "c64": (2, 64, 64, 4, 4)}
+PROLOGUES = ("none", "relu", "leaky_relu")
+
+
+def _cases():
+    cases = {}
+    for shape, layout, pro in itertools.product(SHAPES, ("nchw", "channels_last"), PROLOGUES):
+        cases[f"{shape}-{layout}-{pro}"] = dict(shape=shape, layout=layout, pro=pro)
+    for shape, layout, pro in (("odd", "channels_last", "leaky_relu"), ("c64", "nchw", "relu"),
+                               ("1x5", "nchw", "none")):
+        cases[f"{shape}-{layout}-{pro}-bfloat16"] = dict(shape=shape, layout=layout, pro=pro, dtype="bfloat16")
+    # small pixel blocks: many programs per phase, so the statistics are merged across programs
+    for layout, pro in (("nchw", "leaky_relu"), ("channels_last", "relu")):
+        cases[f"odd-{layout}-{pro}-block16"] = dict(shape="odd", layout=layout, pro=pro, block_p=16)
+    cases["odd-nchw-leaky_relu-slope-0.5"] = dict(shape="odd", layout="nchw", pro="leaky_relu", slope=-0.5)
+    for name in ("stats_large_mean", "bad_inputs"):
+        cases[f"special-{name}"] = dict(special=name)
+    return cases
+
+
+CASES = _cases()
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker (runs with TRITON_INTERPRET=1)
+# ----------------------------------------------------------------------------------------------
+
+def _close(name, got, ref, rtol=1e-5):
+    from ops_parity import close  # this file's directory is on sys.path: it runs as a script from tests/
+    close(got, ref, rtol, name)
+
+
+def _inputs(case):
+    import torch
+    N, Ci, Co, H, W = SHAPES[case["shape"]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, Ci, H, W, generator=g) * 1.5 + 0.3
+    w = torch.randn(Ci, Co, 4, 4, generator=g) * 0.2
+    scale = torch.rand(Ci, generator=g) + 0.5
+    shift = torch.randn(Ci, generator=g) * 0.5
+    dy = torch.randn(N, Co, 2 * H, 2 * W, generator=g)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    x, w, dy = x.to(dtype), w.to(dtype), dy.to(dtype)
+    if case["layout"] == "channels_last":
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    if case["pro"] == "none":
+        scale = shift = None
+    act = "identity" if case["pro"] == "none" else case["pro"]
+    return x, w, scale, shift, act, case.get("slope", 0.2), dy
+
+
+def _truth(x, w, scale, shift, act, slope, dy):
+    """fp32 reference from the (possibly bf16-rounded) inputs: (a, y, mean, var, grad_a, grad_w)."""
+    import torch
+    import torch.nn.functional as F
+    from aegan_fast.ops import activations
+    a = x.float()
+    if scale is not None:
+        a = activations.get(act).fn(a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), slope)
+    a = a.detach().requires_grad_()
+    wf = w.float().requires_grad_()
+    y = F.conv_transpose2d(a, wf, stride=2, padding=1)
+    ga, gw = torch.autograd.grad(y, (a, wf), dy.float())
+    var, mean = torch.var_mean(y.detach(), dim=(0, 2, 3), unbiased=False)
+    return a.detach(), y.detach(), mean, var, ga, gw
+
+
+def _ulp_bf16(t):
+    """The spacing of bf16 numbers at |t| (8 significant bits)."""
+    import torch
+    return torch.ldexp(torch.ones_like(t), torch.frexp(t)[1] - 8)
+
+
+def _within(name, got, truth, bound):
+    d = (got.float() - truth).abs()
+    if not (d <= bound).all():
+        raise AssertionError(f"{name}: error beyond its bound by {(d - bound).max().item():.3g} "
+                             f"(max error {d.max().item():.3g})")
+
+
+def _run_case(case):
+    import torch
+    import torch.nn.functional as F
+    from aegan_fast.kernels import convt4x4 as K
+
+    if "special" in case:
+        return globals()["_special_" + case["special"]]()
+    K.BLOCK_P_OVERRIDE = case.get("block_p")
+    x, w, scale, shift, act, slope, dy = _inputs(case)
+    y, mean, var = K.conv_transpose4x4s2_bnact(x, w, scale, shift, act, slope)
+    a, ty, tmean, tvar, tga, tgw = _truth(x, w, scale, shift, act, slope, dy)
+    if y.dtype != x.dtype or y.shape != ty.shape:
+        raise AssertionError(f"y is {y.dtype} {tuple(y.shape)}, want {x.dtype} {tuple(ty.shape)}")
+    want_cl = case["layout"] == "channels_last" and x.shape[2] * x.shape[3] > 1
+    if want_cl and not y.is_contiguous(memory_format=torch.channels_last) or not want_cl and not y.is_contiguous():
+        raise AssertionError(f"y's strides {y.stride()} are not x's memory format ({case['layout']})")
+    if x.dtype == torch.float32:
+        _close("y", y, ty)
+        _close("mean", mean, tmean)
+        _close("var", var, tvar)
+    else:
+        # bf16 against fp32 truth: the dot's operand act(x*scale+shift) is rounded to bf16 (at most one ulp
+        # of each a, whatever the rounding mode: the interpreter truncates, a GPU rounds to nearest), the
+        # sum is fp32 (1e-5 of scale for the order), y is stored in bf16 (one ulp of each element).
+        wf = w.float()
+        op_err = F.conv_transpose2d(_ulp_bf16(a), wf.abs(), stride=2, padding=1) + 1e-5 * ty.abs().max()
+        _within("y", y, ty, op_err + _ulp_bf16(torch.maximum(ty.abs(), y.float().abs())))
+        # |acc - y_truth| <= op_err elementwise moves a channel's mean by at most its max and its standard
+        # deviation by at most that too (Minkowski), so var by at most 2*std*d + d^2.
+        d = op_err.amax(dim=(0, 2, 3))
+        _within("mean", mean, tmean, d)
+        _within("var", var, tvar, 2 * tvar.sqrt() * d + d * d + 1e-5 * tvar.max())
+    y2, m2, v2 = K.conv_transpose4x4s2_bnact(x, w, scale, shift, act, slope, stats=False)
+    if m2 is not None or v2 is not None or not torch.equal(y2, y):
+        raise AssertionError("stats=False must give the same y and (None, None)")
+    return "ok"
+
+
+def _special_stats_large_mean():
+    """|mean| >> std: the per-tile mean + squared deviations stay accurate where E[y^2]-E[y]^2 in fp32 would
+    not (here its rounding alone is ~1e3 times the variance). Only the centre taps are non-zero, so every
+    output pixel is one product sum with no border effect, mean ~2e3, std ~1e-2."""
+    import torch
+    import torch.nn.functional as F
+    from aegan_fast.kernels import convt4x4 as K
+    K.BLOCK_P_OVERRIDE = 16  # 4 phases x 13 pixel blocks: the merge of 52 partials per channel runs
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 13, 16, generator=g) * 1e-2 + 1e3
+    w = torch.zeros(5, 6, 4, 4)
+    w[:, :, 1:3, 1:3] = torch.rand(5, 6, 2, 2, generator=g) * 0.5 + 0.5
+    _, mean, var = K.conv_transpose4x4s2_bnact(x, w)
+    yd = F.conv_transpose2d(x.double(), w.double(), stride=2, padding=1)
+    ref_var, ref_mean = torch.var_mean(yd, dim=(0, 2, 3), unbiased=False)
+    # y itself is an fp32 sum of 5 products of ~1e3: ~1e-4 of rounding per element on a std of ~1e-2
+    rel = ((var.double() - ref_var).abs() / ref_var).max().item()
+    if rel > 2e-2:
+        raise AssertionError(f"variance relative error {rel:.3g}")
+    _close("mean", mean, ref_mean, 1e-6)
+    return "ok"
+
+
+def _special_bad_inputs():
+    import torch
+    from aegan_fast.kernels import convt4x4 as K
+    x, w = torch.randn(2, 5, 3, 3), torch.randn(5, 6, 4, 4)
+    s, b = torch.ones(5), torch.zeros(5)
+    fwd = K.conv_transpose4x4s2_bnact
+    bad = [
+        ("4-D", lambda: fwd(x[0], w)),
+        ("float32, bfloat16 or float16", lambda: fwd(x.int(), w)),
+        ("(Ci, Co, 4, 4)", lambda: fwd(x, torch.randn(5, 6, 3, 3))),
+        ("(Ci, Co, 4, 4)", lambda: fwd(x, torch.randn(5, 6, 4))),
+        ("input channels", lambda: fwd(x, torch.randn(4, 6, 4, 4))),
+        ("share one dtype", lambda: fwd(x, w.bfloat16())),
+        ("weight is on meta", lambda: fwd(x, w.to("meta"))),
+        ("together", lambda: fwd(x, w, s, None)),
+        ("together", lambda: fwd(x, w, None, b)),
+        ("5 elements", lambda: fwd(x, w, torch.ones(4), b)),
+        ("5 elements", lambda: fwd(x, w, s, torch.zeros(5, 1))),
+        ("float32", lambda: fwd(x, w, s.bfloat16(), b)),
+        ("needs scale and shift", lambda: fwd(x, w, activation="relu")),
+        ("unknown activation", lambda: fwd(x, w, s, b, "gelu")),
+        ("empty", lambda: fwd(x[:0], w)),
+    ]
+    for want, call in bad:
+        try:
+            call()
+        except ValueError as e:
+            if want not in str(e):
+                raise AssertionError(f"expected an error about {want!r}, got {e}") from None
+        else:
+            raise AssertionError(f"no error for a bad input (expected {want!r})")
+    return "ok"
+
+
+def main(argv):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    import torch
+    torch.set_num_threads(1)
+    wanted = [c for c in CASES if not argv or any(a in c for a in argv)]
+    out = {}
+    for cid in wanted:
+        try:
+            out[cid] = _run_case(CASES[cid])
+        except Exception as e:  # report, keep going: the parent shows each case on its own
+            out[cid] = f"FAIL: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+        finally:
+            from aegan_fast.kernels import convt4x4
+            convt4x4.BLOCK_P_OVERRIDE = convt4x4.SPLITS_OVERRIDE = None
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
