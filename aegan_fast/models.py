@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as nnf
 from tqdm import tqdm
 
-from .ops import BatchNormAct2d, BatchNormAddAct2d
+from .ops import BatchNormAct2d, BatchNormAddAct2d, block_kernel, run_resblock, run_up_block
 
 EMBED_DOWNSCALE = 16  # H: R -> R/16 with four stride-2 convs
 
@@ -136,6 +136,9 @@ class ResBlock(nn.Module):
         self.bn2 = BatchNormAddAct2d(channels, "identity")
 
     def forward(self, x):
+        kernel = block_kernel(x, self.bn1.activation, self.conv1.weight)
+        if kernel is not None:  # the whole block as one op (ops/blocks.py); same parameters and buffers
+            return run_resblock(kernel, x, self.conv1, self.bn1, self.conv2, self.bn2)
         return self.bn2(self.conv2(self.bn1(self.conv1(x))), x)
 
     def fold(self) -> "FoldedResBlock":
@@ -165,9 +168,23 @@ def _down(cin, cout, norm: bool, activation="leaky_relu"):
     return nn.Sequential(conv, act)
 
 
+class UpBlock(nn.Sequential):
+    """``_up``'s Sequential(×2 up conv, BatchNormAct2d(relu)): state_dict keys 0.* and 1.* as a plain
+    Sequential's. With the transposed conv and a fused-block kernel (ops.block_kernel) it runs as
+    one op (ops/blocks.py); otherwise layer by layer."""
+
+    def forward(self, x):
+        conv, bn = self[0], self[1]
+        if type(conv) is nn.ConvTranspose2d and conv.bias is None:
+            kernel = block_kernel(x, bn.activation, conv.weight)
+            if kernel is not None:
+                return run_up_block(kernel, x, conv, bn)
+        return super().forward(x)
+
+
 def _up(cin, cout, kind: str):
     """×2 up (``upsample_conv``), then BN+ReLU."""
-    return nn.Sequential(upsample_conv(cin, cout, kind, bias=False), BatchNormAct2d(cout, "relu"))
+    return UpBlock(upsample_conv(cin, cout, kind, bias=False), BatchNormAct2d(cout, "relu"))
 
 
 class Encoder(nn.Module):

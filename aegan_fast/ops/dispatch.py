@@ -16,7 +16,7 @@ from contextvars import ContextVar
 
 import torch
 
-from . import library, reference
+from . import library, reference, sync_bn
 from .library import BackendUnavailable
 
 log = logging.getLogger("aegan_fast.ops")
@@ -165,3 +165,40 @@ def bn_add_act(x, residual, running_mean, running_var, weight, bias, training, m
                activation="identity", negative_slope=0.01):
     return run(resolve(x.device.type, per_channel(x), None, x.dtype, is_channels_last(x)), x, residual, running_mean, running_var, weight, bias, training,
                momentum, eps, activation, negative_slope)
+
+
+# ---- fused blocks (ops/blocks.py) -------------------------------------------------------------------
+
+# The kernels a fused block op has ("triton" only) and the input dtypes its conv kernels take
+# (kernels/conv3x3.py, convt4x4.py: fp32 and bf16).
+BLOCK_KERNELS = ("triton",)
+BLOCK_DTYPES = (torch.float32, torch.bfloat16)
+BLOCK_ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def block_kernel(x, activation: str = "identity", weight=None, backend: str | None = None) -> str | None:
+    """The kernel that runs a fused *block* (ops.blocks: resblock, up_block) on x, or None for the
+    per-op path (convs, then the fused BatchNorm modules, each dispatched on its own).
+
+    ``auto`` gives None on every device: no GPU measurement of the blocks yet; set it from
+    bench/bench_blocks.py on a GPU and record the figures in bench/RESULTS.md. An explicit request
+    for a block kernel that cannot run on x's device is an error, as for the BN ops; any other
+    explicit backend (reference, cpp, cuda) has no block kernel and takes the per-op path. None,
+    too, where the block op cannot stand in for the modules: inside ``ops.sync_batchnorm()`` with
+    more than one rank (the block op has no cross-rank statistics), under autocast (the per-op path
+    casts per layer), H or W below 2 (reflect padding needs two pixels), an activation outside
+    BLOCK_ACTIVATIONS, a dtype outside BLOCK_DTYPES, or a conv weight in another dtype or on
+    another device than x (the stock conv's own error then names it)."""
+    name = requested() if backend is None else backend
+    if name not in BLOCK_KERNELS:
+        _check(name)  # an unknown name is still an error
+        return None
+    resolve(x.device.type, backend=name)  # BackendUnavailable when it cannot run on this device
+    if sync_bn.enabled() or torch.is_autocast_enabled(x.device.type):
+        return None
+    if (x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2 or activation not in BLOCK_ACTIVATIONS
+            or x.dtype not in BLOCK_DTYPES):
+        return None
+    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+        return None
+    return name
