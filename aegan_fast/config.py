@@ -38,6 +38,9 @@ class TrainConfig:
     stages: tuple[str, ...] = STAGES
     # Length of each stage in thousands of real images shown.
     kimg: dict[str, float] = field(default_factory=lambda: {"ae": 10.0, "embed": 10.0, "finetune": 2.0})
+    # A stage also ends after this many minutes of its training steps (grids, checkpoints and
+    # evaluations not counted), whichever comes first; a stage not named has no time limit.
+    minutes: dict[str, float] = field(default_factory=dict)
     # Adam learning rates per net; betas shared (paper: 0.5, 0.999).
     lr: dict[str, float] = field(default_factory=lambda: {"H": 1e-5, "F": 1e-5, "G_E": 2e-4, "D_E": 2e-4,
                                                           "phi": 2e-4, "D_R": 2e-4})

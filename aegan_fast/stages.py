@@ -19,6 +19,7 @@ logs, so a GPU step never waits on a host sync.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -216,6 +217,9 @@ class Stage:
     fresh_optimizer: tuple = ()
     needs_embeddings: bool = True   # the step reads H(x) of real images (RealEmbeddings)
     lr_scale: Callable[[TrainConfig], float] = _unscaled
+    # Nets trained here in another role than their own, and whose cfg.lr rate they take: a decoder
+    # trained as part of a generator steps at the generator's rate, not the autoencoder's.
+    lr_role: dict = field(default_factory=dict, hash=False)
     preview: str = "samples"        # grid kind: "reconstructions" (real | F(H(x))) or "samples" (the chain)
     metrics: Callable[[TrainConfig], tuple] = _chain_metrics   # evaluated at the stage's end
     ema: bool = True                # the sampling chain's EMA is updated after every step
@@ -227,11 +231,14 @@ EMBED = Stage("embed", embed_step, trains=("G_E", "D_E", "phi", "D_R"), frozen=(
 # F last stepped in stage 1, on reconstruction alone; its second moments are tiny next to stage 3's
 # adversarial gradients, so the first stage-3 updates were many times the learning rate and wrecked
 # the decoder (bench/RESULTS.md): stage 3 starts F's moments afresh.
+# F keeps its own (autoencoder's) rate here: its loss is still dominated by the reconstruction tie
+# (finetune_rec), and the stage scales every rate down.
 FINETUNE = Stage("finetune", finetune_step, trains=("G_E", "F", "phi", "D_E", "D_R"), frozen=("H",),
                  fresh_optimizer=("F",), lr_scale=_finetune_scale)
-# The baseline of bench/paper_claim.py: the chain from scratch against D_R; H and D_E sit idle.
+# The baseline of bench/paper_claim.py: the chain from scratch against D_R; H and D_E sit idle. F is
+# a generator layer here, so it steps at the generator's rate, as G_E and φ do.
 DIRECT = Stage("direct", direct_gan_step, trains=SAMPLING_CHAIN + ("D_R",), frozen=("H", "D_E"),
-               needs_embeddings=False)
+               needs_embeddings=False, lr_role={"F": "G_E"})
 
 AEGAN_STAGES = (AE, EMBED, FINETUNE)
 STAGES = {s.name: s for s in AEGAN_STAGES + (DIRECT,)}
@@ -249,7 +256,9 @@ class TrainState:
     precision: Precision = FP32     # the steps' dtype and layout (precision.py)
     grad_scaler: object = None      # fp16 only: torch.amp.GradScaler
     # Images are counted over all ranks: stage_img and total_img are the global batch's.
-    counters: dict = field(default_factory=lambda: {"stage": None, "stage_img": 0, "total_img": 0, "step": 0})
+    # stage_s: seconds of training steps in the current stage (a --minutes budget ends it; resumes keep it)
+    counters: dict = field(default_factory=lambda: {"stage": None, "stage_img": 0, "stage_s": 0.0, "total_img": 0,
+                                                    "step": 0})
     ema: EMA | None = None
     world: World = SINGLE
     guard: object = None            # guard.UpdateGuard: skips non-finite updates (the trainer's)
@@ -274,7 +283,7 @@ def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfi
         requires_grad(net, trained)
     for name, opt in opts.items():
         for group in opt.param_groups:
-            group["lr"] = cfg.lr[name] * stage.lr_scale(cfg) * lr_scale
+            group["lr"] = cfg.lr[stage.lr_role.get(name, name)] * stage.lr_scale(cfg) * lr_scale
 
 
 def start_stage(stage: Stage, opts: dict) -> None:
@@ -300,16 +309,20 @@ def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
                           st.precision)
 
 
-def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=None) -> bool:
+def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=None,
+              until_s: float = math.inf) -> bool:
     """Steps of stage on batches (an iterator of (x, idx, mirror)) until st.counters["stage_img"]
-    reaches until_img. ``after_step(losses, before_img, data_s)`` runs after each step (logging,
-    grids, checkpoints); it returns True to stop here. Returns whether after_step stopped it.
-    Losses stay tensors: nothing here waits on the device."""
+    reaches until_img, or the stage's training time st.counters["stage_s"] reaches until_s.
+    ``after_step(losses, before_img, data_s)`` runs after each step (logging, grids, checkpoints)
+    and is not training time; it returns True to stop here. Returns whether after_step stopped it.
+    Losses stay tensors: nothing here waits on the device (so on CUDA a step's time is its host
+    time, and a time budget is met to within the queue of launched steps)."""
     emb = enter_stage(stage, st)
     ema = st.ema if stage.ema else None
     c = st.counters
     c["stage"] = stage.name
-    while c["stage_img"] < until_img:
+    c.setdefault("stage_s", 0.0)  # checkpoints from before the time budget
+    while c["stage_img"] < until_img and c["stage_s"] < until_s:
         t0 = time.perf_counter()
         x, idx, mirror = next(batches)
         batch = Batch(st.precision.activations(x), idx, mirror)
@@ -325,6 +338,7 @@ def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=
         c["stage_img"] += shown
         c["total_img"] += shown
         c["step"] += 1
+        c["stage_s"] += time.perf_counter() - t0
         if after_step is not None and after_step(losses, before, data_s):
             return True
     return False

@@ -149,6 +149,11 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--kimg {name} must be ≥ 0 (0 skips the stage), got {cfg.kimg[name]}")
     if not any(cfg.kimg[name] > 0 for name in cfg.stages):
         raise UserError("--kimg: every stage has length 0; nothing to train")
+    for name, minutes in cfg.minutes.items():
+        if name not in cfg.stages:
+            raise UserError(f"--minutes: {name!r} is not a stage of this run ({', '.join(cfg.stages)})")
+        if not minutes > 0:
+            raise UserError(f"--minutes {name} must be > 0 (leave the stage out for no time limit), got {minutes}")
     for key in cfg.lr:
         if key not in ("H", "F", "G_E", "D_E", "phi", "D_R"):
             raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")
@@ -641,6 +646,9 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
         raise Diverged(f"{worst} steps in a row had a non-finite loss or gradient (skipped)")
     metrics.skipped += skipped
     metrics.flush(stage.name, st.counters)
+    # What the stage got: its images and its minutes of training steps (what a --minutes budget counts)
+    metrics.write({"stage": stage.name, "stage_end": {"kimg": st.counters["stage_img"] / 1000,
+                                                      "minutes": st.counters.get("stage_s", 0.0) / 60}})
     report = {}
     if st.world.main:
         report = stage_end_evaluation(stage, st)
@@ -650,7 +658,7 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
         save_preview(stage, st, *previews, run_dir / "samples" / f"{stage.name}-final.png")
     names = st.cfg.stages
     following = names[names.index(stage.name) + 1:]
-    st.counters.update(stage=following[0] if following else "done", stage_img=0)
+    st.counters.update(stage=following[0] if following else "done", stage_img=0, stage_s=0.0)
     choice = None
     if st.world.main and stage.preview == "samples":
         choice = sampling_choice(stage, st, run_dir, report, metrics)
@@ -780,7 +788,8 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
                 hooks = StageHooks(stage, st, run_dir, loader, metrics, previews, progress, stop_after_steps,
                                    steps_done, signals)
                 try:
-                    stopped = run_stage(stage, st, loader, hooks.length, hooks)
+                    stopped = run_stage(stage, st, loader, hooks.length, hooks,
+                                        cfg.minutes.get(stage.name, math.inf) * 60)
                     if not stopped:
                         finish_stage(stage, st, run_dir, loader, metrics, previews)
                 except Diverged as e:

@@ -5,7 +5,8 @@ import torch
 
 from aegan_fast import losses
 from aegan_fast.data import load_folder
-from aegan_fast.models import SamplingChain, build_nets, sample_z
+from aegan_fast.config import TrainConfig
+from aegan_fast.models import ModelConfig, SamplingChain, build_nets, sample_z
 from aegan_fast.stages import (EMA, STAGES, Batch, RealEmbeddings, _d_step, make_optimizers, prepare_stage,
                                requires_grad, start_stage)
 from conftest import tiny_config
@@ -133,6 +134,21 @@ def test_stage_3_starts_f_with_fresh_adam_moments(image_folder):
     lr = cfg.lr["F"] * cfg.finetune_lr_scale
     largest = max((p.detach() - b).abs().max().item() for p, b in zip(nets["F"].parameters(), before))
     assert 0 < largest <= lr * 1.001, (largest, lr)
+
+
+def test_decoder_takes_the_generator_rate_where_it_is_a_generator_layer():
+    """In the direct baseline F is a generator layer and steps at G_E's rate, not the autoencoder's
+    (the fair-comparison policy of bench/paper_claim.py); in the AEGAN stages it keeps its own."""
+    cfg = TrainConfig(lr={"H": 1e-3, "F": 1e-3, "G_E": 2e-4, "D_E": 3e-4, "phi": 2e-4, "D_R": 4e-4})
+    nets = build_nets(ModelConfig(resolution=64, max_channels=32))
+    opts = make_optimizers(nets, cfg)
+    expect = {"ae": {"H": 1e-3, "F": 1e-3}, "embed": {"G_E": 2e-4, "D_E": 3e-4, "D_R": 4e-4},
+              "finetune": {"F": 1e-3 * cfg.finetune_lr_scale, "G_E": 2e-4 * cfg.finetune_lr_scale},
+              "direct": {"F": 2e-4, "G_E": 2e-4, "phi": 2e-4, "D_R": 4e-4}}
+    for stage, rates in expect.items():
+        prepare_stage(STAGES[stage], nets, opts, cfg, lr_scale=0.5)
+        got = {name: opts[name].param_groups[0]["lr"] for name in rates}
+        assert got == pytest.approx({k: v * 0.5 for k, v in rates.items()}), stage
 
 
 @pytest.mark.parametrize("kind", ["bce", "hinge", "lsgan"])

@@ -108,6 +108,25 @@ def test_sampler_reads_the_ema_weights(tmp_path, image_folder):
     assert any(not torch.equal(v, state["nets"][f"G_E.{k}"]) for k, v in state["ema"]["G_E"].items())
 
 
+def test_a_stage_ends_at_its_minutes_budget(tmp_path, image_folder, monkeypatch):
+    """--minutes ends a stage when its training steps have taken that long (a clock that advances one
+    second per reading: each step reads it three times, so two seconds a step), whichever of kimg and
+    minutes comes first; the stage's end row says what it got, and the next stage starts from zero."""
+    import aegan_fast.stages as stages_mod
+    clock = iter(range(10 ** 9))
+    monkeypatch.setattr(stages_mod.time, "perf_counter", lambda: float(next(clock)))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(stages=("ae", "direct"), kimg={"ae": 0.04, "direct": 0.008}, minutes={"ae": 5 / 60},
+                      eval_metrics=(), sample_every_kimg=0.0, ckpt_every_kimg=0.0)
+    train(cfg, run, progress=False, data=load_folder(image_folder, 64))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ends = {r["stage"]: r["stage_end"] for r in rows if "stage_end" in r}
+    assert ends["ae"]["kimg"] == 0.012  # 3 steps of 4 images: 2 s, 4 s, 6 s ≥ 5 s (the 10 steps of 0.04 kimg cut short)
+    assert ends["direct"]["kimg"] == 0.008 and ends["direct"]["minutes"] == 2 * 2 / 60  # no limit: kimg ends it
+    assert ends["ae"]["minutes"] == 6 / 60
+
+
 def test_direct_stage_trains_in_the_same_loop(tmp_path, image_folder):
     """The baseline GAN is a stage record: the trainer's seeding, EMA and checkpoint format."""
     run = tmp_path / "run"
@@ -115,7 +134,7 @@ def test_direct_stage_trains_in_the_same_loop(tmp_path, image_folder):
     cfg = tiny_config(stages=("direct",), kimg={"direct": 0.008}, eval_metrics=())
     train(cfg, run, progress=False, data=load_folder(image_folder, 64))
     state = load_checkpoint(run)
-    assert state["counters"] == {"stage": "done", "stage_img": 0, "total_img": 8, "step": 2}
+    assert state["counters"] == {"stage": "done", "stage_img": 0, "stage_s": 0.0, "total_img": 8, "step": 2}
     assert list(state["config"]["stages"]) == ["direct"] and state["ema"] is not None
     assert (run / "checkpoints" / "stage-direct.pt").exists() and (run / "samples" / "direct-final.png").exists()
     torch.manual_seed(cfg.seed)
