@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import _common, bn_act, bn_add_act, convt4x4
+from . import _common, bn_act, bn_add_act, conv3x3, convt4x4
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # Pointer arguments that carry activations (the input dtype); every other pointer is fp32.
-DATA_POINTERS = {"x_ptr", "y_ptr", "r_ptr", "dy_ptr", "src_ptr", "dx_ptr", "dz_ptr"}
+DATA_POINTERS = {"x_ptr", "y_ptr", "r_ptr", "dy_ptr", "src_ptr", "dx_ptr", "dz_ptr", "wt_ptr"}
 FLOAT_SCALARS = {"eps", "slope", "inv_count"}
 
 
@@ -32,6 +32,9 @@ def kernels():
         "bn_add_act_fwd": (bn_act._bn_act_fwd_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=True)),
         "bn_add_act_bwd_reduce": (bn_add_act._bn_add_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
         "bn_add_act_bwd": (bn_add_act._bn_add_act_bwd_kernel, dict(tile, HAS_W=True, TRAINING=True)),
+        "conv3x3_fwd": (conv3x3._conv3x3_fwd_kernel, dict(conv3x3.GPU_BLOCKS, HAS_PRO=True, STATS=True)),
+        "conv3x3_dgrad": (conv3x3._conv3x3_dgrad_kernel, conv3x3.GPU_BLOCKS),
+        "conv3x3_wgrad": (conv3x3._conv3x3_wgrad_kernel, dict(conv3x3.GPU_WGRAD_BLOCKS, HAS_PRO=True)),
         "convt4x4_fwd": (convt4x4._convt_fwd_kernel, dict(convt4x4.FWD_BLOCKS, HAS_AFFINE=True, STATS=True,
                                                            INT64=False)),
     }
@@ -53,6 +56,8 @@ def compile_kernel(fn, arch: int, dtype: str = "fp32", layout: str = "nchw", act
         consts.setdefault("ACT", activation)
     unit = "sI" if layout == "nchw" else "sC"
     if unit in names:
+    if "CL" in names:  # kernels that derive their strides from the shape (conv3x3)
+        consts.setdefault("CL", layout == "channels_last")
         consts[unit] = 1
     signature = {}
     for name in names:

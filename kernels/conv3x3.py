@@ -1,0 +1,450 @@
+"""3x3 reflect-padded convolution (stride 1, no bias) in Triton, with the previous BatchNorm+activation
+applied while loading its input and the BatchNorm statistics of its output gathered while writing it
+(the "scale-bias-act-conv + BN stats" fusion of MLPerf ResNet / cuDNN graphs): forward, data
+gradient and weight gradient as implicit GEMMs on ``tl.dot``.
+
+    conv3x3_reflect_bnact(x, weight, scale, shift, activation, negative_slope, stats) -> (y, mean, var)
+    conv3x3_reflect_dgrad(grad_y, weight, out_dtype) -> grad_a
+    conv3x3_reflect_wgrad(grad_y, x, scale, shift, activation, negative_slope) -> grad_weight (fp32)
+
+Tensors are NCHW- or channels_last-contiguous; the constexpr ``CL`` picks the layout and the kernels
+derive every stride from the shape, so the unit stride (w for NCHW, c for channels_last) is a
+compile-time constant. Reflect padding is index arithmetic (-1 -> 1, H -> H-2): no padded copy.
+Pixels are flattened over (n, h, w), so a tile of output rows may span images.
+
+Weights are re-arranged on the host into ``(9, K, Nout)`` (tap, reduction channel, output channel)
+so a [BLOCK_K, BLOCK_N] weight tile is one contiguous 2-D load; that copy is 9*Ci*Co elements.
+
+Block sizes on a GPU are sensible defaults, not tuned: tuning needs a GPU, and none was available
+when this was written. Under the interpreter the blocks are large and the programs few (it runs
+one program at a time).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (FINALIZE_BLOCK, _num_sms, _stats_finalize_kernel, act_code, activate, contiguous_input,
+                      interpreting, launch)
+
+# tests only: force small blocks / several splits so multi-block loops and cross-program merges run
+# on small tensors. Keys: BLOCK_M, BLOCK_N, BLOCK_K (forward, dgrad), BLOCK_P, SPLITS (wgrad).
+BLOCK_OVERRIDE: dict | None = None
+
+# fp32 operands must not be rounded to TF32 (parity with F.conv2d to 1e-5): triton >= 3.0 spells it
+# input_precision="ieee", older releases allow_tf32=False.
+_IEEE_KW = tl.constexpr("input_precision" in inspect.signature(tl.dot).parameters)
+# The interpreter (triton 3.8) keeps bf16 as uint16 and its dot multiplies the bit patterns: feed it
+# fp32 copies there (exact for bf16 values, and the products are then exact, as on tensor cores).
+_DOT_UPCAST = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if _DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if _IEEE_KW:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, allow_tf32=False)
+    return acc
+
+
+@triton.jit
+def _reflect(i, L):
+    i = tl.where(i < 0, -i, i)
+    return tl.where(i >= L, 2 * L - 2 - i, i)
+
+
+@triton.jit
+def _pixel_offset(n, h, w, C, H, W, CL: tl.constexpr):
+    """Offset of channel 0 at pixel (n, h, w) of a (N, C, H, W) tensor."""
+    if CL:
+        return ((n * H + h) * W + w) * C
+    else:
+        return n * C * H * W + h * W + w
+
+
+@triton.jit
+def _channel_stride(H, W, CL: tl.constexpr):
+    if CL:
+        return 1
+    else:
+        return H * W
+
+
+@triton.jit
+def _tap_accumulate(acc, src_ptr, pix, rmask, wt_ptr, tap, scale_ptr, shift_ptr, slope, K, Nout, ks, cn, cnmask,
+                    HAS_PRO: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[m, :] += a[pix[m], :] @ wt[tap] over all K channels, a = act(src*scale + shift) (or src)."""
+    k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k
+        kmask = kk < K
+        a = tl.load(src_ptr + pix[:, None] + kk[None, :] * ks, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if HAS_PRO:
+            # masked channels: scale = shift = 0, so a = act(0) = 0 there
+            sc = tl.load(scale_ptr + kk, mask=kmask, other=0.0)
+            sh = tl.load(shift_ptr + kk, mask=kmask, other=0.0)
+            a = activate(a.to(tl.float32) * sc[None, :] + sh[None, :], ACT, slope).to(src_ptr.dtype.element_ty)
+        b = tl.load(wt_ptr + (tap * K + kk)[:, None] * Nout + cn[None, :], mask=kmask[:, None] & cnmask[None, :],
+                    other=0.0)
+        acc = _dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _conv3x3_fwd_kernel(x_ptr, wt_ptr, y_ptr, scale_ptr, shift_ptr, pcount_ptr, pmean_ptr, pm2_ptr,
+                        N, Ci, Co, H, W, slope,
+                        HAS_PRO: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, CL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, co-block] for BLOCK_M output pixels; with STATS the tile's exact (count, mean, M2) per
+    output channel goes to partial row pid_m (merged by _stats_finalize_kernel)."""
+    pid_m = tl.program_id(0)
+    HW = H * W
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < N * HW
+    n = m // HW
+    h = (m % HW) // W
+    w = m % W
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < Co
+    xcs = _channel_stride(H, W, CL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kh in tl.static_range(3):
+        ih = _reflect(h + (kh - 1), H)
+        for kw in tl.static_range(3):
+            iw = _reflect(w + (kw - 1), W)
+            pix = _pixel_offset(n, ih, iw, Ci, H, W, CL)
+            acc = _tap_accumulate(acc, x_ptr, pix, mmask, wt_ptr, kh * 3 + kw, scale_ptr, shift_ptr, slope, Ci, Co,
+                                  xcs, co, comask, HAS_PRO, ACT, BLOCK_K)
+    out = _pixel_offset(n, h, w, Co, H, W, CL)
+    mask = mmask[:, None] & comask[None, :]
+    tl.store(y_ptr + out[:, None] + co[None, :] * _channel_stride(H, W, CL), acc.to(y_ptr.dtype.element_ty),
+             mask=mask)
+    if STATS:
+        # from the fp32 accumulator; tile mean first, then squared deviations (no E[y^2]-E[y]^2)
+        cnt = tl.sum(mmask.to(tl.float32), axis=0)
+        mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / cnt
+        d = tl.where(mask, acc - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        tl.store(pcount_ptr + pid_m * Co + co, tl.zeros([BLOCK_N], tl.float32) + cnt, mask=comask)
+        tl.store(pmean_ptr + pid_m * Co + co, mean, mask=comask)
+        tl.store(pm2_ptr + pid_m * Co + co, m2, mask=comask)
+
+
+@triton.jit
+def _dgrad_source(c, KK: tl.constexpr, REFLECTED: tl.constexpr, L):
+    """Along one axis, the dy index feeding input index c through tap KK, and where it exists: the
+    interior source c + 1 - KK, or the reflected one (row 0 feeds row 1 through KK = 0, row L-1
+    feeds row L-2 through KK = 2; only for KK != 1)."""
+    if not REFLECTED:
+        q = c + (1 - KK)
+        ok = (q >= 0) & (q < L)
+    elif KK == 0:
+        q = c * 0
+        ok = c == 1
+    else:
+        q = c * 0 + (L - 1)
+        ok = c == L - 2
+    return q, ok
+
+
+@triton.jit
+def _dgrad_tap(acc, dy_ptr, wt_ptr, n, h, w, mmask, H, W, Ci, Co, ci, cimask,
+               KH: tl.constexpr, KW: tl.constexpr, CL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += (sum of the up to 4 dy sources of tap (KH, KW)) @ W[tap]^T. The sources of one tap
+    share its weights, so they are added before the dot (one dot per tap, not up to four; in bf16
+    this rounds the sum on the border rows/columns once more). The reflected loads run only in
+    tiles that hold such a row or column (a scalar branch)."""
+    cs = _channel_stride(H, W, CL)
+    qh, okh = _dgrad_source(h, KH, False, H)
+    qw, okw = _dgrad_source(w, KW, False, W)
+    pix = _pixel_offset(n, qh, qw, Co, H, W, CL)
+    ok = mmask & okh & okw
+    if KH != 1:
+        rh, rokh = _dgrad_source(h, KH, True, H)
+        pix_h = _pixel_offset(n, rh, qw, Co, H, W, CL)
+        ok_h = mmask & rokh & okw
+        any_h = tl.max(ok_h.to(tl.int32), axis=0) > 0
+    if KW != 1:
+        rw, rokw = _dgrad_source(w, KW, True, W)
+        pix_w = _pixel_offset(n, qh, rw, Co, H, W, CL)
+        ok_w = mmask & okh & rokw
+        any_w = tl.max(ok_w.to(tl.int32), axis=0) > 0
+        if KH != 1:
+            pix_hw = _pixel_offset(n, rh, rw, Co, H, W, CL)
+            ok_hw = mmask & rokh & rokw
+            any_hw = tl.max(ok_hw.to(tl.int32), axis=0) > 0
+    k = tl.arange(0, BLOCK_K)
+    tap = KH * 3 + KW
+    for k0 in range(0, Co, BLOCK_K):
+        kk = k0 + k
+        kmask = kk < Co
+        koff = kk[None, :] * cs
+        a = tl.load(dy_ptr + pix[:, None] + koff, mask=ok[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        if KH != 1:
+            if any_h:
+                a += tl.load(dy_ptr + pix_h[:, None] + koff, mask=ok_h[:, None] & kmask[None, :], other=0.0)
+        if KW != 1:
+            if any_w:
+                a += tl.load(dy_ptr + pix_w[:, None] + koff, mask=ok_w[:, None] & kmask[None, :], other=0.0)
+            if KH != 1:
+                if any_hw:
+                    a += tl.load(dy_ptr + pix_hw[:, None] + koff, mask=ok_hw[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(wt_ptr + (tap * Co + kk)[:, None] * Ci + ci[None, :], mask=kmask[:, None] & cimask[None, :],
+                    other=0.0)
+        acc = _dot(a.to(dy_ptr.dtype.element_ty), b, acc)
+    return acc
+
+
+@triton.jit
+def _conv3x3_dgrad_kernel(dy_ptr, wt_ptr, dx_ptr, N, Ci, Co, H, W,
+                          CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """da[p] = sum_taps sum_{q: reflect(q + t - 1) = p} dy[q] @ W[t]^T for BLOCK_M input pixels: the
+    interior is a plain transposed correlation, reflect padding adds sources on rows 1, H-2 and
+    columns 1, W-2 (see _dgrad_source)."""
+    pid_m = tl.program_id(0)
+    HW = H * W
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < N * HW
+    n = m // HW
+    h = (m % HW) // W
+    w = m % W
+    ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cimask = ci < Ci
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kh in tl.static_range(3):
+        for kw in tl.static_range(3):
+            acc = _dgrad_tap(acc, dy_ptr, wt_ptr, n, h, w, mmask, H, W, Ci, Co, ci, cimask, kh, kw, CL, BLOCK_K)
+    out = _pixel_offset(n, h, w, Ci, H, W, CL)
+    tl.store(dx_ptr + out[:, None] + ci[None, :] * _channel_stride(H, W, CL), acc.to(dx_ptr.dtype.element_ty),
+             mask=mmask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def _conv3x3_wgrad_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, pdw_ptr, N, Ci, Co, H, W, n_chunks, S, slope,
+                          HAS_PRO: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr,
+                          BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Split-K weight gradient: program (tap, ci-block, co-block; s) sums a^T @ dy over pixel chunks
+    s, s+S, ... into partial s of (S, 9, Ci, Co); the host sums the S partials in a fixed order
+    (deterministic, no atomics). a = act(x*scale + shift) is recomputed from x as it is loaded."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    n_cob = tl.cdiv(Co, BLOCK_CO)
+    n_cib = tl.cdiv(Ci, BLOCK_CI)
+    cob = pid % n_cob
+    cib = (pid // n_cob) % n_cib
+    tap = pid // (n_cob * n_cib)
+    kh = tap // 3
+    kw = tap % 3
+    ci = cib * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    cimask = ci < Ci
+    co = cob * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < Co
+    if HAS_PRO:
+        sc = tl.load(scale_ptr + ci, mask=cimask, other=0.0)
+        sh = tl.load(shift_ptr + ci, mask=cimask, other=0.0)
+    HW = H * W
+    cs = _channel_stride(H, W, CL)  # x and dy share the layout
+    acc = tl.zeros([BLOCK_CI, BLOCK_CO], tl.float32)
+    for chunk in range(s, n_chunks, S):
+        p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < N * HW
+        n = p // HW
+        h = (p % HW) // W
+        w = p % W
+        src = _pixel_offset(n, _reflect(h + kh - 1, H), _reflect(w + kw - 1, W), Ci, H, W, CL)
+        # masked pixels load dy = 0, so whatever a holds there (act(shift)) adds nothing
+        a = tl.load(x_ptr + src[None, :] + ci[:, None] * cs, mask=cimask[:, None] & pmask[None, :], other=0.0)
+        if HAS_PRO:
+            a = activate(a.to(tl.float32) * sc[:, None] + sh[:, None], ACT, slope).to(x_ptr.dtype.element_ty)
+        out = _pixel_offset(n, h, w, Co, H, W, CL)
+        g = tl.load(dy_ptr + out[:, None] + co[None, :] * cs, mask=pmask[:, None] & comask[None, :], other=0.0)
+        acc = _dot(a, g, acc)
+    dst = ((s * 9 + tap) * Ci + ci)[:, None] * Co + co[None, :]
+    tl.store(pdw_ptr + dst, acc, mask=cimask[:, None] & comask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16)
+# GPU block caps (untuned defaults; aot.py compiles these): forward/dgrad tiles, wgrad tiles
+GPU_BLOCKS = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
+GPU_WGRAD_BLOCKS = dict(BLOCK_CI=64, BLOCK_CO=64, BLOCK_P=32)
+
+
+def _block(size: int, cap: int) -> int:
+    """A power-of-two block covering ``size`` up to ``cap``, at least 16 (tl.dot's minimum)."""
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _blocks(M: int, K: int, Nout: int) -> dict:
+    cap = dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64) if interpreting() else GPU_BLOCKS
+    b = dict(BLOCK_M=_block(M, cap["BLOCK_M"]), BLOCK_N=_block(Nout, cap["BLOCK_N"]),
+             BLOCK_K=_block(K, cap["BLOCK_K"]))
+    b.update({k: v for k, v in (BLOCK_OVERRIDE or {}).items() if k in b})
+    return b
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _memory_format(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _check_device(*tensors):
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t is not None and t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        raise ValueError(f"the Triton conv3x3 kernels need CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got {dev}")
+
+
+def _check_activation(x: torch.Tensor, name: str, spatial_of: torch.Tensor | None = None):
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32 or bfloat16, got {x.dtype}")
+    H, W = x.shape[2:]
+    if H < 2 or W < 2:
+        raise ValueError(f"reflect padding 1 needs H and W >= 2 (padding size should be less than the corresponding "
+                         f"input dimension), got {name} of shape {tuple(x.shape)}")
+    if x.numel() >= 2 ** 31:
+        raise ValueError(f"{name} has {x.numel()} elements: the kernels use 32-bit offsets (at most 2**31 - 1)")
+
+
+def _check_weight(weight: torch.Tensor, Co: int | None, Ci: int, dtype: torch.dtype):
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be (Co, Ci, 3, 3), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != Ci or (Co is not None and weight.shape[0] != Co):
+        want = f"({Co if Co is not None else 'Co'}, {Ci}, 3, 3)"
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the input: expected {want}")
+    if weight.dtype != dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from the activations' {dtype}")
+
+
+def _check_prologue(C: int, scale, shift, activation: str):
+    code = act_code(activation)
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together or both be None")
+    if scale is None:
+        if code != 0:
+            raise ValueError(f"activation {activation!r} needs scale and shift (without them the input is used as is)")
+        return code
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dim() != 1 or t.numel() != C:
+            raise ValueError(f"{name} must be 1-D of {C} elements (one per input channel), got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    return code
+
+
+def _dummy(t, like):
+    return t.contiguous() if t is not None else torch.empty(1, device=like.device, dtype=torch.float32)
+
+
+def conv3x3_reflect_bnact(x, weight, scale=None, shift=None, activation="identity", negative_slope=0.2,
+                          stats=True):
+    """y = conv2d(reflect_pad1(act(x*scale[c] + shift[c])), weight)   (no bias, stride 1)
+    x: (N, Ci, H, W), H, W >= 2 (reflect pad 1 needs 2), NCHW- or channels_last-contiguous; weight (Co, Ci, 3, 3).
+    scale/shift: fp32 (Ci,) or both None (no prologue: the input is used as is; activation must then be "identity").
+    Returns y in x's dtype and memory format, and (when stats) the per-output-channel batch mean and *biased*
+    variance of y in fp32, computed from the fp32 accumulator before the output is rounded to x's dtype."""
+    _check_activation(x, "x")
+    N, Ci, H, W = x.shape
+    _check_weight(weight, None, Ci, x.dtype)
+    code = _check_prologue(Ci, scale, shift, activation)
+    _check_device(x, weight, scale, shift)
+    x = contiguous_input(x)
+    cl = _is_channels_last(x)
+    Co = weight.shape[0]
+    wt = weight.permute(2, 3, 1, 0).contiguous()  # (3, 3, Ci, Co): tap-major, then the reduction channel
+    y = torch.empty((N, Co, H, W), device=x.device, dtype=x.dtype, memory_format=_memory_format(cl))
+    M = N * H * W
+    b = _blocks(M, Ci, Co)
+    n_m = triton.cdiv(M, b["BLOCK_M"])
+    part = torch.empty((3, n_m if stats else 1, Co), device=x.device, dtype=torch.float32)
+    launch(_conv3x3_fwd_kernel)[(n_m, triton.cdiv(Co, b["BLOCK_N"]))](
+        x, wt, y, _dummy(scale, x), _dummy(shift, x), part[0], part[1], part[2], N, Ci, Co, H, W,
+        float(negative_slope), HAS_PRO=scale is not None, ACT=code, STATS=bool(stats), CL=cl, **b)
+    if not stats:
+        return y, None, None
+    mean = torch.empty(Co, device=x.device, dtype=torch.float32)
+    var = torch.empty(Co, device=x.device, dtype=torch.float32)
+    launch(_stats_finalize_kernel)[(triton.cdiv(Co, FINALIZE_BLOCK),)](
+        part[0], part[1], part[2], mean, var, Co, n_m, BLOCK_C=FINALIZE_BLOCK)
+    return y, mean, var
+
+
+def conv3x3_reflect_dgrad(grad_y, weight, out_dtype=None):
+    """d loss / d a where y = conv2d(reflect_pad1(a), weight): the gradient w.r.t. the conv's (activated) input,
+    reflect padding's border contributions folded back in. grad_y (N, Co, H, W); returns (N, Ci, H, W) in grad_y's
+    memory format, dtype out_dtype (default grad_y.dtype; pass torch.float32 to keep it unrounded)."""
+    _check_activation(grad_y, "grad_y")
+    N, Co, H, W = grad_y.shape
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be (Co, Ci, 3, 3), got shape {tuple(weight.shape)}")
+    Ci = weight.shape[1]
+    _check_weight(weight, Co, Ci, grad_y.dtype)
+    out_dtype = grad_y.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _DTYPES:
+        raise TypeError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    _check_device(grad_y, weight)
+    if N * Ci * H * W >= 2 ** 31:
+        raise ValueError("grad_a would have 2**31 or more elements: the kernels use 32-bit offsets")
+    grad_y = contiguous_input(grad_y)
+    cl = _is_channels_last(grad_y)
+    wt = weight.permute(2, 3, 0, 1).contiguous()  # (3, 3, Co, Ci): the transposed correlation's weights
+    dx = torch.empty((N, Ci, H, W), device=grad_y.device, dtype=out_dtype, memory_format=_memory_format(cl))
+    M = N * H * W
+    b = _blocks(M, Co, Ci)
+    launch(_conv3x3_dgrad_kernel)[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(Ci, b["BLOCK_N"]))](
+        grad_y, wt, dx, N, Ci, Co, H, W, CL=cl, **b)
+    return dx
+
+
+def conv3x3_reflect_wgrad(grad_y, x, scale=None, shift=None, activation="identity", negative_slope=0.2):
+    """d loss / d weight, fp32 (Co, Ci, 3, 3), where the conv's input a = act(x*scale + shift) is RECOMPUTED in the
+    kernel's load prologue from x (never materialised)."""
+    _check_activation(x, "x")
+    _check_activation(grad_y, "grad_y")
+    N, Ci, H, W = x.shape
+    Co = grad_y.shape[1]
+    if grad_y.shape[0] != N or tuple(grad_y.shape[2:]) != (H, W):
+        raise ValueError(f"grad_y of shape {tuple(grad_y.shape)} does not match x of shape {tuple(x.shape)} "
+                         f"(same N, H, W expected)")
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"grad_y dtype {grad_y.dtype} differs from x's {x.dtype}")
+    code = _check_prologue(Ci, scale, shift, activation)
+    _check_device(x, grad_y, scale, shift)
+    x = contiguous_input(x)
+    cl = _is_channels_last(x)
+    grad_y = grad_y.contiguous(memory_format=_memory_format(cl))  # one layout for both operands
+    # Split-K over pixels: the 9 taps x channel blocks rarely fill a GPU, so each also takes 1/S of
+    # the N*H*W reduction; partials in fp32, summed over S in a fixed order.
+    M = N * H * W
+    cap = dict(GPU_WGRAD_BLOCKS, BLOCK_P=256) if interpreting() else GPU_WGRAD_BLOCKS
+    blocks = dict(BLOCK_CI=_block(Ci, cap["BLOCK_CI"]), BLOCK_CO=_block(Co, cap["BLOCK_CO"]),
+                  BLOCK_P=_block(M, cap["BLOCK_P"]))
+    over = BLOCK_OVERRIDE or {}
+    if "BLOCK_P" in over:
+        blocks["BLOCK_P"] = over["BLOCK_P"]
+    n_chunks = triton.cdiv(M, blocks["BLOCK_P"])
+    n_tiles = 9 * triton.cdiv(Ci, blocks["BLOCK_CI"]) * triton.cdiv(Co, blocks["BLOCK_CO"])
+    S = over.get("SPLITS") or max(1, min(n_chunks, triton.cdiv(4 * _num_sms(x.device), n_tiles)))
+    part = torch.empty((S, 9, Ci, Co), device=x.device, dtype=torch.float32)
+    launch(_conv3x3_wgrad_kernel)[(n_tiles, S)](
+        grad_y, x, _dummy(scale, x), _dummy(shift, x), part, N, Ci, Co, H, W, n_chunks, S, float(negative_slope),
+        HAS_PRO=scale is not None, ACT=code, CL=cl, **blocks)
+    return part.sum(0).reshape(3, 3, Ci, Co).permute(3, 2, 0, 1).contiguous()
