@@ -54,10 +54,10 @@ def compile_kernel(fn, arch: int, dtype: str = "fp32", layout: str = "nchw", act
     consts = dict(constexprs or {})
     if "ACT" in names:
         consts.setdefault("ACT", activation)
-    unit = "sI" if layout == "nchw" else "sC"
-    if unit in names:
     if "CL" in names:  # kernels that derive their strides from the shape (conv3x3)
         consts.setdefault("CL", layout == "channels_last")
+    unit = "sI" if layout == "nchw" else "sC"
+    if unit in names:
         consts[unit] = 1
     signature = {}
     for name in names:
