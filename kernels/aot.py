@@ -37,6 +37,8 @@ def kernels():
         "conv3x3_wgrad": (conv3x3._conv3x3_wgrad_kernel, dict(conv3x3.GPU_WGRAD_BLOCKS, HAS_PRO=True)),
         "convt4x4_fwd": (convt4x4._convt_fwd_kernel, dict(convt4x4.FWD_BLOCKS, HAS_AFFINE=True, STATS=True,
                                                            INT64=False)),
+        "convt4x4_dgrad": (convt4x4._convt_dgrad_kernel, dict(convt4x4.DGRAD_BLOCKS, INT64=False)),
+        "convt4x4_wgrad": (convt4x4._convt_wgrad_kernel, dict(convt4x4.WGRAD_BLOCKS, HAS_AFFINE=True, INT64=False)),
     }
 
 

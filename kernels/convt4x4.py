@@ -144,6 +144,69 @@ def _convt_fwd_kernel(x_ptr, wt_ptr, scale_ptr, shift_ptr, y_ptr, pcount_ptr, pm
         tl.store(pm2_ptr + out, tl.sum(d * d, axis=0), mask=comask)
 
 
+@triton.jit
+def _convt_dgrad_kernel(dy_ptr, wt_ptr, dx_ptr, P, H, W, Ci, Co, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                        BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr, INT64: tl.constexpr):
+    """Program (pixel block, ci block): dx[n, ci, i, j] = sum over co, kh, kw of
+    dy[n, co, 2i-1+kh, 2j-1+kw] * w[ci, co, kh, kw] (wt holds w as [kh, kw, co, ci])."""
+    n, i, j, pmask = _pixels(tl.program_id(0), P, H, W, BLOCK_P)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    cimask = ci < Ci
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_P, BLOCK_CI], tl.float32)
+    for kh in tl.static_range(4):
+        oh = 2 * i - 1 + kh
+        hok = pmask & (oh >= 0) & (oh < 2 * H)
+        for kw in tl.static_range(4):
+            ow = 2 * j - 1 + kw
+            ok = hok & (ow >= 0) & (ow < 2 * W)
+            base = _off(n, oh, ow, sgn, sgh, sgw, INT64)
+            wbase = wt_ptr + (kh * 4 + kw) * Co * Ci
+            for c0 in range(0, Co, BLOCK_K):
+                c = c0 + k
+                cmask = c < Co
+                a = tl.load(dy_ptr + base[:, None] + c[None, :] * sgc, mask=ok[:, None] & cmask[None, :], other=0.0)
+                b = tl.load(wbase + c[:, None] * Ci + ci[None, :], mask=cmask[:, None] & cimask[None, :], other=0.0)
+                acc = _mma(a, b, acc)
+    xoff = _off(n, i, j, sxn, sxh, sxw, INT64)
+    tl.store(dx_ptr + xoff[:, None] + ci[None, :] * sxc, acc.to(dx_ptr.dtype.element_ty),
+             mask=pmask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def _convt_wgrad_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, pdw_ptr, P, H, W, Ci, Co,
+                        sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, n_pblocks, n_coblocks, S, slope,
+                        HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    """Program (tap, ci x co block, split s): partial s of dw[ci, co, kh, kw] = sum over pixel blocks
+    s, s+S, ... of a[n, ci, i, j] * dy[n, co, 2i-1+kh, 2j-1+kw], a = act(x*scale + shift) recomputed here.
+    Reduction order: each program sums its blocks in a fixed order into an fp32 accumulator; the host sums
+    the S partials with one fixed-shape torch.sum (no atomics: deterministic run to run)."""
+    tap = tl.program_id(0)
+    kh = tap // 4
+    kw = tap % 4
+    ci = (tl.program_id(1) // n_coblocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co = (tl.program_id(1) % n_coblocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    cimask = ci < Ci
+    comask = co < Co
+    pid_s = tl.program_id(2)
+    acc = tl.zeros([BLOCK_CI, BLOCK_CO], tl.float32)
+    for pb in range(pid_s, n_pblocks, S):
+        n, i, j, pmask = _pixels(pb, P, H, W, BLOCK_P)
+        m = cimask[:, None] & pmask[None, :]
+        xoff = _off(n, i, j, sxn, sxh, sxw, INT64)
+        a = tl.load(x_ptr + ci[:, None] * sxc + xoff[None, :], mask=m, other=0.0)
+        a = _prologue(a, ci, cimask, m, scale_ptr, shift_ptr, slope, HAS_AFFINE, ACT, 0)
+        oh = 2 * i - 1 + kh
+        ow = 2 * j - 1 + kw
+        ok = pmask & (oh >= 0) & (oh < 2 * H) & (ow >= 0) & (ow < 2 * W)
+        goff = _off(n, oh, ow, sgn, sgh, sgw, INT64)
+        g = tl.load(dy_ptr + goff[:, None] + co[None, :] * sgc, mask=ok[:, None] & comask[None, :], other=0.0)
+        acc = _mma(a.to(g.dtype), g, acc)
+    out = ((pid_s * Ci + ci[:, None]) * Co + co[None, :]) * 16 + tap
+    tl.store(pdw_ptr + out, acc, mask=cimask[:, None] & comask[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +214,8 @@ def _convt_fwd_kernel(x_ptr, wt_ptr, scale_ptr, shift_ptr, y_ptr, pcount_ptr, pm
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # GPU blocks: untuned defaults (no GPU was available to tune them); the host shrinks them for small C.
 FWD_BLOCKS = dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_K=32)
+DGRAD_BLOCKS = dict(BLOCK_P=64, BLOCK_CI=64, BLOCK_K=32)
+WGRAD_BLOCKS = dict(BLOCK_CI=64, BLOCK_CO=64, BLOCK_P=32)
 
 
 def _np2(v: int, lo: int, hi: int) -> int:
@@ -271,3 +336,64 @@ def conv_transpose4x4s2_bnact(x, weight, scale=None, shift=None, activation="ide
     launch(_stats_finalize_kernel)[(triton.cdiv(Co, FINALIZE_BLOCK),)](
         part[0], part[1], part[2], mean, var, Co, S, BLOCK_C=FINALIZE_BLOCK)
     return y, mean, var
+
+
+def conv_transpose4x4s2_dgrad(grad_y, weight, out_dtype=None):
+    """d loss / d a (the conv's activated input), (N, Ci, H, W) = conv2d(grad_y, weight, stride=2, padding=1)."""
+    _check_4d("grad_y", grad_y)
+    _check_device("grad_y", grad_y)
+    N, Co, Ho, Wo = grad_y.shape
+    if Ho % 2 or Wo % 2:
+        raise ValueError(f"grad_y's spatial size {Ho}x{Wo} is not the (2H, 2W) of a 4x4 stride-2 ConvTranspose2d")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != Co:
+        raise ValueError(f"weight must be a (Ci, {Co}, 4, 4) ConvTranspose2d weight for grad_y's {Co} channels, "
+                         f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    Ci = weight.shape[0]
+    _check_weight(weight, grad_y, "grad_y", Ci)
+    out_dtype = grad_y.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    H, W = Ho // 2, Wo // 2
+    dx = torch.empty((N, Ci, H, W), device=grad_y.device, dtype=out_dtype, memory_format=_out_format(grad_y))
+    P = N * H * W
+    BLOCK_P = _block_p(P, DGRAD_BLOCKS["BLOCK_P"])
+    BLOCK_CI = _np2(Ci, 16, DGRAD_BLOCKS["BLOCK_CI"])
+    BLOCK_K = _np2(Co, 16, 64 if interpreting() else DGRAD_BLOCKS["BLOCK_K"])
+    launch(_convt_dgrad_kernel)[(triton.cdiv(P, BLOCK_P), triton.cdiv(Ci, BLOCK_CI))](
+        grad_y, weight.permute(2, 3, 1, 0).contiguous(), dx, P, H, W, Ci, Co, *grad_y.stride(), *dx.stride(),
+        BLOCK_P=BLOCK_P, BLOCK_CI=BLOCK_CI, BLOCK_K=BLOCK_K, INT64=_int64(grad_y, dx))
+    return dx
+
+
+def conv_transpose4x4s2_wgrad(grad_y, x, scale=None, shift=None, activation="identity", negative_slope=0.2):
+    """d loss / d weight, fp32 (Ci, Co, 4, 4); a = act(x*scale+shift) RECOMPUTED in the load prologue."""
+    _check_4d("x", x)
+    _check_4d("grad_y", grad_y)
+    _check_device("x", x)
+    N, Ci, H, W = x.shape
+    Co = grad_y.shape[1]
+    if grad_y.shape[0] != N or tuple(grad_y.shape[2:]) != (2 * H, 2 * W):
+        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}; for x of shape {tuple(x.shape)} the "
+                         f"ConvTranspose2d 4x4 s2 output is (N, Co, 2H, 2W) = ({N}, Co, {2 * H}, {2 * W})")
+    if grad_y.dtype != x.dtype:
+        raise ValueError(f"grad_y is {grad_y.dtype} but x is {x.dtype}: they must share one dtype")
+    if grad_y.device != x.device:
+        raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
+    act = _check_prologue(x, scale, shift, activation)
+    P = N * H * W
+    BLOCK_P = _block_p(P, WGRAD_BLOCKS["BLOCK_P"])
+    BLOCK_CI = _np2(Ci, 16, WGRAD_BLOCKS["BLOCK_CI"])
+    BLOCK_CO = _np2(Co, 16, WGRAD_BLOCKS["BLOCK_CO"])
+    n_pblocks = triton.cdiv(P, BLOCK_P)
+    n_coblocks = triton.cdiv(Co, BLOCK_CO)
+    n_blocks = triton.cdiv(Ci, BLOCK_CI) * n_coblocks
+    # splits of the pixel reduction: enough programs to fill the device, never more than there are blocks
+    S = SPLITS_OVERRIDE or max(1, min(n_pblocks, triton.cdiv(4 * _num_sms(x.device), 16 * n_blocks)))
+    S = min(S, n_pblocks)
+    part = torch.empty((S, Ci, Co, 4, 4), device=x.device, dtype=torch.float32)
+    launch(_convt_wgrad_kernel)[(16, n_blocks, S)](
+        x, grad_y, scale if scale is not None else _dummy(x), shift if shift is not None else _dummy(x), part,
+        P, H, W, Ci, Co, *x.stride(), *grad_y.stride(), n_pblocks, n_coblocks, S, float(negative_slope),
+        HAS_AFFINE=scale is not None, ACT=act, BLOCK_CI=BLOCK_CI, BLOCK_CO=BLOCK_CO, BLOCK_P=BLOCK_P,
+        INT64=_int64(x, grad_y))
+    return part[0] if S == 1 else part.sum(0)
