@@ -1,0 +1,116 @@
+"""The fused block ops (aegan_fast/ops/blocks.py): models.ResBlock and the transposed up block as one op.
+
+The parity cases (fused vs the stock block on the reference backend, loaded from one stock-module
+state_dict: output, every gradient, running statistics and num_batches_tracked after two training
+steps, eval mode; N3 C5 7x9 and C64; NCHW and channels_last; relu, leaky_relu, identity; fp32 and
+bf16; the dispatch rules: auto never fused, explicit triton fused, an error on a device it cannot
+run on, per-op inside sync_batchnorm with two ranks and for inputs the kernels do not take; saved
+tensors; not twice differentiable; opcheck) live in blocks_interp_worker.py and run in one child
+process with TRITON_INTERPRET=1, which must never leak into this process (test_ops_triton.py says
+why). The cases here run in this process, without the interpreter.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from aegan_fast import models, ops
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "blocks_interp_worker.py"
+
+
+def _load_worker_cases():
+    spec = importlib.util.spec_from_file_location("blocks_interp_worker", WORKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # defines CASES only; imports neither torch nor triton at top level
+    return mod.CASES
+
+
+CASES = _load_worker_cases()
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install -r requirements.txt)")
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=HERE)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_blocks_interpreter(interp_results, case):
+    result = interp_results.get(case, "missing from the worker's output")
+    assert result == "ok", result
+
+
+def test_auto_takes_the_per_op_path():
+    """No GPU measurement of the blocks yet: auto never names a block kernel, on any device."""
+    x = torch.randn(2, 5, 6, 7)
+    for dev in ("cpu", "meta"):
+        with ops.use_backend("auto"):
+            assert ops.block_kernel(x.to(dev), "relu") is None
+    block = models.ResBlock(5, "relu")
+    with ops.use_backend("auto"):
+        y = block(x)
+    assert y.shape == x.shape
+
+
+@needs_triton
+def test_explicit_triton_without_a_gpu_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: triton runs there")
+    with pytest.raises(ops.BackendUnavailable, match="no CUDA device"):
+        ops.block_kernel(torch.randn(2, 5, 6, 7), "relu", backend="triton")
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        ops.block_kernel(torch.randn(2, 5, 6, 7), "relu", backend="tritonn")
+
+
+def _stock_resblock(c):
+    """The block as stock modules: the layout of every checkpoint saved before the fused path."""
+    m = nn.Module()
+    m.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False, padding_mode="reflect")
+    m.bn1 = nn.BatchNorm2d(c)
+    m.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False, padding_mode="reflect")
+    m.bn2 = nn.BatchNorm2d(c)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["res", "up-transposed", "up-resize_conv"])
+def test_checkpoints_load_unchanged(kind):
+    """A state_dict saved by the stock modules loads (strict) into the block and back, keys identical."""
+    if kind == "res":
+        old, new = _stock_resblock(4), models.ResBlock(4, "leaky_relu")
+    else:
+        up = kind.split("-")[1]
+        conv = models.upsample_conv(4, 3, up, bias=False)
+        old, new = nn.Sequential(conv, nn.BatchNorm2d(3)), models._up(4, 3, up)
+    with torch.no_grad():
+        for t in old.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape))
+    buf = io.BytesIO()
+    torch.save(old.state_dict(), buf)
+    buf.seek(0)
+    new.load_state_dict(torch.load(buf), strict=True)
+    assert list(new.state_dict()) == list(old.state_dict())
+    for k, v in old.state_dict().items():
+        assert torch.equal(new.state_dict()[k], v), k
+    old.load_state_dict(new.state_dict(), strict=True)
