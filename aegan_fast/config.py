@@ -48,6 +48,9 @@ class TrainConfig:
     loss: str = "bce"               # adversarial loss: bce | hinge | lsgan
     denoiser_l1: float = 100.0      # φ loss = adversarial + denoiser_l1 × L1(φ(x̂), x̂)
     embed_steps: int = 1            # G_E/D_E steps per φ/D_R step in stage 2 (the paper alternates 1:1)
+    # Stage 1's rates fall along a cosine to this fraction of their value at the stage's end
+    # (1: constant, as in the paper; beyond the paper below 1).
+    ae_lr_final: float = 1.0
     embed_cache_mb: float = 2048    # cache H(x) of the whole set (and mirrors) in stages 2-3 up to this size
     # Stage 3 (joint fine-tuning, our design; see README "Stage 3"):
     finetune_lr_scale: float = 0.1  # every net's lr is scaled by this in stage 3

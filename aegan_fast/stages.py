@@ -201,6 +201,14 @@ def _chain_metrics(cfg: TrainConfig) -> tuple:
     return tuple(cfg.eval_metrics)
 
 
+def _constant_rate(cfg: TrainConfig) -> float:
+    return 1.0
+
+
+def _ae_final_rate(cfg: TrainConfig) -> float:
+    return cfg.ae_lr_final
+
+
 def _reconstruction_metrics(cfg: TrainConfig) -> tuple:
     return ("l1", "psnr")
 
@@ -220,13 +228,16 @@ class Stage:
     # Nets trained here in another role than their own, and whose cfg.lr rate they take: a decoder
     # trained as part of a generator steps at the generator's rate, not the autoencoder's.
     lr_role: dict = field(default_factory=dict, hash=False)
+    # The fraction of its rate each net has at the stage's end, reached along a cosine from 1 at its
+    # start (progress: the larger of images and minutes done over the stage's length in each).
+    final_rate: Callable[[TrainConfig], float] = _constant_rate
     preview: str = "samples"        # grid kind: "reconstructions" (real | F(H(x))) or "samples" (the chain)
     metrics: Callable[[TrainConfig], tuple] = _chain_metrics   # evaluated at the stage's end
     ema: bool = True                # the sampling chain's EMA is updated after every step
 
 
 AE = Stage("ae", ae_step, trains=("H", "F"), frozen=(), needs_embeddings=False, preview="reconstructions",
-           metrics=_reconstruction_metrics, ema=False)
+           metrics=_reconstruction_metrics, ema=False, final_rate=_ae_final_rate)
 EMBED = Stage("embed", embed_step, trains=("G_E", "D_E", "phi", "D_R"), frozen=("H", "F"))
 # F last stepped in stage 1, on reconstruction alone; its second moments are tiny next to stage 3's
 # adversarial gradients, so the first stage-3 updates were many times the learning rate and wrecked
@@ -283,7 +294,16 @@ def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfi
         requires_grad(net, trained)
     for name, opt in opts.items():
         for group in opt.param_groups:
-            group["lr"] = cfg.lr[stage.lr_role.get(name, name)] * stage.lr_scale(cfg) * lr_scale
+            group["lr"] = group["stage_lr"] = cfg.lr[stage.lr_role.get(name, name)] * stage.lr_scale(cfg) * lr_scale
+
+
+def decay_rates(opts: dict, final: float, progress: float) -> None:
+    """Each optimizer's rate at ``progress`` (0..1) of a stage: its stage rate times a cosine from 1
+    down to ``final``. A function of the progress alone, so a resumed run steps at the same rates."""
+    factor = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group["lr"] = group["stage_lr"] * factor
 
 
 def start_stage(stage: Stage, opts: dict) -> None:
@@ -322,7 +342,11 @@ def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=
     c = st.counters
     c["stage"] = stage.name
     c.setdefault("stage_s", 0.0)  # checkpoints from before the time budget
+    final = stage.final_rate(st.cfg)
     while c["stage_img"] < until_img and c["stage_s"] < until_s:
+        if final != 1.0:
+            decay_rates({k: st.opts[k] for k in stage.trains if k in st.opts}, final,
+                        max(c["stage_img"] / until_img, c["stage_s"] / until_s))
         t0 = time.perf_counter()
         x, idx, mirror = next(batches)
         batch = Batch(st.precision.activations(x), idx, mirror)

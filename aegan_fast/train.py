@@ -154,6 +154,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--minutes: {name!r} is not a stage of this run ({', '.join(cfg.stages)})")
         if not minutes > 0:
             raise UserError(f"--minutes {name} must be > 0 (leave the stage out for no time limit), got {minutes}")
+    if not 0 < cfg.ae_lr_final <= 1:
+        raise UserError(f"--ae-lr-final must be in (0, 1] (1: constant rates), got {cfg.ae_lr_final}")
     for key in cfg.lr:
         if key not in ("H", "F", "G_E", "D_E", "phi", "D_R"):
             raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")

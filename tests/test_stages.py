@@ -7,8 +7,8 @@ from aegan_fast import losses
 from aegan_fast.data import load_folder
 from aegan_fast.config import TrainConfig
 from aegan_fast.models import ModelConfig, SamplingChain, build_nets, sample_z
-from aegan_fast.stages import (EMA, STAGES, Batch, RealEmbeddings, _d_step, make_optimizers, prepare_stage,
-                               requires_grad, start_stage)
+from aegan_fast.stages import (EMA, STAGES, Batch, RealEmbeddings, _d_step, decay_rates, make_optimizers,
+                               prepare_stage, requires_grad, start_stage)
 from conftest import tiny_config
 
 STEPS = {name: stage.step for name, stage in STAGES.items()}
@@ -149,6 +149,21 @@ def test_decoder_takes_the_generator_rate_where_it_is_a_generator_layer():
         prepare_stage(STAGES[stage], nets, opts, cfg, lr_scale=0.5)
         got = {name: opts[name].param_groups[0]["lr"] for name in rates}
         assert got == pytest.approx({k: v * 0.5 for k, v in rates.items()}), stage
+
+
+def test_stage_1_rates_follow_the_cosine_to_their_final_fraction():
+    """--ae-lr-final: 1 at the start, the final fraction at the end, half-way at the middle, from the
+    stage's own rate (a rollback's lowered rate included); the other stages keep constant rates."""
+    cfg = TrainConfig(lr={"H": 1e-3, "F": 1e-3, "G_E": 2e-4, "D_E": 2e-4, "phi": 2e-4, "D_R": 2e-4}, ae_lr_final=0.1)
+    nets = build_nets(ModelConfig(resolution=64, max_channels=32))
+    opts = make_optimizers(nets, cfg)
+    prepare_stage(STAGES["ae"], nets, opts, cfg, lr_scale=0.5)
+    assert STAGES["ae"].final_rate(cfg) == 0.1 and STAGES["embed"].final_rate(cfg) == 1.0
+    for progress, factor in ((0.0, 1.0), (0.5, 0.55), (1.0, 0.1), (2.0, 0.1)):
+        decay_rates({k: opts[k] for k in ("H", "F")}, 0.1, progress)
+        assert opts["F"].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * factor), progress
+    prepare_stage(STAGES["embed"], nets, opts, cfg)  # a new stage starts from its own rates
+    assert opts["G_E"].param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
 @pytest.mark.parametrize("kind", ["bce", "hinge", "lsgan"])

@@ -2,6 +2,7 @@
 test_resume.py)."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -125,6 +126,18 @@ def test_a_stage_ends_at_its_minutes_budget(tmp_path, image_folder, monkeypatch)
     assert ends["ae"]["kimg"] == 0.012  # 3 steps of 4 images: 2 s, 4 s, 6 s ≥ 5 s (the 10 steps of 0.04 kimg cut short)
     assert ends["direct"]["kimg"] == 0.008 and ends["direct"]["minutes"] == 2 * 2 / 60  # no limit: kimg ends it
     assert ends["ae"]["minutes"] == 6 / 60
+
+
+def test_stage_1_rate_decays_in_the_loop(tmp_path, image_folder):
+    """The trainer sets the decayed rate before each stage-1 step: 4 steps of a 16-image stage, the
+    last one at progress 12/16, so F's rate there is 0.1 + 0.9·(1 + cos(0.75π))/2 of its own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(stages=("ae",), kimg={"ae": 0.016}, ae_lr_final=0.1, eval_metrics=())
+    train(cfg, run, progress=False, data=load_folder(image_folder, 64))
+    state = torch.load(run / "checkpoints" / "stage-ae.pt", weights_only=True)
+    factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75))
+    assert state["opts"]["F"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr["F"] * factor)
 
 
 def test_direct_stage_trains_in_the_same_loop(tmp_path, image_folder):
