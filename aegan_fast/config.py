@@ -90,7 +90,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        d["model"] = ModelConfig(**d["model"])
+        d["model"] = ModelConfig.from_dict(d["model"])
         d["betas"] = tuple(d["betas"])
         d["eval_metrics"] = tuple(d.get("eval_metrics", ()))
         d["stages"] = tuple(d.get("stages", STAGES))  # checkpoints from before stages were a field

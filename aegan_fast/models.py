@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as nnf
 from tqdm import tqdm
 
+from .errors import UserError
 from .ops import BatchNormAct2d, BatchNormAddAct2d, block_kernel, run_resblock, run_up_block
 
 EMBED_DOWNSCALE = 16  # H: R -> R/16 with four stride-2 convs
@@ -47,7 +48,6 @@ class ModelConfig:
     embed_max_channels: int = 512   # cap on G_E and D_E widths (they work on R/16 maps: cheap)
     max_channels: int = 512         # cap on φ and D_R widths (they work on images: the bulk of the cost)
     denoiser: bool = True           # False: no φ (an identity), the sampling chain ends at F
-    denoiser_skips: bool = False    # U-Net skip connections in φ (the paper has none)
     denoiser_dropout: float = 0.5
     # how every ×2 up layer of G_E, F and φ upsamples: transposed (the paper's 4×4 stride-2
     # ConvTranspose) or resize_conv (nearest ×2 + reflect-padded 3×3 conv, against the transposed
@@ -64,6 +64,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """A saved model config; retired options are an error when set, dropped when off."""
+        d = dict(d)
+        for name, why in RETIRED.items():
+            if d.pop(name, False):
+                raise UserError(f"model.{name} was retired: {why}; this config or checkpoint cannot be "
+                                f"trained or sampled by this version")
+        return cls(**d)
+
+
+# Options older configs may carry: name -> why it went (off in an old config loads as if absent).
+RETIRED = {"denoiser_skips": "the U-Net φ (skip connections in the denoiser) collapsed in stage 3 in every "
+                             "measured run (bench/RESULTS.md)"}
 
 
 def check_resolution(r: int) -> None:
@@ -274,14 +289,12 @@ def _denoiser_channels(depth: int, max_channels: int) -> list[int]:
 class Denoiser(nn.Module):
     """φ: image → image. log2(R) stride-2 convs down to 1×1 (BN+LeakyReLU(0.2); the first has no BN,
     the innermost ReLU and no BN, as in pix2pix), then as many ×2 up layers with BN+ReLU and dropout
-    on the first three, tanh out. With ``skips`` each up layer also sees the mirrored down activation
-    (U-Net); the paper's default has no skips."""
+    on the first three, tanh out; no skip connections, as in the paper."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         depth = _log2(cfg.resolution)
         ch = _denoiser_channels(depth, cfg.max_channels)
-        self.skips = cfg.denoiser_skips
         self.down = nn.ModuleList()
         cin = 3
         for i, c in enumerate(ch):
@@ -291,7 +304,7 @@ class Denoiser(nn.Module):
         self.up = nn.ModuleList()
         for j in range(depth):
             mirror = depth - 1 - j  # the down layer producing the same spatial size as this up's input
-            cin = ch[mirror] * (2 if self.skips and j > 0 else 1)
+            cin = ch[mirror]
             if j == depth - 1:
                 self.up.append(nn.Sequential(upsample_conv(cin, 3, cfg.upsample), nn.Tanh()))
             else:
@@ -301,13 +314,9 @@ class Denoiser(nn.Module):
                 self.up.append(block)
 
     def forward(self, x):
-        feats = []
         for layer in self.down:
             x = layer(x)
-            feats.append(x)
-        for j, layer in enumerate(self.up):
-            if self.skips and j > 0:
-                x = torch.cat([x, feats[len(feats) - 1 - j]], dim=1)
+        for layer in self.up:
             x = layer(x)
         return x
 

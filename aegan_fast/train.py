@@ -65,8 +65,6 @@ ALIASES = [
     ("--lr-ae", "lr", lambda v: [("H", v), ("F", v)], dict(type=float, help="--lr H=LR F=LR")),
     ("--lr-gan", "lr", lambda v: [(k, v) for k in ("G_E", "D_E", "phi", "D_R")],
      dict(type=float, help="--lr G_E=LR D_E=LR phi=LR D_R=LR")),
-    ("--denoiser-skips", "model.denoiser_skips", None, dict(action="store_const", const=True,
-                                                         help="alias of --model.denoiser-skips")),
     ("--no-denoiser", "model.denoiser", None, dict(action="store_const", const=False,
                                                   help="alias of --no-model.denoiser")),
 ]

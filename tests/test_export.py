@@ -124,11 +124,10 @@ def test_fold_conv_bn_layout(kind):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-@pytest.mark.parametrize("skips", [False, True])
-def test_folded_graph_equals_unfolded(backend, skips):
+def test_folded_graph_equals_unfolded(backend):
     if ops.availability().get(backend) is not None:
         pytest.skip(f"op backend {backend!r} unavailable: {ops.availability()[backend]}")
-    cfg = ModelConfig(**TINY, denoiser_skips=skips)
+    cfg = ModelConfig(**TINY)
     nets = lively_weights(build_nets(cfg))  # train mode: folding must not change that either
     state = copy.deepcopy(nets.state_dict())
     graph = fold_chain(SamplingChain.of(nets))

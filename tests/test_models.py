@@ -46,12 +46,34 @@ def test_embeddings_share_a_range():
         assert e.abs().max() <= 1.0
 
 
-def test_denoiser_skips_and_own_batchnorms():
-    cfg = ModelConfig(resolution=64, denoiser_skips=True)
-    phi = build_nets(cfg)["phi"]
-    assert phi(torch.zeros(2, 3, 64, 64)).shape == (2, 3, 64, 64)
+def test_denoiser_is_an_encoder_decoder_without_skips_and_own_batchnorms():
+    phi = build_nets(ModelConfig(resolution=64))["phi"].eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    chained = x
+    for layer in [*phi.down, *phi.up]:  # each layer sees only the previous one's output
+        chained = layer(chained)
+    with torch.no_grad():
+        assert torch.equal(phi(x), chained) and chained.shape == x.shape
     bns = [m for m in phi.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == len({id(m) for m in bns}) and len(bns) >= 8
+
+
+def test_the_retired_unet_option_is_a_clear_error_and_off_still_loads(tmp_path):
+    from aegan_fast.checkpoint import load_sampling_nets
+    from aegan_fast.config import TrainConfig
+    from aegan_fast.errors import UserError
+    saved = TrainConfig(model=ModelConfig(resolution=64)).to_dict()
+    assert "denoiser_skips" not in saved["model"]
+    old = copy.deepcopy(saved)
+    old["model"]["denoiser_skips"] = False  # configs saved before the retirement carry the key
+    assert TrainConfig.from_dict(old).to_dict() == saved
+    old["model"]["denoiser_skips"] = True
+    with pytest.raises(UserError, match=r"model\.denoiser_skips was retired: the U-Net φ .* collapsed in stage 3 "
+                                        r"in every measured run \(bench/RESULTS\.md\)"):
+        TrainConfig.from_dict(old)
+    torch.save({"config": old, "nets": {}}, tmp_path / "unet.pt")
+    with pytest.raises(UserError, match="retired"):
+        load_sampling_nets(tmp_path / "unet.pt")
 
 
 @pytest.mark.parametrize("R", [32, 96, 100, 0])

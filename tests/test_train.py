@@ -262,7 +262,7 @@ def test_every_config_field_is_a_flag(capsys):
             assert "--" + name.replace("_", "-") in text, name
     assert "half-life of the sampling chain's EMA" in text  # help from the field's comment
     for alias in ("--resolution", "--kimg-ae", "--kimg-finetune", "--lr-ae", "--lr-gan", "--no-denoiser",
-                  "--denoiser-skips", "--no-progress", "--run-dir", "--resume", "--preset"):
+                  "--no-progress", "--run-dir", "--resume", "--preset"):
         assert alias in text, alias
 
 
