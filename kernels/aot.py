@@ -33,7 +33,9 @@ def kernels():
         "bn_add_act_bwd_reduce": (bn_add_act._bn_add_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
         "bn_add_act_bwd": (bn_add_act._bn_add_act_bwd_kernel, dict(tile, HAS_W=True, TRAINING=True)),
         "conv3x3_fwd": (conv3x3._conv3x3_fwd_kernel, dict(conv3x3.GPU_BLOCKS, HAS_PRO=True, STATS=True)),
-        "conv3x3_dgrad": (conv3x3._conv3x3_dgrad_kernel, conv3x3.GPU_BLOCKS),
+        # the BatchNorm-reduce variant: the plain dgrad's code plus its epilogue (one long compile, not two)
+        "conv3x3_dgrad": (conv3x3._conv3x3_dgrad_kernel,
+                          dict(conv3x3.GPU_BLOCKS, BN_REDUCE=True, HAS_W=True, HAS_B=True)),
         "conv3x3_wgrad": (conv3x3._conv3x3_wgrad_kernel, dict(conv3x3.GPU_WGRAD_BLOCKS, HAS_PRO=True)),
         "convt4x4_fwd": (convt4x4._convt_fwd_kernel, dict(convt4x4.FWD_BLOCKS, HAS_AFFINE=True, STATS=True,
                                                            INT64=False)),

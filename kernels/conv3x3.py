@@ -5,12 +5,14 @@ gradient and weight gradient as implicit GEMMs on ``tl.dot``.
 
     conv3x3_reflect_bnact(x, weight, scale, shift, activation, negative_slope, stats) -> (y, mean, var)
     conv3x3_reflect_dgrad(grad_y, weight, out_dtype) -> grad_a
+    conv3x3_reflect_dgrad_bn_reduce(grad_y, weight, y_prev, mean, var, ...) -> (grad_a, sum_dz, sum_dz_xhat)
     conv3x3_reflect_wgrad(grad_y, x, scale, shift, activation, negative_slope) -> grad_weight (fp32)
 
 Tensors are NCHW- or channels_last-contiguous; the constexpr ``CL`` picks the layout and the kernels
 derive every stride from the shape, so the unit stride (w for NCHW, c for channels_last) is a
 compile-time constant. Reflect padding is index arithmetic (-1 -> 1, H -> H-2): no padded copy.
-Pixels are flattened over (n, h, w), so a tile of output rows may span images.
+Pixels are flattened over (n, h, w), so a tile of output rows may span images. Offsets are int32:
+the host functions refuse tensors of 2**31 elements or more with a clear error.
 
 Weights are re-arranged on the host into ``(9, K, Nout)`` (tap, reduction channel, output channel)
 so a [BLOCK_K, BLOCK_N] weight tile is one contiguous 2-D load; that copy is 9*Ci*Co elements.
@@ -27,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FINALIZE_BLOCK, _num_sms, _stats_finalize_kernel, act_code, activate, contiguous_input,
-                      interpreting, launch)
+from ._common import (FINALIZE_BLOCK, _num_sms, _stats_finalize_kernel, act_code, activate, channel_affine,
+                      contiguous_input, interpreting, launch, sum_partials)
+from .bn_act import _dz_xhat
 
 # tests only: force small blocks / several splits so multi-block loops and cross-program merges run
 # on small tensors. Keys: BLOCK_M, BLOCK_N, BLOCK_K (forward, dgrad), BLOCK_P, SPLITS (wgrad).
@@ -203,11 +206,15 @@ def _dgrad_tap(acc, dy_ptr, wt_ptr, n, h, w, mmask, H, W, Ci, Co, ci, cimask,
 
 
 @triton.jit
-def _conv3x3_dgrad_kernel(dy_ptr, wt_ptr, dx_ptr, N, Ci, Co, H, W,
+def _conv3x3_dgrad_kernel(dy_ptr, wt_ptr, dx_ptr, src_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pdz_ptr, pdzx_ptr,
+                          N, Ci, Co, H, W, eps, slope,
+                          BN_REDUCE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                           CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """da[p] = sum_taps sum_{q: reflect(q + t - 1) = p} dy[q] @ W[t]^T for BLOCK_M input pixels: the
     interior is a plain transposed correlation, reflect padding adds sources on rows 1, H-2 and
-    columns 1, W-2 (see _dgrad_source)."""
+    columns 1, W-2 (see _dgrad_source). With BN_REDUCE, a = act(BN(src)) and the tile's partial sums
+    of dz = act'(z) * da and dz * xhat (the previous BatchNorm's backward reductions) go to partial
+    row pid_m, from the fp32 da before it is rounded."""
     pid_m = tl.program_id(0)
     HW = H * W
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -221,9 +228,16 @@ def _conv3x3_dgrad_kernel(dy_ptr, wt_ptr, dx_ptr, N, Ci, Co, H, W,
     for kh in tl.static_range(3):
         for kw in tl.static_range(3):
             acc = _dgrad_tap(acc, dy_ptr, wt_ptr, n, h, w, mmask, H, W, Ci, Co, ci, cimask, kh, kw, CL, BLOCK_K)
-    out = _pixel_offset(n, h, w, Ci, H, W, CL)
-    tl.store(dx_ptr + out[:, None] + ci[None, :] * _channel_stride(H, W, CL), acc.to(dx_ptr.dtype.element_ty),
-             mask=mmask[:, None] & cimask[None, :])
+    out = _pixel_offset(n, h, w, Ci, H, W, CL)[:, None] + ci[None, :] * _channel_stride(H, W, CL)
+    mask = mmask[:, None] & cimask[None, :]
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    if BN_REDUCE:
+        mean, invstd, bw, bb = channel_affine(ci, cimask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B)
+        src = tl.load(src_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        # acc is exactly 0 at masked rows and channels (every load there was masked), so dz is too
+        dz, xhat = _dz_xhat(acc, src, mean[None, :], invstd[None, :], bw[None, :], bb[None, :], slope, ACT)
+        tl.store(pdz_ptr + pid_m * Ci + ci, tl.sum(dz, axis=0), mask=cimask)
+        tl.store(pdzx_ptr + pid_m * Ci + ci, tl.sum(dz * xhat, axis=0), mask=cimask)
 
 
 @triton.jit
@@ -311,7 +325,7 @@ def _check_device(*tensors):
                          f"got {dev}")
 
 
-def _check_activation(x: torch.Tensor, name: str, spatial_of: torch.Tensor | None = None):
+def _check_activation(x: torch.Tensor, name: str):
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -387,31 +401,84 @@ def conv3x3_reflect_bnact(x, weight, scale=None, shift=None, activation="identit
     return y, mean, var
 
 
-def conv3x3_reflect_dgrad(grad_y, weight, out_dtype=None):
-    """d loss / d a where y = conv2d(reflect_pad1(a), weight): the gradient w.r.t. the conv's (activated) input,
-    reflect padding's border contributions folded back in. grad_y (N, Co, H, W); returns (N, Ci, H, W) in grad_y's
-    memory format, dtype out_dtype (default grad_y.dtype; pass torch.float32 to keep it unrounded)."""
+def _check_dgrad(grad_y, weight, out_dtype):
     _check_activation(grad_y, "grad_y")
     N, Co, H, W = grad_y.shape
     if weight.dim() != 4:
         raise ValueError(f"weight must be (Co, Ci, 3, 3), got shape {tuple(weight.shape)}")
-    Ci = weight.shape[1]
-    _check_weight(weight, Co, Ci, grad_y.dtype)
+    _check_weight(weight, Co, weight.shape[1], grad_y.dtype)
     out_dtype = grad_y.dtype if out_dtype is None else out_dtype
     if out_dtype not in _DTYPES:
         raise TypeError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
-    _check_device(grad_y, weight)
-    if N * Ci * H * W >= 2 ** 31:
+    if N * weight.shape[1] * H * W >= 2 ** 31:
         raise ValueError("grad_a would have 2**31 or more elements: the kernels use 32-bit offsets")
+    return out_dtype
+
+
+def _dgrad(grad_y, weight, out_dtype, bn=None):
+    """Launch the dgrad kernel; ``bn`` = (y_prev, mean, var, weight_bn, bias_bn, eps, act code, slope)
+    adds the BatchNorm reductions and returns their per-program partials too."""
+    N, Co, H, W = grad_y.shape
+    Ci = weight.shape[1]
     grad_y = contiguous_input(grad_y)
     cl = _is_channels_last(grad_y)
     wt = weight.permute(2, 3, 0, 1).contiguous()  # (3, 3, Co, Ci): the transposed correlation's weights
     dx = torch.empty((N, Ci, H, W), device=grad_y.device, dtype=out_dtype, memory_format=_memory_format(cl))
     M = N * H * W
     b = _blocks(M, Co, Ci)
-    launch(_conv3x3_dgrad_kernel)[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(Ci, b["BLOCK_N"]))](
-        grad_y, wt, dx, N, Ci, Co, H, W, CL=cl, **b)
-    return dx
+    n_m = triton.cdiv(M, b["BLOCK_M"])
+    if bn is None:
+        d = torch.empty(1, device=grad_y.device, dtype=torch.float32)
+        src, mean, var, bw, bb, eps, code, slope, part = grad_y, d, d, d, d, 0.0, 0, 0.0, d.expand(2, 1, 1)
+    else:
+        src, mean, var, bw, bb, eps, code, slope = bn
+        src = src.contiguous(memory_format=_memory_format(cl))  # addressed like grad_a
+        part = torch.empty((2, n_m, Ci), device=grad_y.device, dtype=torch.float32)
+    launch(_conv3x3_dgrad_kernel)[(n_m, triton.cdiv(Ci, b["BLOCK_N"]))](
+        grad_y, wt, dx, src, mean, var, _dummy(bw, grad_y), _dummy(bb, grad_y), part[0], part[1],
+        N, Ci, Co, H, W, float(eps), float(slope), BN_REDUCE=bn is not None, HAS_W=bw is not None,
+        HAS_B=bb is not None, ACT=code, CL=cl, **b)
+    return dx, part
+
+
+def conv3x3_reflect_dgrad(grad_y, weight, out_dtype=None):
+    """d loss / d a where y = conv2d(reflect_pad1(a), weight): the gradient w.r.t. the conv's (activated) input,
+    reflect padding's border contributions folded back in. grad_y (N, Co, H, W); returns (N, Ci, H, W) in grad_y's
+    memory format, dtype out_dtype (default grad_y.dtype; pass torch.float32 to keep it unrounded)."""
+    out_dtype = _check_dgrad(grad_y, weight, out_dtype)
+    _check_device(grad_y, weight)
+    return _dgrad(grad_y, weight, out_dtype)[0]
+
+
+def conv3x3_reflect_dgrad_bn_reduce(grad_y, weight, y_prev, mean, var, weight_bn=None, bias_bn=None, eps=1e-5,
+                                    activation="identity", negative_slope=0.2, out_dtype=None):
+    """conv3x3_reflect_dgrad where the conv's input was a = act(BatchNorm(y_prev)) (batch ``mean`` and biased
+    ``var``, fp32 (Ci,); affine ``weight_bn``/``bias_bn`` fp32 (Ci,) or None), with that BatchNorm's backward
+    reductions fused into the epilogue. Returns (grad_a, sum_dz, sum_dz_xhat): dz = act'(z) * grad_a at
+    z = BN(y_prev), xhat = (y_prev - mean) / sqrt(var + eps); the sums (fp32 (Ci,), = the BatchNorm's grad_bias
+    and grad_weight) come from the fp32 grad_a before it is rounded to out_dtype, merged in a fixed order."""
+    out_dtype = _check_dgrad(grad_y, weight, out_dtype)
+    Ci = weight.shape[1]
+    want = (grad_y.shape[0], Ci, *grad_y.shape[2:])
+    if y_prev.dim() != 4 or tuple(y_prev.shape) != want:
+        raise ValueError(f"y_prev must be {want} (the conv's input before BatchNorm+act), got {tuple(y_prev.shape)}")
+    if y_prev.dtype not in _DTYPES:
+        raise TypeError(f"y_prev must be float32 or bfloat16, got {y_prev.dtype}")
+    for name, t in (("mean", mean), ("var", var), ("weight_bn", weight_bn), ("bias_bn", bias_bn)):
+        if t is None and name in ("mean", "var"):
+            raise ValueError(f"{name} is required")
+        if t is not None and (t.dim() != 1 or t.numel() != Ci):
+            raise ValueError(f"{name} must be 1-D of {Ci} elements (one per input channel), got {tuple(t.shape)}")
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    code = act_code(activation)
+    _check_device(grad_y, weight, y_prev, mean, var, weight_bn, bias_bn)
+    mean, var = mean.contiguous(), var.contiguous()
+    bn = (y_prev, mean, var, None if weight_bn is None else weight_bn.contiguous(),
+          None if bias_bn is None else bias_bn.contiguous(), eps, code, negative_slope)
+    dx, part = _dgrad(grad_y, weight, out_dtype, bn)
+    sum_dz, sum_dzx = sum_partials(part[0], part[1])
+    return dx, sum_dz, sum_dzx
 
 
 def conv3x3_reflect_wgrad(grad_y, x, scale=None, shift=None, activation="identity", negative_slope=0.2):

@@ -51,6 +51,20 @@ def _cases():
                                ("N3C5x7x9", "none", "channels_last")):
         cases[f"conv-{sname}-{pro}-{layout}-bfloat16"] = dict(shape=SHAPES[sname], pro=pro, layout=layout,
                                                                dtype="bfloat16")
+    # dgrad with the previous BatchNorm's backward reductions fused (conv3x3_reflect_dgrad_bn_reduce)
+    for (sname, act, layout, affine) in (("N3Ci5Co6x7x9", "leaky_relu", "nchw", True),
+                                         ("N3Ci5Co6x7x9", "relu", "channels_last", False),
+                                         ("N3C5x7x9", "identity", "channels_last", True),
+                                         ("N2C5x2x3", "leaky_relu", "channels_last", True),
+                                         ("N2Ci5Co6x3x2", "relu", "nchw", True)):
+        cases[f"bnreduce-{sname}-{act}-{layout}{'' if affine else '-noaffine'}"] = dict(
+            bn_reduce=True, shape=SHAPES[sname], act=act, layout=layout, affine=affine)
+    cases["bnreduce-N3Ci20Co18x5x6-leaky_relu-mixed-layout-smallblocks"] = dict(
+        bn_reduce=True, shape=(3, 20, 18, 5, 6), act="leaky_relu", layout="channels_last", affine=True,
+        prev_layout="nchw", blocks=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+    cases["bnreduce-N3Ci5Co6x7x9-leaky_relu-channels_last-bfloat16"] = dict(
+        bn_reduce=True, shape=SHAPES["N3Ci5Co6x7x9"], act="leaky_relu", layout="channels_last", affine=True,
+        dtype="bfloat16")
     for name in ("stats_large_mean", "stats_bf16_from_accumulator", "dgrad_bf16_out_dtypes", "bad_inputs"):
         cases[f"special-{name}"] = dict(special=name)
     return cases
@@ -134,6 +148,8 @@ def _run_case(case):
         return globals()["_special_" + case["special"]]()
     dtype = getattr(torch, case.get("dtype", "float32"))
     K.BLOCK_OVERRIDE = case.get("blocks")
+    if case.get("bn_reduce"):
+        return _run_bn_reduce(case, dtype)
     pro, act = _prologue_args(case["pro"])
     slope = 0.2
     x, w, scale, shift = _inputs(case["shape"], case["pro"], dtype=dtype)
@@ -175,6 +191,53 @@ def _run_case(case):
         _close("grad_w", dw, ref["grad_w"], 1e-2)
         _close("mean", mean, ref["mean"], 1e-2)
         _close("var", var, ref["var"], 1e-2)
+    return "ok"
+
+
+def _run_bn_reduce(case, dtype):
+    """grad_a and the previous BatchNorm's sum(dz), sum(dz * xhat) against fp64 autograd through
+    y_prev -> BN (given batch mean/var) -> act -> reflect conv: the sums are BN's grad_bias and
+    grad_weight (with weight 1, bias 0 leaves when the BN is not affine)."""
+    import torch
+    import torch.nn.functional as F
+
+    from aegan_fast.kernels import conv3x3 as K
+    from aegan_fast.ops import activations
+    N, Ci, Co, H, W = case["shape"]
+    act, slope, eps = case["act"], 0.2, 1e-5
+    g = torch.Generator().manual_seed(6)
+    yp = torch.randn(N, Ci, H, W, generator=g) * 1.5 + 0.3
+    var, mean = torch.var_mean(yp, dim=(0, 2, 3), unbiased=False)
+    bw = torch.rand(Ci, generator=g) + 0.5 if case["affine"] else None
+    bb = torch.randn(Ci, generator=g) * 0.5 if case["affine"] else None
+    w = (torch.randn(Co, Ci, 3, 3, generator=g) * 0.3).to(dtype)
+    gy = torch.randn(N, Co, H, W, generator=g).to(dtype)
+    wl = (bw if bw is not None else torch.ones(Ci)).double().view(1, -1, 1, 1)
+    bl = (bb if bb is not None else torch.zeros(Ci)).double().view(1, -1, 1, 1)
+    invstd = (var.double() + eps).rsqrt().view(1, -1, 1, 1)
+    if act != "identity":  # keep z at least 1e-3 from the kink (see _inputs)
+        z = (yp.double() - mean.double().view(1, -1, 1, 1)) * invstd * wl + bl
+        step = (torch.where(z >= 0, 1e-3, -1e-3) - z) * (z.abs() < 1e-3)
+        yp = (yp.double() + step / (invstd * wl)).float()
+    yp = yp.to(dtype)
+    yp_l = _layout(yp, case.get("prev_layout", case["layout"]))
+    gy = _layout(gy, case["layout"])
+    da, sdz, sdzx = K.conv3x3_reflect_dgrad_bn_reduce(gy, w, yp_l, mean, var, bw, bb, eps, act, slope)
+    wl, bl = wl.requires_grad_(), bl.requires_grad_()
+    a = activations.get(act).fn((yp.double() - mean.double().view(1, -1, 1, 1)) * invstd * wl + bl, slope)
+    a_leaf = a.detach().requires_grad_()
+    y = F.conv2d(F.pad(a_leaf, (1, 1, 1, 1), mode="reflect"), w.double())
+    (ref_da,) = torch.autograd.grad(y, a_leaf, gy.double())
+    gw, gb = torch.autograd.grad(a, (wl, bl), ref_da)
+    if not da.is_contiguous(memory_format=torch.channels_last if case["layout"] == "channels_last"
+                            else torch.contiguous_format) or da.dtype != dtype:
+        raise AssertionError("grad_a: dtype or memory format does not follow grad_y")
+    # bf16: grad_a rounds to bf16 on output, and the border rows round their summed sources before
+    # the dot (2**-8 of those elements); the sums come from the fp32 accumulator
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    _close("grad_a", da, ref_da, rtol)
+    _close("sum_dz", sdz, gb.flatten(), rtol)
+    _close("sum_dz_xhat", sdzx, gw.flatten(), rtol)
     return "ok"
 
 
@@ -285,6 +348,10 @@ def _special_bad_inputs():
         (lambda: K.conv3x3_reflect_wgrad(gy[:1], x), ValueError, "same N, H, W"),
         (lambda: K.conv3x3_reflect_wgrad(gy.bfloat16(), x), TypeError, "differs"),
         (lambda: K.conv3x3_reflect_wgrad(gy, x, None, s), ValueError, "together"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x[:, :4], s, s), ValueError, "y_prev must be"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s[:4], s), ValueError, "mean must be 1-D"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s, s.double()), TypeError, "var must be float32"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s, s, activation="tanh"), ValueError, "unknown"),
     ]
     for i, (fn, exc, msg) in enumerate(checks):
         try:

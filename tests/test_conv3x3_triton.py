@@ -1,5 +1,5 @@
 """conv3x3 reflect-pad Triton kernels (forward with BN+act prologue and statistics epilogue, dgrad,
-wgrad) against plain PyTorch under TRITON_INTERPRET=1.
+dgrad with the previous BatchNorm's backward sums, wgrad) against plain PyTorch under TRITON_INTERPRET=1.
 
 The cases (odd shapes, Ci != Co, C=64, H or W of 2 and 3, NCHW / channels_last / neither, every
 prologue, statistics on and off and with |mean| >> std, multi-block loops, fp32 to 1e-5 of scale,
