@@ -20,17 +20,30 @@ and the running statistics drift apart per rank; they are averaged across ranks 
 checkpoint (``average_buffers``, timm's "reduce" mode), so what is saved, and what frozen nets use
 in later stages, is the same on every rank. With ``--sync-bn`` the fused ops reduce their
 statistics across ranks (ops/sync_bn.py) and the buffers never differ.
+
+Rank-0-only work (evaluations, grids, the sampling pointer, the loss plot) runs through
+``main_only``: rank 0 runs it and publishes its outcome in the process group's store, and the other
+ranks poll for that key instead of entering a collective. A rank-0 failure then stops every rank
+with rank 0's own message, and an evaluation longer than the collective timeout does not fail the
+waiting ranks: their wait has its own deadline, ``AEGAN_RANK0_WAIT_S`` seconds (default 6 hours),
+which only a rank 0 that hangs or dies outside torchrun (which would stop the job) ever reaches.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+T = TypeVar("T")
+RANK0_WAIT_S = 6 * 3600.0  # a rank-0 evaluation at R=512 with many samples can take an hour or more
 
 
 @dataclass(frozen=True)
@@ -196,3 +209,65 @@ def broadcast_object(obj):
 def barrier() -> None:
     if current().distributed:
         dist.barrier()
+
+
+class MainRankFailed(RuntimeError):
+    """Rank 0's rank-0-only work failed with an error other than a UserError (its traceback is in
+    rank 0's output); the other ranks stop with this, naming it."""
+
+
+def _rank0_wait_s() -> float:
+    text = os.environ.get("AEGAN_RANK0_WAIT_S", "")
+    try:
+        value = float(text) if text else RANK0_WAIT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"AEGAN_RANK0_WAIT_S must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def main_only(fn: Callable[[], T], what: str, world: World | None = None, wait_s: float | None = None) -> T | None:
+    """``fn()`` on rank 0 alone, its result there (None on the other ranks), with every rank leaving
+    together and with rank 0's error: the others wait for rank 0's outcome in the store (polling,
+    no collective, so no collective timeout), then raise ``UserError("rank 0: ...")`` for a
+    UserError and MainRankFailed for anything else. Every rank must make the same sequence of
+    calls (the n-th call of each rank meets the n-th of rank 0), whatever rank 0's fn does inside.
+    ``what`` names the work in errors; ``wait_s`` bounds the wait (default ``AEGAN_RANK0_WAIT_S``).
+    One process: a plain call."""
+    world = world or current()
+    if not world.distributed:
+        return fn()
+    store = dist.distributed_c10d._get_default_store()
+    # Each rank counts its own calls in the store, so the count lives and dies with the process group
+    # (an elastic restart's fresh group starts again at 1) and needs no module state.
+    key = f"aegan_fast/main_only/{store.add(f'aegan_fast/main_only/calls/rank{world.rank}', 1)}"
+    if world.main:
+        outcome = {"kind": "ok"}
+        try:
+            return fn()
+        except UserError as e:
+            outcome = {"kind": "user", "message": str(e)}
+            raise
+        except BaseException as e:  # Ctrl-C and bugs too: the others must not wait for a result that never comes
+            outcome = {"kind": "error", "type": type(e).__name__, "message": str(e)}
+            raise
+        finally:
+            store.set(key, json.dumps(outcome))
+    deadline_s = wait_s if wait_s is not None else _rank0_wait_s()
+    start = time.monotonic()
+    pause = 0.005
+    while not store.check([key]):
+        waited = time.monotonic() - start
+        if waited > deadline_s:
+            raise UserError(f"rank {world.rank} waited {waited:.0f} s for rank 0 to finish {what} (at most "
+                            f"AEGAN_RANK0_WAIT_S={deadline_s:g} s): rank 0 hangs or has died")
+        time.sleep(pause)  # a Python-level sleep: this rank's SIGTERM handler still runs
+        pause = min(pause * 2, 0.25)
+    outcome = json.loads(store.get(key))
+    if outcome["kind"] == "user":
+        raise UserError(f"rank 0: {outcome['message']}")
+    if outcome["kind"] == "error":
+        raise MainRankFailed(f"rank 0 failed in {what}: {outcome['type']}: {outcome['message']} "
+                             f"(its traceback is in rank 0's output)")
+    return None

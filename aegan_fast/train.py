@@ -613,10 +613,11 @@ class StageHooks:
             self.metrics.skipped += self.check_health()
             self.log_row(self.metrics.flush(self.stage.name, c))
         within = c["stage_img"] < self.length  # the stage's end saves its own grid and checkpoint
-        if within and crossed(self.sample_every, before, c["stage_img"]) and st.world.main:
+        if within and crossed(self.sample_every, before, c["stage_img"]):
+            path = self.run_dir / "samples" / f"{self.stage.name}-{c['stage_img'] // 1000:05d}kimg.png"
             with self.metrics.paused():
-                save_preview(self.stage, st, *self.previews,
-                             self.run_dir / "samples" / f"{self.stage.name}-{c['stage_img'] // 1000:05d}kimg.png")
+                distributed.main_only(lambda: save_preview(self.stage, st, *self.previews, path), "a preview grid",
+                                      st.world)
         if within and crossed(self.ckpt_every, before, c["stage_img"]):
             self.metrics.skipped += self.check_health()  # never checkpoint in the middle of a bad run
             with self.metrics.paused():
@@ -649,26 +650,32 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
     # What the stage got: its images and its minutes of training steps (what a --minutes budget counts)
     metrics.write({"stage": stage.name, "stage_end": {"kimg": st.counters["stage_img"] / 1000,
                                                       "minutes": st.counters.get("stage_s", 0.0) / 60}})
-    report = {}
-    if st.world.main:
+
+    def look() -> dict | None:  # rank 0's: the evaluation, the final grid, which checkpoint to sample from
         report = stage_end_evaluation(stage, st)
         if report:
             metrics.write({"stage": stage.name, "kimg": st.counters["total_img"] / 1000, "eval": report})
             log.info("end of stage %s: %s", stage.name, ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
         save_preview(stage, st, *previews, run_dir / "samples" / f"{stage.name}-final.png")
+        choice = sampling_choice(stage, st, run_dir, report, metrics) if stage.preview == "samples" else None
+        # The pointer names committed files only: this stage's after its save, an earlier stage's before
+        # it, so that a run killed while saving a stage that made things worse never samples from it.
+        if choice is not None and choice["kept"] != stage.name:
+            record_sampling_choice(run_dir, choice, metrics)
+        return choice
+
+    choice = distributed.main_only(look, f"stage {stage.name}'s evaluation and grid", st.world)
     names = st.cfg.stages
     following = names[names.index(stage.name) + 1:]
     st.counters.update(stage=following[0] if following else "done", stage_img=0, stage_s=0.0)
-    choice = None
-    if st.world.main and stage.preview == "samples":
-        choice = sampling_choice(stage, st, run_dir, report, metrics)
-    # The pointer names committed files only: this stage's after its save, an earlier stage's before
-    # it, so that a run killed while saving a stage that made things worse never samples from it.
-    if choice is not None and choice["kept"] != stage.name:
-        record_sampling_choice(run_dir, choice, metrics)
     save_run(st, run_dir, loader, f"stage-{stage.name}.pt")
-    if choice is not None and choice["kept"] == stage.name:
-        record_sampling_choice(run_dir, choice, metrics)
+
+    def point_here() -> None:
+        if choice is not None and choice["kept"] == stage.name:
+            record_sampling_choice(run_dir, choice, metrics)
+
+    if stage.preview == "samples":  # known on every rank, so every rank makes the same main_only calls
+        distributed.main_only(point_here, "the sampling pointer", st.world)
     metrics.restart_clock()
 
 
@@ -820,8 +827,8 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
                                       f"continue with: python -m aegan_fast.train --resume {run_dir}")
     finally:
         loader.close()
-    if world.main:
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "losses.png")
+    distributed.main_only(lambda: plot_metrics(run_dir / "metrics.jsonl", run_dir / "losses.png"), "the loss plot",
+                          world)
     return run_dir
 
 

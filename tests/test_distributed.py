@@ -1,7 +1,9 @@
 """Training on several processes on the CPU with gloo: the helpers of aegan_fast/distributed.py in
-spawned ranks, and the trainer under real ``torchrun`` (two ranks, all three stages, a SIGTERM and
-its resume, an elastic restart after a worker is SIGKILLed). Every process group has a short
-collective timeout, so a hung rank fails a test instead of hanging CI."""
+spawned ranks, the trainer in spawned ranks (rank 0's stage-end work failing or outlasting the
+collective timeout; the DALI loader's per-rank state across a resume), and the trainer under real
+``torchrun`` (two ranks, all three stages, a SIGTERM and its resume, an elastic restart after a
+worker is SIGKILLed). Every process group has a short collective timeout, so a hung rank fails a
+test instead of hanging CI."""
 from __future__ import annotations
 
 import datetime
@@ -20,10 +22,11 @@ import torch.multiprocessing as mp
 
 from aegan_fast import distributed
 from aegan_fast.checkpoint import load_checkpoint
+from aegan_fast.data import dali_unavailable, load_dataset
 from aegan_fast.distributed import World
 from aegan_fast.errors import UserError
 from aegan_fast.train import check_world
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -32,21 +35,21 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 # --------------------------------------------------------------------------- spawned ranks
 
-def _worker(rank, world, store, case, out):
+def _worker(rank, world, store, case, out, timeout_s, kw):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=5))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        result = CASES[case](rank, world)
+        result = CASES[case](rank, world, **kw)
     except Exception as e:  # the parent asserts on what each rank saw
         result = f"{type(e).__name__}: {e}"
     torch.save(result, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path, case, world=2):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), case, str(tmp_path / "out")), nprocs=world,
-             join=True, start_method="spawn")
+def _spawn(tmp_path, case, world=2, timeout_s=5, **kw):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), case, str(tmp_path / "out"), timeout_s, kw),
+             nprocs=world, join=True, start_method="spawn")
     return [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=False) for r in range(world)]
 
 
@@ -94,14 +97,82 @@ def _hung_rank(rank, world):
     return ("returned", time.monotonic() - t0, "")
 
 
+def _main_only(rank, world):
+    ran = []
+    value = distributed.main_only(lambda: ran.append(rank) or 42, "a look")
+    errors = []
+    for exc in (UserError("the disk is full"), ValueError("bad value")):
+        def fail(exc=exc):
+            raise exc
+        try:
+            distributed.main_only(fail, "the grid")
+            errors.append("no error")
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    try:  # a rank 0 slower than the wait's own deadline
+        distributed.main_only(lambda: time.sleep(1.5), "a slow look", wait_s=0.3)
+        errors.append("no error")
+    except UserError as e:
+        errors.append(str(e))
+    distributed.any_rank(False)  # a collective after all that: every rank is still in step
+    return value, ran, errors
+
+
 def _helpers(rank, world):
     """The quick cases in one pair of processes (spawning one costs seconds)."""
     return {name: case(rank, world) for name, case in
             (("average_gradients", _average_gradients), ("consistency", _consistency),
-             ("average_buffers", _average_buffers))}
+             ("average_buffers", _average_buffers), ("main_only", _main_only))}
 
 
-CASES = {"helpers": _helpers, "hung_rank": _hung_rank}
+def _rank0_stage_end(rank, world, cfg, images, run, mode):
+    """The trainer on each rank, rank 0's stage-end evaluation failing (mode "raise") or taking
+    longer than the collective timeout ("sleep")."""
+    import aegan_fast.train as trainer
+    if rank == 0:
+        real = trainer.stage_end_evaluation
+
+        def evaluation(stage, st):
+            if mode == "raise":
+                raise UserError("the evaluation's disk is full")
+            time.sleep(SLOW_EVAL_S)
+            return real(stage, st)
+        trainer.stage_end_evaluation = evaluation
+    t0 = time.monotonic()
+    trainer.train(cfg, Path(run), progress=False, data=load_dataset(images, 64))
+    return ("finished", time.monotonic() - t0)
+
+
+class _Recording:
+    """A loader that records what each batch held."""
+
+    def __init__(self, inner, seen):
+        self.inner, self.seen = inner, seen
+
+    def __next__(self):
+        x, idx, mirror = next(self.inner)
+        self.seen.append((idx.tolist(), mirror.tolist(), x.clone()))
+        return x, idx, mirror
+
+    def __getattr__(self, name):  # state_dict, close
+        return getattr(self.inner, name)
+
+
+def _dali_runs(rank, world, cfg, images, runs):
+    """An uninterrupted 2-rank DALI run, and one stopped after 4 steps and resumed; each rank's batches."""
+    import aegan_fast.train as trainer
+    real = trainer.make_loader
+    seen: dict = {"straight": [], "split": []}
+    data = load_dataset(images, 64)
+    for name, kw in (("straight", {}), ("split", dict(stop_after_steps=4)), ("split", dict(resume=True))):
+        trainer.make_loader = lambda *a, name=name, **k: _Recording(real(*a, **k), seen[name])
+        (Path(runs) / name).mkdir(exist_ok=True)
+        trainer.train(cfg, Path(runs) / name, progress=False, data=data, **kw)
+    return seen
+
+
+SLOW_EVAL_S = 10  # rank 0's stage-end evaluation in the "sleep" case: far longer than the timeout below
+CASES = {"helpers": _helpers, "hung_rank": _hung_rank, "rank0_stage_end": _rank0_stage_end, "dali_runs": _dali_runs}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +204,86 @@ def test_running_statistics_are_averaged_and_counts_kept(helper_results):
 def test_a_hung_rank_fails_the_collective_after_the_timeout(tmp_path):
     outcome, waited, _ = _spawn(tmp_path, "hung_rank")[0]
     assert outcome == "failed" and 4 < waited < 11.5
+
+
+def test_rank_0_only_work_publishes_its_outcome_to_every_rank(helper_results):
+    (value0, ran0, errors0), (value1, ran1, errors1) = (r["main_only"] for r in helper_results)
+    assert (value0, ran0, value1, ran1) == (42, [0], None, [])  # run on rank 0 alone, its value there
+    assert errors0[:2] == ["UserError: the disk is full", "ValueError: bad value"]  # rank 0: its own errors
+    assert errors1[:2] == ["UserError: rank 0: the disk is full",
+                           "MainRankFailed: rank 0 failed in the grid: ValueError: bad value "
+                           "(its traceback is in rank 0's output)"]
+    assert errors0[2] == "no error" and errors1[2].startswith("rank 1 waited 0 s for rank 0 to finish a slow look")
+
+
+def test_main_only_is_a_plain_call_on_one_process():
+    assert not dist.is_initialized()
+    assert distributed.main_only(lambda: 7, "a look") == 7
+    with pytest.raises(ValueError, match="boom"):
+        distributed.main_only(lambda: (_ for _ in ()).throw(ValueError("boom")), "a look")
+
+
+STAGE_END_TIMEOUT_S = 4  # the collective timeout of the stage-end cases: well under SLOW_EVAL_S
+
+
+def _stage_end_case(tmp_path, images, mode):
+    load_dataset(str(images), 64)  # the parent prepares the data set once: both ranks only read it
+    cfg = tiny_config(stages=("ae",), kimg={"ae": 0.008}, sample_every_kimg=0, ckpt_every_kimg=0,
+                      loader="torch", loader_workers=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    return run, _spawn(tmp_path, "rank0_stage_end", timeout_s=STAGE_END_TIMEOUT_S, cfg=cfg, images=str(images),
+                       run=str(run), mode=mode)
+
+
+def test_rank_0s_stage_end_error_stops_every_rank_with_its_message(tmp_path, images):
+    _, (rank0, rank1) = _stage_end_case(tmp_path, images, "raise")
+    assert rank0 == "UserError: the evaluation's disk is full"
+    assert rank1 == "UserError: rank 0: the evaluation's disk is full"  # not the collective timeout
+
+
+def test_a_stage_end_evaluation_longer_than_the_collective_timeout_does_not_fail_the_others(tmp_path, images):
+    run, results = _stage_end_case(tmp_path, images, "sleep")
+    for outcome in results:
+        assert isinstance(outcome, tuple) and outcome[0] == "finished", outcome
+        assert outcome[1] > SLOW_EVAL_S  # every rank waited for rank 0's evaluation
+    state = load_checkpoint(run)
+    assert state["counters"]["stage"] == "done" and len(state["ranks"]) == 2
+    assert (run / "samples" / "ae-final.png").is_file() and (run / "losses.png").is_file()
+
+
+@pytest.mark.skipif(dali_unavailable() is not None, reason=f"DALI not installed: {dali_unavailable()}")
+def test_two_rank_dali_runs_resume_exactly_from_each_ranks_reader_state(tmp_path, images):
+    """2 ranks × 2 images a step over 12 images: DALI shards by rank (6 files each, 3 steps an epoch);
+    the split run stops in its second epoch, mid-shuffle, and each rank resumes from its own reader
+    checkpoint in the ``ranks`` entry. The same batches, bit for bit, hence (deterministic gloo
+    reductions in a fixed order) the same weights bit for bit."""
+    load_dataset(str(images), 64)
+    cfg = tiny_config(loader="dali", stages=("ae",), kimg={"ae": 0.024}, sample_every_kimg=0, ckpt_every_kimg=0,
+                      eval_metrics=(), loader_workers=1)
+    seen = _spawn(tmp_path, "dali_runs", timeout_s=30, cfg=cfg, images=str(images), runs=str(tmp_path))
+    assert all(isinstance(s, dict) for s in seen), seen
+    for name in ("straight", "split"):
+        steps = list(zip(seen[0][name], seen[1][name]))
+        assert len(steps) == 6
+        for epoch in (steps[:3], steps[3:]):  # the two ranks' shards: disjoint, together the whole set
+            ids = [i for pair in epoch for idx, _, _ in pair for i in idx]
+            assert sorted(ids) == list(range(12)), ids
+        assert [s[0][0] for s in steps[:3]] != [s[0][0] for s in steps[3:]]  # reshuffled after the epoch
+    for rank in (0, 1):
+        for (ia, ma, xa), (ib, mb, xb) in zip(seen[rank]["straight"], seen[rank]["split"], strict=True):
+            assert ia == ib and ma == mb and torch.equal(xa, xb)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
+    assert a["counters"] == b["counters"] and a["counters"]["stage"] == "done"
+    assert [r["loader"]["kind"] for r in b["ranks"]] == ["dali", "dali"]
+    for k in a["nets"]:
+        if "running_" in k:
+            # Every checkpoint averages the ranks' BatchNorm running statistics (no --sync-bn): the
+            # split run averaged once more, at its stop. Their update is linear, so that changes only
+            # the rounding, not the value.
+            torch.testing.assert_close(a["nets"][k], b["nets"][k], rtol=1e-6, atol=1e-7, msg=k)
+        else:
+            assert torch.equal(a["nets"][k], b["nets"][k]), k
 
 
 def test_a_batch_the_world_does_not_divide_is_a_clear_error():
