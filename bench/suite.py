@@ -14,6 +14,8 @@ peak needs them and they cost seconds):
               (bench_train_step.py)
     sampling  batch 8 and batch 1 for every sampler backend that runs here vs eager fp32
               (bench_sampling.py)
+    blocks    the fused ResBlock and up block on a GPU, fused vs eager vs torch.compile (bench_blocks.py);
+              skipped, saying so, without a CUDA device
 
 Within a section every row runs once to warm up, then the rows take turns round by round with their
 baseline, so load from other processes falls on all alike; compare ratios within one run (absolute
@@ -349,12 +351,19 @@ def section_sampling(ctx: Context) -> list[Row]:
     return rows
 
 
+def section_blocks(ctx: Context) -> list[Row]:
+    from bench import bench_blocks
+
+    return bench_blocks.section(ctx)
+
+
 SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "peaks": section_peaks,
     "ops": section_ops,
     "loaders": section_loaders,
     "steps": section_steps,
     "sampling": section_sampling,
+    "blocks": section_blocks,
 }
 ALWAYS = ("peaks",)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -17,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 from bench import suite  # noqa: E402
 
-SECTIONS = ("peaks", "ops", "loaders", "steps", "sampling")
+SECTIONS = ("peaks", "ops", "loaders", "steps", "sampling", "blocks")
 
 
 def test_sections_are_the_issue_list():
@@ -42,6 +43,10 @@ def test_quick_suite_end_to_end(tmp_path):
         ok = [r for r in rows if r["section"] == section and r["status"] == "ok"]
         if section == "loaders" and not ok:  # no emoji set on this machine: the suite says why
             assert [r for r in rows if r["section"] == section and r["status"] == "skipped" and r["note"]]
+            continue
+        if section == "blocks" and not torch.cuda.is_available():  # GPU-only: skipped, saying why
+            assert [r for r in rows if r["section"] == section and r["status"] == "skipped"
+                    and "CUDA GPU" in r["note"]]
             continue
         assert ok, f"section {section} measured nothing"
         for r in ok:
@@ -97,3 +102,16 @@ def test_cli_rejects_unknown_section():
     with pytest.raises(SystemExit) as e:
         main(["--only", "nosuch"])
     assert e.value.code == 2
+
+
+def test_blocks_bench_skips_without_cuda(capsys):
+    """bench_blocks.py is GPU-only: without CUDA one clear line, exit 0, and a skipped suite row."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: bench_blocks.py measures (run it by hand, it takes minutes)")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_blocks.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines() == ["bench_blocks: skipped: needs a CUDA GPU (torch sees none)"]
+    rows = suite.SECTIONS["blocks"](suite.Context(quick=True))
+    assert [(r.section, r.status) for r in rows] == [("blocks", "skipped")]
+    assert "needs a CUDA GPU" in rows[0].note
