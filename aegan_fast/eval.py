@@ -1,12 +1,13 @@
 """Evaluate a trained run: ``python -m aegan_fast.eval --ckpt RUN_DIR [--data DIR] [--metrics ...]``.
 
-Generated images (the sampling chain, EMA weights when kept) are compared with real images spread
-through the data set; ``psnr``/``l1`` measure the autoencoder on those real images. Writes JSON
+Generated images (the sampling chain, EMA weights when kept) are compared with real images the run
+never trained on: the held-out split of its data set (``--data DIR``: that set's held-out split when
+it has one, else all of it); ``psnr``/``l1`` measure the autoencoder on those real images. Writes JSON
 (``--out``, default RUN_DIR/eval-<checkpoint>.json) and prints a table. PSNR of a perfect
 reconstruction is infinite: JSON has no infinity, so it is written as the string "inf".
 Unless ``--no-sheet``, it also writes a picture next to the JSON (default
-RUN_DIR/eval-<checkpoint>-sheet.png): real images | samples | each sample's nearest training image,
-with the nearest distances' median against real images' own (aegan_fast/sheet.py).
+RUN_DIR/eval-<checkpoint>-sheet.png): real images | samples | each sample's nearest image of the
+training split, with the nearest distances' median against real images' own (aegan_fast/sheet.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .checkpoint import load_sampling_nets, resolve_checkpoint
 from .data import load_dataset
 from .device import pick_device
 from .errors import UserError, cli
-from .evaluation import evaluate_run
+from .evaluation import evaluate_run, scoring_reference
 from .metrics import parse_metrics
 from .sheet import write_sheet
 
@@ -70,19 +71,26 @@ def main(argv=None) -> None:
     ckpt = resolve_checkpoint(args.ckpt)
     device = pick_device(args.device)
     cfg, nets = load_sampling_nets(ckpt, device)
-    data = load_dataset(args.data if args.data else cfg.data, cfg.model.resolution)
+    own = not args.data or args.data == cfg.data
+    # The run's data is needed for the sheet's nearest neighbours: what the run trained on, whatever --data is.
+    run_data = load_dataset(cfg.data, cfg.model.resolution) if own or args.sheet else None
+    data = run_data if own else load_dataset(args.data, cfg.model.resolution)
+    if not own and run_data is not None and data.root is not None and run_data.root is not None:
+        own = Path(data.root).resolve() == Path(run_data.root).resolve()  # the run's set, spelled another way
+    reference, what = scoring_reference(data, own)
+    n = min(args.n, len(reference))
+    print(f"scoring against {n} {what}", flush=True)
     started = time.time()
-    results = evaluate_run(nets, data, metrics, args.n, args.seed, device, args.inception_weights)
+    results = evaluate_run(nets, reference, metrics, args.n, args.seed, device, args.inception_weights)
     seconds = round(time.time() - started, 1)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval-{ckpt.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": str(ckpt), "data": data.source, "n": min(args.n, len(data)), "seed": args.seed,
+    record = {"checkpoint": str(ckpt), "data": data.origin, "reference": f"{n} {what}", "n": n, "seed": args.seed,
               "seconds": seconds, "metrics": {k: _json_safe(v) for k, v in results.items()}}
     sheet = None
     if args.sheet:
-        # Nearest neighbours come from what the run trained on, whatever --data compares with.
-        train = data if not args.data or args.data == cfg.data else load_dataset(cfg.data, cfg.model.resolution)
-        sheet = write_sheet(nets, data, train, args.sheet_n, args.seed, out.with_name(f"{out.stem}-sheet.png"), device)
+        sheet = write_sheet(nets, reference, run_data.split("train"), args.sheet_n, args.seed,
+                            out.with_name(f"{out.stem}-sheet.png"), device)
         record["sheet"] = sheet.as_json()
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(format_table(results))

@@ -13,17 +13,29 @@ from .models import SamplingChain
 RECONSTRUCTION = ("l1", "psnr")
 
 
+def scoring_reference(data: ImageSet, trained_on: bool) -> tuple[ImageSet, str]:
+    """(real images to score against, what they are): data's held-out split, else all of data, which
+    for the run's own data (``trained_on``) means training images, warned about."""
+    if data.holdout:
+        return data.split("heldout"), f"held-out real images of {data.origin}"
+    if trained_on:
+        return data.reference(), f"real images of {data.origin} (no held-out split: the run trained on them)"
+    return data, f"real images of {data.origin} (another data set, none held out)"
+
+
 @torch.no_grad()
 def reconstruct(nets, real: torch.Tensor, device, batch: int = 64) -> torch.Tensor:
     return torch.cat([nets["F"](nets["H"](real[i:i + batch].to(device))).cpu() for i in range(0, len(real), batch)])
 
 
-def evaluate_run(nets, data: ImageSet, metrics, n: int, seed: int, device, inception_weights=None) -> dict[str, float]:
+def evaluate_run(nets, reference: ImageSet, metrics, n: int, seed: int, device,
+                 inception_weights=None) -> dict[str, float]:
     """The named metrics for nets (eval mode; a mapping with H, F, G_E, phi) against n real images
-    spread through data: generated images from their SamplingChain, reconstructions from F(H(x))."""
+    spread through ``reference`` (``ImageSet.reference()``: the held-out images, never trained on):
+    generated images from their SamplingChain, reconstructions from F(H(x))."""
     names = parse_metrics(metrics)
-    n = min(n, len(data))
-    real = data.spread(n, "cpu")
+    n = min(n, len(reference))
+    real = reference.spread(n, "cpu")
     results: dict[str, float] = {}
     generative = [m for m in names if m not in RECONSTRUCTION]
     if generative:

@@ -164,12 +164,25 @@ class SheetResult:
                 "shown": self.shown}
 
 
+def _training_rows(data: ImageSet, train: ImageSet, idx: torch.Tensor) -> torch.Tensor:
+    """Each of data's images idx as an index into train when it is one of train's images, else -1.
+    One prepared set loaded twice (one folder spelled two ways) counts as the same rows: otherwise its
+    training images, taken for held-out ones, would each find itself and the reference would read 0."""
+    if data is train:
+        return idx.clone()
+    if data.root is None or train.root is None or Path(data.root).resolve() != Path(train.root).resolve():
+        return torch.full_like(idx, -1)
+    rows = data.start + idx
+    return torch.where((rows >= train.start) & (rows < train.stop), rows - train.start, -1)
+
+
 def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: Path, device="cpu",
                 stats_n: int = STATS_N) -> SheetResult:
-    """Draw n real images of ``data`` (seeded), n samples of the nets' sampling chain (z for seed)
-    and each sample's nearest image of ``train``; write the sheet to path. The medians use
-    max(n, stats_n) samples and real images. When data is train, the reference is leave-one-out
-    (each real image's nearest other training image); otherwise data's images are the held-out set."""
+    """Draw n real images of ``data`` (the scoring reference, seeded), n samples of the nets' sampling
+    chain (z for seed) and each sample's nearest image of ``train`` (the training split); write the
+    sheet to path. The medians use max(n, stats_n) samples and real images. Real images that are
+    training images too (a set without a held-out split) are measured leave-one-out (their nearest
+    other training image); held-out ones against the whole training split."""
     if n < 1:
         raise ValueError(f"n must be ≥ 1, got {n}")
     m = max(n, stats_n)
@@ -178,18 +191,17 @@ def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: 
     if len(real_idx) < n:  # fewer real images than asked to show: repeat them rather than show gaps
         real_idx = real_idx.repeat(math.ceil(n / len(real_idx)))[:n]
     real = data.images[real_idx]
-    # The same prepared set loaded twice (one folder spelled two ways) is still the training set:
-    # taken for held-out images, each would find itself and the reference would read 0.
-    same = data is train or (data.root is not None and train.root is not None
-                             and Path(data.root).resolve() == Path(train.root).resolve())
-    if same and len(train) < 2:
+    own = _training_rows(data, train, real_idx)
+    if (own >= 0).any() and len(train) < 2:
         raise UserError(f"{train.source} has {len(train)} image: the sheet's leave-one-out reference needs 2")
     queries = torch.cat([samples, real.float().div(127.5).sub(1.0)])
-    exclude = torch.cat([torch.full((m,), -1), real_idx]) if same else None
+    exclude = torch.cat([torch.full((m,), -1), own]) if (own >= 0).any() else None
     dist, idx, mirrored = nearest_training_images(queries, train.images, exclude=exclude, device=device)
     nearest = _oriented(train.images, idx[:n], mirrored[:n]).float().div(127.5).sub(1.0)
-    result = SheetResult(Path(path), n, dist[:m].median().item(), dist[m:].median().item(),
-                         "other training images, leave-one-out" if same else f"held-out images of {data.source}",
+    reference = ("other training images, leave-one-out" if (own >= 0).all() else
+                 f"held-out images of {data.origin}" if (own < 0).all() else
+                 f"images of {data.origin}, leave-one-out for those that are training images")
+    result = SheetResult(Path(path), n, dist[:m].median().item(), dist[m:].median().item(), reference,
                          [{"train_index": int(i), "mirrored": bool(f), "distance": round(float(d), 5)}
                           for i, f, d in zip(idx[:n], mirrored[:n], dist[:n])])
     sheet = make_sheet([

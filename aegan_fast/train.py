@@ -359,13 +359,13 @@ def save_preview(stage: Stage, st: TrainState, fixed_z, fixed_real, path: Path) 
 
 def stage_end_evaluation(stage: Stage, st: TrainState) -> dict:
     """The stage's cheap metrics (reconstruction after ``ae``; ``cfg.eval_metrics`` of the sampling
-    chain, EMA weights when on, after the others) on ``cfg.eval_n`` images."""
+    chain, EMA weights when on, after the others) on ``cfg.eval_n`` held-out images."""
     metrics = stage.metrics(st.cfg)
     if not metrics:
         return {}
     with eval_mode(st.nets):
         nets = dict(st.nets.items()) | (dict(st.ema.nets.items()) if st.ema is not None else {})
-        return evaluate_run(nets, st.data, metrics, st.cfg.eval_n, st.cfg.seed, st.device)
+        return evaluate_run(nets, st.data.reference(), metrics, st.cfg.eval_n, st.cfg.seed, st.device)
 
 
 def metrics_rows(path: Path) -> list[dict]:
@@ -480,6 +480,7 @@ def restore(st: TrainState, state: dict) -> None:
     if state.get("ema"):
         st.ema = EMA(st.nets, st.cfg.ema_kimg)
         st.ema.load_state_dict(state["ema"])
+    check_same_split(state.get("data"), st.data)
     st.counters = dict(state["counters"])
     health = state.get("health") or {}
     st.lr_scale, st.rollbacks = health.get("lr_scale", 1.0), health.get("rollbacks", 0)
@@ -493,6 +494,24 @@ def restore(st: TrainState, state: dict) -> None:
         set_rng_state(state["rng"], st.data_gen)
     if st.guard is not None:
         st.guard.reset()
+
+
+def split_record(data: ImageSet) -> dict:
+    """What a checkpoint records of the data's split: the loader's order indexes the training rows."""
+    return {"count": len(data.whole), "holdout": data.holdout}
+
+
+def check_same_split(saved: dict | None, data: ImageSet) -> None:
+    if saved is None:  # a checkpoint from before held-out splits: it trained on every image
+        if data.holdout:
+            log.warning("WARNING: this run's checkpoint predates held-out splits and trained on all images; it now "
+                        "trains on %d and its scores use the %d held out, which it has seen",
+                        len(data.whole) - data.holdout, data.holdout)
+        return
+    if saved != split_record(data):
+        raise UserError(f"the data set differs from the run's: its checkpoint trained on {saved['count']} images with "
+                        f"{saved['holdout']} held out, the data now has {len(data.whole)} with {data.holdout} held "
+                        f"out; resume with the data the run was trained on")
 
 
 def loader_state_of(state: dict | None, world: World) -> dict | None:
@@ -525,7 +544,8 @@ def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> 
                 "opts": {k: o.state_dict() for k, o in st.opts.items()},
                 "ema": st.ema.state_dict() if st.ema is not None else None,
                 "counters": dict(st.counters), "rng": rng_state(st.data_gen), "loader": loader.state_dict(),
-                "ranks": ranks, "health": {"lr_scale": st.lr_scale, "rollbacks": st.rollbacks}},
+                "ranks": ranks, "health": {"lr_scale": st.lr_scale, "rollbacks": st.rollbacks},
+                "data": split_record(st.data)},
                 keep=st.cfg.ckpt_keep)
         except NonFiniteCheckpoint as e:
             failure = ("diverged", str(e))
@@ -759,7 +779,8 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
         data = load_run_data(cfg, world)
     if data.resolution != cfg.model.resolution:
         raise UserError(f"data is {data.resolution}² but the model is {cfg.model.resolution}²")
-    log.info("data: %d images from %s (%d unreadable skipped)", len(data), data.source, data.skipped)
+    log.info("data: %s (from %s, %d unreadable skipped)", data.describe(), data.origin, data.skipped)
+    data = data.split("train")  # held-out images are for scoring only: no loader, draw or grid reads them
     if world.distributed:
         log.info("distributed: %d processes (%s), global batch %d = %d per process, sync BN %s", world.size,
                  torch.distributed.get_backend(), cfg.batch, cfg.batch // world.size, "on" if cfg.sync_bn else "off")

@@ -377,3 +377,254 @@ def test_resume_with_dali_matches_an_uninterrupted_run(tmp_path, image_folder):
     assert a["counters"] == b["counters"]
     for k in a["nets"]:
         torch.testing.assert_close(a["nets"][k], b["nets"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --------------------------------------------------------------------------- the held-out split
+
+SALT = b"aegan_fast-holdout-v1\0"
+
+
+def _ranked(names, groups=True):
+    """Names in the documented held-out order, computed here independently of prepare.py: by
+    sha256(salt + name with emoji skin-tone modifiers removed), ties by sha256(salt + name)."""
+    import hashlib
+    import re
+
+    def rank(name):
+        group = re.sub(r"-1f3f[bcdef](?=\.)", "", name) if groups else name
+        return hashlib.sha256(SALT + group.encode()).hexdigest(), hashlib.sha256(SALT + name.encode()).hexdigest()
+    return sorted(names, key=rank)
+
+
+def _expected_heldout(names, k):
+    return set(_ranked(names)[:k])
+
+
+def _flat_images(root, names, colours):
+    """One flat-coloured PNG per name: an image's row in images.npy tells which file it came from."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, c in zip(names, colours):
+        Image.new("RGB", (72, 72), c).save(root / name)
+    return root
+
+
+def _colour_of(names):
+    return {n: (i * 9 % 256, i * 37 % 256, 200 - i) for i, n in enumerate(names)}
+
+
+# 14 single images and one emoji in its five skin tones: a group the split keeps together
+NAMES = [f"pic{i:02d}.png" for i in range(14)] + ["1f44d.png"] + [f"1f44d-1f3f{t}.png" for t in "bcdef"]
+
+
+def test_holdout_is_the_smallest_name_hashes_as_the_last_rows(tmp_path):
+    colour = _colour_of(NAMES)
+    src = _flat_images(tmp_path / "src", NAMES, [colour[n] for n in NAMES])
+    tones = {n for n in NAMES if n.startswith("1f44d")}
+    order = _ranked(NAMES)
+    k = max(order.index(t) for t in tones) + 1  # the emoji's group is the last one held out
+    assert k < len(NAMES) - 1 and len(tones & set(_ranked(NAMES, groups=False)[:k])) < len(tones)
+    m = prepare(src, tmp_path / "a", R, encoded="none", holdout=k, progress=False)
+    want = _expected_heldout(NAMES, k)
+    assert m["holdout"] == k and m["count"] == len(NAMES) and "sha256" in m["holdout_rule"]
+    rows = {r["source"]: r["index"] for r in m["images"]}
+    assert [r["index"] for r in m["images"]] == list(range(len(NAMES)))
+    assert {n for n, i in rows.items() if i >= len(NAMES) - k} == want
+    data = open_prepared(tmp_path / "a")
+    for name, i in rows.items():  # every row holds its own file's pixels
+        assert (data.images[i] == torch.tensor(colour[name], dtype=torch.uint8)[:, None, None]).all(), name
+    train, held, every = data.split("train"), data.split("heldout"), data.split("all")
+    assert len(train) == len(NAMES) - k and len(held) == k and torch.equal(every.images, data.images)
+    assert torch.equal(torch.cat([train.images, held.images]), data.images)      # disjoint, and together all
+    assert train.images.data_ptr() == data.images.data_ptr()                      # views, not copies
+    assert held.images.untyped_storage().data_ptr() == data.images.untyped_storage().data_ptr()
+    assert data.reference().part == "heldout" and "held-out" in held.source and "training" in train.source
+    assert train.split("heldout").start == held.start                             # from any view
+    mapped = open_prepared(tmp_path / "a", cache_mb=0).split("heldout")          # memory-mapped: still a slice
+    assert not mapped.in_ram and torch.equal(mapped.images, held.images)
+    assert tones <= want  # the five tones of one emoji, one group: held out together (by names alone, not)
+    # deterministic: a second preparation orders every row the same way
+    again = prepare(src, tmp_path / "b", R, encoded="none", holdout=k, progress=False)
+    assert again["images"] == m["images"]
+
+
+def test_adding_or_removing_a_file_moves_at_most_one_other_image(tmp_path):
+    """For a fixed k: a new file enters the held-out set only if it ranks among the k smallest, and
+    then only the former largest leaves; every other image keeps its side. Removing one likewise."""
+    names = NAMES[:14]
+    k = 5
+    colour = _colour_of(names + [f"extra{i}.png" for i in range(40)])
+    src = _flat_images(tmp_path / "src", names, [colour[n] for n in names])
+
+    def heldout(out):
+        m = prepare(src, tmp_path / out, R, encoded="none", holdout=k, progress=False)
+        return {r["source"] for r in m["images"] if r["index"] >= m["count"] - k}
+    before = heldout("before")
+    # one extra name that ranks inside the held-out set, one that ranks outside (found by the rule above)
+    extras = [f"extra{i}.png" for i in range(40)]
+    inside = next(e for e in extras if e in _expected_heldout(names + [e], k))
+    outside = next(e for e in extras if e not in _expected_heldout(names + [e], k))
+    _flat_images(src, [outside], [colour[outside]])
+    assert heldout("outside") == before
+    _flat_images(src, [inside], [colour[inside]])
+    now = heldout("inside")
+    assert inside in now and len(before - now) == 1 and now - before == {inside}
+    (src / inside).unlink(), (src / outside).unlink()
+    (src / sorted(before)[0]).unlink()                                   # a held-out image goes away
+    after = heldout("removed")
+    assert len(after - before) == 1 and before - after == {sorted(before)[0]}
+
+
+def test_holdout_auto_and_bad_values(tmp_path, capsys):
+    from aegan_fast.data.prepare import holdout_count
+    assert [holdout_count("auto", n) for n in (12, 99, 100, 101, 3333, 3334, 3391, 10 ** 6)] == \
+        [0, 0, 30, 30, 999, 1000, 1000, 1000]
+    src = make_image_folder(tmp_path / "src", n=12, size=72)
+    assert prepare(src, tmp_path / "auto", R, encoded="none", progress=False)["holdout"] == 0   # under 100 images
+    out = tmp_path / "out"
+    for bad, words in (("-1", "must be ≥ 0"), ("11", "leaves 1 of 12"), ("12", "leaves 0 of 12"),
+                       ("many", "expected 'auto' or a whole number")):
+        with pytest.raises(SystemExit) as e:
+            data_main(["prepare", str(src), str(out), "-r", str(R), "--holdout", bad, "--no-progress"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "Traceback" not in err, (bad, err)
+        assert not (out / "manifest.json").exists() and not (out / ".partial").exists()   # refused before decoding
+    for bad in (1.5, True, "3"):
+        with pytest.raises(UserError, match="--holdout must be"):
+            prepare(src, out, R, holdout=bad, progress=False)
+    data_main(["prepare", str(src), str(out), "-r", str(R), "--holdout", "10", "--no-progress", "--encoded", "none"])
+    assert "2 train / 10 held out" in capsys.readouterr().out and open_prepared(out).holdout == 10
+
+
+def test_set_prepared_before_the_split_opens_with_none_held_out(tmp_path, caplog):
+    src = make_image_folder(tmp_path / "src", n=6, size=72)
+    prepare(src, tmp_path / "old", R, encoded="none", holdout=2, progress=False)
+    path = tmp_path / "old" / "manifest.json"
+    m = json.loads(path.read_text())
+    for key in ("holdout", "holdout_requested", "holdout_rule"):
+        del m[key]
+    path.write_text(json.dumps(m))
+    data = open_prepared(tmp_path / "old")
+    assert data.holdout == 0 and len(data.split("train")) == 6
+    with caplog.at_level("WARNING", logger="aegan_fast.data"):
+        assert data.reference().part == "all"
+    assert "no held-out images" in caplog.text and "memorising" in caplog.text
+    with pytest.raises(UserError, match="no held-out images"):
+        data.split("heldout")
+    with pytest.raises(UserError, match="before held-out splits existed"):
+        prepare(src, tmp_path / "old", R, encoded="none", progress=False)
+    m["holdout"] = 6
+    path.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="held out"):
+        open_prepared(tmp_path / "old")
+
+
+MAGENTA = torch.tensor([255, 0, 255], dtype=torch.uint8)
+
+
+def _marked_set(tmp_path, n=12, k=4):
+    """A prepared set whose held-out images, and only those, are flat magenta."""
+    names = [f"im{i:02d}.png" for i in range(n)]
+    held = _expected_heldout(names, k)
+    rng = np.random.default_rng(0)
+    colours = [(255, 0, 255) if name in held else tuple(int(c) for c in rng.integers(0, 200, 3)) for name in names]
+    src = _flat_images(tmp_path / "marked", names, colours)
+    prepare(src, tmp_path / "marked-set", R, encoded="png", holdout=k, progress=False)
+    data = open_prepared(tmp_path / "marked-set")
+    assert data.holdout == k and _magenta(data.split("heldout").images).all()
+    assert not _magenta(data.split("train").images).any()
+    return data
+
+
+def _magenta(x):
+    """Which images of a uint8 batch (or a float one in [-1, 1]) are flat magenta."""
+    if x.dtype != torch.uint8:
+        x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return (x == MAGENTA.to(x.device)[:, None, None]).flatten(1).all(1)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_loaders_over_the_training_split_never_read_held_out_images(tmp_path, kind):
+    if kind == "dali" and dali_reason is not None:
+        pytest.skip(f"DALI not installed: {dali_reason}")
+    train = _marked_set(tmp_path).split("train")
+    loader = (TorchLoader if kind == "torch" else DaliLoader)(train, 4, seed=1, device="cpu", workers=1)
+    seen = set()
+    for _ in range(9):  # four epochs of the 8 training images
+        x, idx, _ = next(loader)
+        assert not _magenta(x).any() and (idx < len(train)).all()
+        seen |= set(idx.tolist())
+    loader.close()
+    assert seen == set(range(len(train)))
+
+
+def test_the_trainer_never_draws_held_out_images_and_scores_against_them(tmp_path, monkeypatch, caplog):
+    import aegan_fast.data.dataset as dataset_mod
+    import aegan_fast.train as train_mod
+    data = _marked_set(tmp_path)
+    drawn, scored = [], []
+    real_loader, real_gather, real_spread = train_mod.make_loader, dataset_mod.ImageSet.gather, \
+        dataset_mod.ImageSet.spread
+    real_eval = train_mod.evaluate_run
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __next__(self):
+            batch = next(self.inner)
+            drawn.append(batch[0])
+            return batch
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    def gather(self, *a, **k):
+        out = real_gather(self, *a, **k)
+        drawn.append(out)
+        return out
+
+    def spread(self, *a, **k):
+        out = real_spread(self, *a, **k)
+        if self.part != "heldout":  # the stage-end scores spread the reference; everything else must not see it
+            drawn.append(out)
+        return out
+
+    def evaluate(nets, reference, *a, **k):
+        scored.append(reference)
+        return real_eval(nets, reference, *a, **k)
+
+    monkeypatch.setattr(train_mod, "make_loader", lambda *a, **k: Recording(real_loader(*a, **k)))
+    monkeypatch.setattr(dataset_mod.ImageSet, "gather", gather)
+    monkeypatch.setattr(dataset_mod.ImageSet, "spread", spread)
+    monkeypatch.setattr(train_mod, "evaluate_run", evaluate)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(loader="torch", kimg={"ae": 0.008, "embed": 0.008, "finetune": 0.008}, eval_metrics=("swd",))
+    with caplog.at_level("INFO", logger="aegan_fast.train"):
+        train(cfg, run, progress=False, data=data)
+    assert "data: 12 images, 8 train / 4 held out for scoring" in caplog.text
+    assert len(drawn) > 5 and not any(_magenta(x).any() for x in drawn)
+    assert scored and all(r.part == "heldout" and _magenta(r.images).all() for r in scored)
+    from aegan_fast.checkpoint import load_checkpoint
+    assert load_checkpoint(run)["data"] == {"count": 12, "holdout": 4}
+
+
+def test_resuming_on_another_split_is_an_error(tmp_path, caplog):
+    from aegan_fast.data import ImageSet
+    from aegan_fast.train import check_same_split
+    images = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)
+    data = ImageSet(images, "ten", holdout=3).split("train")
+    check_same_split({"count": 10, "holdout": 3}, data)
+    for saved in ({"count": 10, "holdout": 0}, {"count": 11, "holdout": 3}):
+        with pytest.raises(UserError, match="differs from the run's"):
+            check_same_split(saved, data)
+    with caplog.at_level("WARNING", logger="aegan_fast.train"):
+        check_same_split(None, data)   # a checkpoint from before the split: it trained on every image
+    assert "predates held-out splits" in caplog.text
+    caplog.clear()
+    check_same_split(None, ImageSet(images, "ten"))
+    assert not caplog.text
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.split("test")
+    with pytest.raises(ValueError, match="leave a training image"):
+        ImageSet(images, "ten", holdout=10)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aegan_fast.checkpoint import load_sampling_nets, resolve_checkpoint
-from aegan_fast.data import ImageSet, load_folder, to_uint8
+from aegan_fast.data import ImageSet, load_folder, open_prepared, prepare, to_uint8
 from aegan_fast.eval import main as eval_main
 from aegan_fast.models import SamplingChain
 from aegan_fast.sheet import GAP, PAD, PAD_VALUE, STATS_N, make_sheet, nearest_training_images, write_sheet
@@ -133,7 +133,7 @@ def _blocks(png, boxes):
     return [png[:, top:top + h, left:left + w] for left, top, w, h in boxes]
 
 
-@pytest.mark.parametrize("kind", ["train", "train_loaded_again", "held_out"])
+@pytest.mark.parametrize("kind", ["train", "train_loaded_again", "held_out", "heldout_split", "all_vs_train_split"])
 def test_write_sheet_blocks_are_real_samples_nearest(tmp_path, kind):
     torch.manual_seed(4)
     nets = {"G_E": _Pixels(), "F": torch.nn.Identity(), "phi": torch.nn.Identity()}
@@ -142,10 +142,16 @@ def test_write_sheet_blocks_are_real_samples_nearest(tmp_path, kind):
     (tmp_path / "alias").symlink_to(tmp_path / "set")  # one prepared set, spelled two ways
     train = ImageSet(torch.randint(0, 256, (30, 3, 16, 16), generator=g, dtype=torch.uint8), "train",
                      root=tmp_path / "set")
-    held_out = kind == "held_out"
+    held_out = kind in ("held_out", "heldout_split")
+    # one prepared set of 42 with its last 12 held out: the sheet reads its splits, the same root
+    split = ImageSet(torch.cat([train.images, torch.randint(0, 256, (12, 3, 16, 16), generator=g, dtype=torch.uint8)]),
+                     "split", root=tmp_path / "alias", holdout=12)
+    if kind in ("heldout_split", "all_vs_train_split"):
+        train = split.split("train")
     data = {"train": train, "train_loaded_again": ImageSet(train.images.clone(), "again", root=tmp_path / "alias"),
             "held_out": ImageSet(torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8), "other",
-                                 root=tmp_path / "other")}[kind]
+                                 root=tmp_path / "other"),
+            "heldout_split": split.split("heldout"), "all_vs_train_split": split.split("all")}[kind]
     result = write_sheet(nets, data, train, 9, seed=7, path=tmp_path / "s.png")
     png = torch.from_numpy(np.array(Image.open(tmp_path / "s.png").convert("RGB"))).permute(2, 0, 1)
     samples = SamplingChain.of(nets).sample(STATS_N, 7)
@@ -168,11 +174,12 @@ def test_write_sheet_blocks_are_real_samples_nearest(tmp_path, kind):
     every, _ = _brute_force(samples, train.images)  # the median is over all STATS_N samples, not the 9 shown
     torch.testing.assert_close(torch.tensor(result.nearest_median),
                                (every.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
-    assert result.reference.startswith("held-out" if held_out else "other training images")
+    assert result.reference.startswith({"all_vs_train_split": "images of split, leave-one-out for those"}.get(
+        kind, "held-out" if held_out else "other training images"))
     # every real image is behind the reference here (fewer than STATS_N): its median needs no draw order
     ref, _ = _brute_force(data.images.float() / 127.5 - 1, train.images)
     if not held_out:
-        ref.fill_diagonal_(float("inf"))  # leave-one-out
+        ref[:len(train)].fill_diagonal_(float("inf"))  # leave-one-out for those that are training images
     torch.testing.assert_close(torch.tensor(result.reference_median),
                                (ref.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
 
@@ -217,6 +224,56 @@ def test_eval_sheet_against_held_out_images(trained, tmp_path, capsys):
     record = json.loads(out.read_text())["sheet"]
     assert record["path"] == str(tmp_path / "e-sheet.png") and (tmp_path / "e-sheet.png").exists()
     assert record["reference"] == f"held-out images of {other}"
+
+
+@pytest.fixture(scope="module")
+def trained_split(tmp_path_factory):
+    """A run on a prepared set of 12 whose last 4 are held out."""
+    root = tmp_path_factory.mktemp("eval_split")
+    prepare(make_image_folder(root / "images"), root / "set", 64, encoded="none", holdout=4, progress=False)
+    run = root / "run"
+    run.mkdir()
+    cfg = tiny_config(eval_metrics=(), data=str(root / "set"), kimg={"ae": 0.008, "embed": 0.008, "finetune": 0.008})
+    train(cfg, run, progress=False, data=open_prepared(root / "set"))
+    return run, root
+
+
+def test_eval_scores_against_the_held_out_split(trained_split, tmp_path, capsys, monkeypatch):
+    import aegan_fast.eval as eval_mod
+    run, root = trained_split
+    data = open_prepared(root / "set")
+    held, train_split = data.split("heldout"), data.split("train")
+    real_evaluate, scored = eval_mod.evaluate_run, []
+    monkeypatch.setattr(eval_mod, "evaluate_run", lambda nets, ref, *a, **k: scored.append(ref) or
+                        real_evaluate(nets, ref, *a, **k))
+    out = tmp_path / "e.json"
+    eval_main(["--ckpt", str(run), "--metrics", "swd", "--n", "10", "--sheet-n", "4", "--out", str(out)])
+    record = json.loads(out.read_text())
+    source = str(root / "images")
+    assert record["n"] == 4 and record["reference"] == f"4 held-out real images of {source}"
+    assert f"scoring against 4 held-out real images of {source}" in capsys.readouterr().out
+    assert len(scored) == 1 and torch.equal(scored[0].images, held.images)
+    sheet = record["sheet"]
+    assert sheet["reference"] == f"held-out images of {source}"
+    # nearest neighbours come from the training split: brute force over its 8 images only
+    _, nets = load_sampling_nets(resolve_checkpoint(run))
+    samples = SamplingChain.of(nets).sample(STATS_N, 0)[:4]
+    d_all, _ = _brute_force(samples, train_split.images)
+    assert [e["train_index"] for e in sheet["shown"]] == d_all.argmin(1).tolist()
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "e-sheet.png").convert("RGB"))).permute(2, 0, 1)
+    _, gh, _ = make_grid(samples, pad_value=PAD_VALUE).shape
+    top = png.shape[1] - gh
+    left = int((png[:, top] == PAD_VALUE).all(0).nonzero()[0])  # the real block's grid starts at its grey pad
+    step = 64 + PAD
+    cells = [png[:, top + PAD + r * step:top + PAD + r * step + 64, left + PAD + c * step:left + PAD + c * step + 64]
+             .numpy().tobytes() for r in range(2) for c in range(2)]
+    assert len(set(cells)) == 4 and set(cells) <= {im.numpy().tobytes() for im in held.images}  # held-out images
+    # --data another prepared set: its own held-out split
+    prepare(make_image_folder(tmp_path / "other", n=10, seed=3), tmp_path / "other-set", 64, encoded="none",
+            holdout=3, progress=False)
+    eval_main(["--ckpt", str(run), "--data", str(tmp_path / "other-set"), "--metrics", "swd", "--n", "10",
+               "--no-sheet", "--out", str(out)])
+    assert json.loads(out.read_text())["reference"] == f"3 held-out real images of {tmp_path / 'other'}"
 
 
 def test_eval_no_sheet_and_bad_sheet_n(trained, tmp_path, capsys):

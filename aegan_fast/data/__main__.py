@@ -16,6 +16,15 @@ def _color(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
+def _holdout(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of images, got {text!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m aegan_fast.data", description="prepare image data sets",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -30,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--background", type=_color, default=(255, 255, 255),
                    help="R,G,B that transparency is flattened onto (and padding filled with)")
     q.add_argument("--dedup", action="store_true", help="drop exact duplicates (same source bytes)")
+    q.add_argument("--holdout", type=_holdout, default="auto",
+                   help="images held out of training for scoring, chosen by a hash of their names and stored "
+                        "last (auto: min(1000, 30%%) for sets of 100 or more, else 0; 0: none)")
     q.add_argument("--encoded", choices=ENCODINGS, default="png",
                    help="also write one encoded file per image for DALI (jpeg: GPU-decodable, lossy)")
     q.add_argument("--jpeg-quality", type=int, default=95)
@@ -49,10 +61,10 @@ def main(argv=None) -> None:
     m = prepare(args.src, args.out, args.resolution, fit=args.fit, background=args.background, dedup=args.dedup,
                 encoded=args.encoded, jpeg_quality=args.jpeg_quality, min_side=args.min_side,
                 max_pixels=args.max_pixels, workers=args.workers, overwrite=args.overwrite,
-                progress=not args.no_progress)
+                progress=not args.no_progress, holdout=args.holdout)
     out = Path(args.out)
-    print(f"{out}: {m['count']} images at {m['resolution']}², {len(m['skipped'])} skipped "
-          f"(reasons in {out / 'manifest.json'})")
+    print(f"{out}: {m['count']} images at {m['resolution']}² ({m['count'] - m['holdout']} train / {m['holdout']} "
+          f"held out for scoring), {len(m['skipped'])} skipped (reasons in {out / 'manifest.json'})")
     reasons: dict[str, int] = {}
     for s in m["skipped"]:
         key = s["reason"].split(":")[0]

@@ -3,10 +3,14 @@
 
 3,391 emoji at R=64 take 42 MB, so a batch is an index, a flip and a cast, and the trainer never
 waits on decoding. Sets larger than ``cache_mb`` stay memory-mapped instead of read into RAM.
+
+A prepared set's last ``holdout`` images are held out for scoring (prepare.py says which):
+``split("train")`` is what the trainer reads, ``reference()`` what every score compares with.
 """
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import logging
 import os
@@ -72,19 +76,73 @@ def fetch_emoji(cache: Path | None = None) -> Path:
     return target / "assets"
 
 
+SPLITS = ("all", "train", "heldout")
+_SPLIT_NAMES = {"train": "training split", "heldout": "held-out split"}
+_warned_no_holdout: set[str] = set()
+
+
 class ImageSet:
-    """A decoded image set (uint8, in RAM or memory-mapped). The trainer reads it through a loader
-    (loaders.py); ``sample_indices``/``gather`` serve the stage code's own draws (as floats in
-    [-1, 1]) and ``spread`` fixed evaluation images."""
+    """A decoded image set (uint8, in RAM or memory-mapped), or one split of it. The trainer reads
+    it through a loader (loaders.py); ``sample_indices``/``gather`` serve the stage code's own draws
+    (as floats in [-1, 1]) and ``spread`` fixed evaluation images.
+
+    ``holdout``: how many of the last images are held out for scoring. ``images`` is this view's
+    rows ``start:stop`` of the whole set's array (a view, no copy); indices are into the view."""
 
     def __init__(self, images: torch.Tensor, source: str, skipped: int = 0, root: Path | None = None,
-                 manifest: dict | None = None, in_ram: bool = True):
-        self.images = images  # uint8 N×3×R×R, in RAM or memory-mapped
-        self.source = source
+                 manifest: dict | None = None, in_ram: bool = True, holdout: int = 0):
+        if not 0 <= holdout < max(len(images), 1):
+            raise ValueError(f"holdout must leave a training image: {holdout} of {len(images)} held out")
+        self.whole = images       # uint8 N×3×R×R, in RAM or memory-mapped: every split's rows
+        self.images = images      # this view's rows
+        self.origin = source      # what the whole set came from
         self.skipped = skipped
         self.root = root          # the prepared data set's folder, when there is one (DALI reads its files)
         self.manifest = manifest
         self.in_ram = in_ram
+        self.holdout = holdout
+        self.part, self.start, self.stop = "all", 0, len(images)
+
+    @property
+    def source(self) -> str:
+        return self.origin if self.part == "all" else f"{self.origin} ({_SPLIT_NAMES[self.part]})"
+
+    @source.setter
+    def source(self, value: str) -> None:
+        self.origin = value
+
+    def split(self, name: str) -> "ImageSet":
+        """The "train" rows, the "heldout" rows or "all" of the whole set, as a view (from any view)."""
+        n = len(self.whole)
+        rows = {"all": (0, n), "train": (0, n - self.holdout), "heldout": (n - self.holdout, n)}
+        if name not in rows:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        if name == "heldout" and not self.holdout:
+            raise UserError(f"{self.origin} has no held-out images (prepared with --holdout 0, with fewer than 100 "
+                            f"images, or before held-out splits existed); prepare it with `python -m aegan_fast.data "
+                            f"prepare --holdout K`")
+        view = copy.copy(self)
+        view.part, (view.start, view.stop) = name, rows[name]
+        view.images = self.whole[view.start:view.stop]
+        return view
+
+    def reference(self) -> "ImageSet":
+        """The real images scores compare with: the held-out split, or, when the set has none, all of
+        it (warned once per set: such scores are against training images and reward memorisation)."""
+        if self.holdout:
+            return self.split("heldout")
+        if self.origin not in _warned_no_holdout:
+            _warned_no_holdout.add(self.origin)
+            log.warning("WARNING: %s has no held-out images: scores compare with training images, so "
+                        "memorising them scores well (prepare it with --holdout K to hold some out)", self.origin)
+        return self.split("all")
+
+    def describe(self) -> str:
+        """How the whole set splits, for log lines and reports."""
+        n = len(self.whole)
+        if not self.holdout:
+            return f"{n} images, all {n} train (none held out: scores are against training images)"
+        return f"{n} images, {n - self.holdout} train / {self.holdout} held out for scoring"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -133,16 +191,19 @@ def open_prepared(path: Path, cache_mb: float = 4096) -> ImageSet:
     mapped = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
     if mapped.shape != (n, 3, r, r) or mapped.dtype != np.uint8:
         raise UserError(f"{npy} holds {mapped.shape} {mapped.dtype}, the manifest says {n}×3×{r}×{r} uint8")
+    holdout = manifest.get("holdout", 0)  # a set prepared before the split holds none out
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < max(n, 1):
+        raise UserError(f"{path / 'manifest.json'} says {holdout!r} of its {n} images are held out")
     in_ram = mapped.nbytes <= cache_mb * 2 ** 20
     images = torch.from_numpy(np.array(mapped) if in_ram else mapped)  # np.array: one sequential read
     return ImageSet(images, manifest["source"], len(manifest["skipped"]), root=path, manifest=manifest,
-                    in_ram=in_ram)
+                    in_ram=in_ram, holdout=holdout)
 
 
 def prepared_cache_dir(src: Path, resolution: int, cache: Path | None = None) -> Path:
     """Where a raw folder is prepared on the fly: keyed by its contents (names, sizes, mtimes) and R."""
     kind, entries = list_source(src)
-    key = listing_key(kind, entries, resolution, "auto-v1")
+    key = listing_key(kind, entries, resolution, "auto-v2")  # v2: with a held-out split
     return (cache or cache_root()) / "prepared" / f"{src.name}-r{resolution}-{key}"
 
 

@@ -1,8 +1,9 @@
 """The trainer's batch loaders: ``--loader auto|torch|dali``.
 
 Both yield ``(x, idx, mirror)``: x float32 N×3×R×R in [-1, 1] (x/127.5 − 1) on the training device,
-contiguous NCHW; idx the images' indices in the prepared set (int64, CPU); mirror which of them are
-horizontally flipped (bool, CPU).
+contiguous NCHW; idx the images' indices in the ImageSet they read (int64, CPU), which for the trainer
+is the training split, so held-out images are never read; mirror which of them are horizontally
+flipped (bool, CPU).
 
 ``torch`` (TorchLoader): gathers from the uint8 array (in RAM, or memory-mapped for sets larger than
 ``data_cache_mb``) in background threads, ``workers`` batches ahead; pinned host memory and a
@@ -13,8 +14,8 @@ from a generator seeded with (seed, e), with a mirror bit per image, and when to
 initialised, rank r of W takes every W-th slice of B images of that stream. So a resumed run
 (which knows how many images it consumed) gets exactly the batches of a run that never stopped.
 
-``dali`` (DaliLoader, nvidia-dali-cuda130): ``fn.readers.file`` over the prepared set's encoded files
-(shard_id/num_shards by rank, a fresh shuffle each epoch), ``fn.decoders.image`` on device "mixed"
+``dali`` (DaliLoader, nvidia-dali-cuda130): ``fn.readers.file`` over the encoded files of the
+ImageSet's rows only (a split's slice of the prepared set's files; shard_id/num_shards by rank, a fresh shuffle each epoch), ``fn.decoders.image`` on device "mixed"
 (nvJPEG on the GPU, JPEG files; other formats decode on the CPU) or "cpu", a coin-flip mirror and
 ``crop_mirror_normalize`` to the same [-1, 1] CHW float32, through ``DALIGenericIterator`` with
 auto_reset. Resuming: the pipeline runs with DALI's checkpointing on; ``state_dict()`` holds the
@@ -171,7 +172,7 @@ class DaliLoader:
         gpu = self.device.type == "cuda"
         info = (data.manifest or {}).get("encoded") or {}
         files = ensure_encoded(data.root, encoded or info.get("format") or ("jpeg" if gpu else "png"),
-                               progress=False)
+                               progress=False)[data.start:data.stop]  # file i is row i: the split's own files
         self.rank, self.world = shard or dist_shard()
         self.batch = batch
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
