@@ -35,7 +35,8 @@ through the modules' own ``_mode()``, exactly as the per-op path does.
 Kernels: only "triton" (on CUDA, and on CPU tensors under TRITON_INTERPRET=1). It runs the convs of
 aegan_fast.kernels.conv3x3 / convt4x4 and the BatchNorm apply/backward of kernels.bn_act: in the
 resblock, BN1 and the activation live in conv2's prologue (forward) and in conv2's wgrad prologue
-(backward), so the normalised activation never reaches memory.
+(backward), so the normalised activation never reaches memory, and BN1's backward reductions in
+conv2's dgrad epilogue.
 """
 from __future__ import annotations
 
@@ -142,12 +143,28 @@ def _triton_resblock_backward(grad, x, y1, y2, w1, w2, g1, b1, g2, b2, mean1, va
     dy2, dg2, db2 = bn_act.bn_act_backward(grad, y2, mean2, var2, g2, b2, training, eps, "identity", 0.0)
     scale1, shift1 = _affine(g1, b1, mean1, var1, eps)
     dw2 = conv3x3.conv3x3_reflect_wgrad(dy2, y1, scale1, shift1, activation, slope)
-    # fp32: BN1's backward reduces over it, one rounding fewer for bf16 activations
-    da1 = conv3x3.conv3x3_reflect_dgrad(dy2, w2, out_dtype=torch.float32)
-    dy1, dg1, db1 = bn_act.bn_act_backward(da1, y1, mean1, var1, g1, b1, training, eps, activation, slope)
+    # BN1's backward reductions (its grad bias / grad weight) in conv2's dgrad epilogue; da1 in fp32,
+    # one rounding fewer for bf16 activations before BN1's apply pass reads it
+    da1, db1, dg1 = conv3x3.conv3x3_reflect_dgrad_bn_reduce(dy2, w2, y1, mean1, var1, g1, b1, eps, activation, slope,
+                                                            out_dtype=torch.float32)
+    dy1 = _bn_apply_backward(da1, y1, mean1, var1, g1, b1, db1, dg1, training, eps, activation, slope)
     dw1 = conv3x3.conv3x3_reflect_wgrad(dy1, x)
     dx = conv3x3.conv3x3_reflect_dgrad(dy1, w1).add_(grad)
     return dx, dw1, dw2, dg1, db1, dg2, db2
+
+
+def _bn_apply_backward(dy, y, mean, var, g, b, sum_dz, sum_dzx, training, eps, activation, slope):
+    """BatchNorm+act's backward apply pass alone, the reductions already done (kernels/bn_act.py's
+    bn_act_backward without its reduction pass): grad wrt y, in y's dtype and layout."""
+    from aegan_fast.kernels import _common, bn_act
+    lay = _common.Layout(y)
+    dy = lay.like(dy)
+    dx = torch.empty_like(y)
+    _common.launch(bn_act._bn_act_bwd_kernel)[(lay.n_tiles, lay.n_cblocks)](
+        dy, y, dx, mean, var, g, b, sum_dz, sum_dzx, *lay.strides(), 1.0 / lay.count, float(eps), float(slope),
+        HAS_W=True, HAS_B=True, ACT=activations.code(activation), TRAINING=bool(training), BLOCK_C=lay.BLOCK_C,
+        BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
+    return dx
 
 
 def _triton_up_block(x, w, g, b, running_mean, running_var, training, eps):
