@@ -145,7 +145,8 @@ def _peaks(ctx) -> list:
         _sync()
 
     rows = suite.measure("blocks", [
-        suite.Case(f"{DEVICE} copy_ {src.numel() * 4 / 2 ** 30:g} GiB", copy, STEPS * 2 * src.numel() * 4, "B", peaks=()),
+        suite.Case(f"{DEVICE} copy_ {src.numel() * 4 / 2 ** 30:g} GiB", copy, STEPS * 2 * src.numel() * 4, "B",
+                   peaks=()),
         suite.Case(f"{DEVICE} matmul bf16 {n}²", mm, STEPS * 2 * n ** 3, "FLOP", peaks=()),
     ], ctx.rounds(9, 3))
     for key, row in zip(("cuda_copy", "cuda_matmul_bf16"), rows):
