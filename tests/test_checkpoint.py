@@ -477,7 +477,7 @@ def test_a_full_disk_during_training_stops_with_a_clear_error_and_the_run_resume
     assert not list((run / "checkpoints").glob(".*"))
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     train(cfg, run, resume=True, progress=False, data=data)
-    assert load_checkpoint(run)["counters"] == {"stage": "done", "stage_img": 0, "total_img": 48, "step": 12}
+    assert load_checkpoint(run)["counters"] == {"stage": "done", "stage_img": 0, "stage_s": 0.0, "total_img": 48, "step": 12}
 
 
 def test_resume_refuses_a_checkpoint_of_another_resolution(tmp_path, image_folder):

@@ -90,14 +90,16 @@ def straight(resume_world):
     run.mkdir()
     train(resume_config(), run, progress=False, data=data)
     state = load_checkpoint(run)
-    assert state["counters"] == {"stage": "done", "stage_img": 0, "total_img": 36, "step": 9}
+    assert state["counters"] == {"stage": "done", "stage_img": 0, "stage_s": 0.0, "total_img": 36, "step": 9}
     assert_complete_training_state(state)
     return state, run
 
 
 def _stopped(data, run: Path, steps: int, resume: bool = False) -> dict:
     train(resume_config(), run, resume=resume, progress=False, data=data, stop_after_steps=steps)
-    return load_checkpoint(run)["counters"]
+    counters = load_checkpoint(run)["counters"]
+    assert counters.pop("stage_s") > 0  # time, not part of the bit-identical state (the stage's --minutes budget)
+    return counters
 
 
 # 5 and 8: inside embed (after one of its periodic checkpoints) and finetune (inside ae: the run
@@ -167,7 +169,9 @@ def test_ctrl_c_finishes_the_step_saves_it_and_the_run_resumes_bit_identical(res
         train(resume_config(), tmp_path, progress=False, data=data)
     assert e.value.signum == signal.SIGINT and f"--resume {tmp_path}" in str(e.value)
     # step 4 finished and saved; the checkpoint before it was stage-ae.pt at step 3
-    assert load_checkpoint(tmp_path)["counters"] == {"stage": "embed", "stage_img": 4, "total_img": 16, "step": 4}
+    counters = load_checkpoint(tmp_path)["counters"]
+    assert counters.pop("stage_s") > 0  # the stage's training time so far: a --minutes budget resumes from it
+    assert counters == {"stage": "embed", "stage_img": 4, "total_img": 16, "step": 4}
     train(resume_config(), tmp_path, resume=True, progress=False, data=data)
     assert_identical(straight[0], load_checkpoint(tmp_path))
 
@@ -180,7 +184,7 @@ def test_a_second_ctrl_c_stops_at_once_and_saves_no_half_step(resume_world, stra
         _signalled_in_embed_step(m, 2)
         train(resume_config(), tmp_path, progress=False, data=data)
     assert latest_checkpoint(tmp_path).name == "stage-ae.pt"
-    assert load_checkpoint(tmp_path)["counters"] == {"stage": "embed", "stage_img": 0, "total_img": 12, "step": 3}
+    assert load_checkpoint(tmp_path)["counters"] == {"stage": "embed", "stage_img": 0, "stage_s": 0.0, "total_img": 12, "step": 3}
     train(resume_config(), tmp_path, resume=True, progress=False, data=data)
     assert_identical(straight[0], load_checkpoint(tmp_path))
 
@@ -284,7 +288,7 @@ def cli_straight(cli_world):
     run = root / "straight"
     run_cli(["--run-dir", str(run), *cli_args(images, SIGNAL_KIMG, SIGNAL_CKPT_KIMG)], root / "straight", cache)
     state = load_checkpoint(run)
-    assert state["counters"] == {"stage": "done", "stage_img": 0, "total_img": 64, "step": 16}
+    assert state["counters"] == {"stage": "done", "stage_img": 0, "stage_s": 0.0, "total_img": 64, "step": 16}
     assert_complete_training_state(state)
     return state
 
@@ -322,7 +326,7 @@ def test_sigkill_mid_stage_then_resume_finishes_with_the_configured_image_count(
     assert r.wait() == 0, r.stderr()[-3000:]
     assert not list((run / "checkpoints").glob("*.tmp"))  # a temp file the kill left is cleared, never used
     final = load_checkpoint(run)["counters"]
-    assert final == {"stage": "done", "stage_img": 0, "total_img": sum(per_stage.values()),
+    assert final == {"stage": "done", "stage_img": 0, "stage_s": 0.0, "total_img": sum(per_stage.values()),
                      "step": sum(per_stage.values()) // 4}
     total = 0
     for stage, images_in_stage in per_stage.items():  # each stage's own end saw exactly its length
