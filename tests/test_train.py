@@ -325,6 +325,7 @@ def test_no_denoiser_ablation_trains_and_samples_f_of_g_e(tmp_path, image_folder
     assert not any(k.startswith("phi.") for k in state["nets"]) and "phi" not in state["opts"]
     cfg, nets = load_sampling_nets(run)
     sampled = SamplingChain.of(nets).sample(3, seed=5)
+    state = torch.load(resolve_checkpoint(run), weights_only=True)  # the stage the run samples from
     # F(G_E(z)) by hand, from the checkpoint's own (EMA) G_E and F in nets built from another seed
     torch.manual_seed(123)
     fresh = build_nets(cfg.model)
