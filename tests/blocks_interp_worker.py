@@ -1,10 +1,5 @@
-"""Fused block parity cases, run in a child process with TRITON_INTERPRET=1 (see test_blocks_triton.py;
-the same pattern as triton_interp_worker.py: the interpreter is process-wide once the kernels are imported).
-
-    TRITON_INTERPRET=1 python tests/blocks_interp_worker.py [case-substring ...]
-
-prints one JSON object {case_id: "ok" | "FAIL: ..."} on its last line. ``CASES`` is importable
-without torch or triton (the parent parametrises over it).
+"""Fused block parity cases for test_blocks_triton.py, run in a child process with TRITON_INTERPRET=1
+(interp_harness.py says why, and how to run this file).
 
 What a parity case does: a stock-module block (nn.Conv2d(padding_mode="reflect") / nn.ConvTranspose2d and
 nn.BatchNorm2d: the layout of checkpoints saved before the fused path existed) is randomised; its
@@ -24,10 +19,9 @@ comment at the check for why and for the bound).
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sys
-import traceback
+
+from interp_harness import close as _close, worker_main
 
 SMALL = (3, 5, 7, 9)   # odd on purpose: no dimension is a power of two or a multiple of a block
 WIDE = (2, 64, 8, 8)   # the models' channel count: several channel blocks in the kernels
@@ -67,11 +61,6 @@ CASES = _cases()
 # ----------------------------------------------------------------------------------------------
 # the worker (runs with TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------------------
-
-def _close(name, got, ref, rtol=1e-5):
-    from ops_parity import close  # this file's directory is on sys.path: it runs as a script from tests/
-    close(got, ref, rtol, name)
-
 
 def _stock(case, g):
     """The block as stock modules, randomised (BN affine and running statistics too)."""
@@ -234,6 +223,9 @@ def _counting():
     """Patch the block ops to record their calls; returns (calls, restore): calls holds the op
     names, calls.log (name, args, outputs) per call."""
     from aegan_fast.ops import blocks
+
+    if not _REAL:  # the unpatched ops, taken before the first patch; every restore() puts them back
+        _REAL.update(resblock_op=blocks.resblock_op, up_block_op=blocks.up_block_op)
 
     class Calls(list):
         log: list
@@ -472,22 +464,5 @@ def _special_opcheck():
     return "ok"
 
 
-def main(argv):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    import torch
-    torch.set_num_threads(1)
-    from aegan_fast.ops import blocks
-    _REAL.update(resblock_op=blocks.resblock_op, up_block_op=blocks.up_block_op)
-    wanted = [c for c in CASES if not argv or any(a in c for a in argv)]
-    out = {}
-    for cid in wanted:
-        try:
-            out[cid] = _run_case(CASES[cid])
-        except Exception as e:  # report, keep going: the parent shows each case on its own
-            out[cid] = f"FAIL: {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
-    print(json.dumps(out))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    worker_main(sys.argv[1:], CASES, _run_case)

@@ -1,12 +1,5 @@
-"""conv3x3 Triton kernel cases, run in a child process with TRITON_INTERPRET=1 (see test_conv3x3_triton.py).
-
-The interpreter is fixed process-wide when the kernels are imported, so these cases run in their
-own process (the same pattern as triton_interp_worker.py).
-
-    TRITON_INTERPRET=1 python tests/conv3x3_interp_worker.py [case-substring ...]
-
-prints one JSON object {case_id: "ok" | "FAIL: ..."} on its last line. ``CASES`` is importable
-without torch or triton (the parent parametrises over it).
+"""conv3x3 Triton kernel cases for test_conv3x3_triton.py, run in a child process with TRITON_INTERPRET=1
+(interp_harness.py says why, and how to run this file).
 
 Truth is plain PyTorch in fp64 on the same (rounded) inputs: F.conv2d(F.pad(act(x*scale+shift),
 reflect), w), torch.autograd.grad for the gradients, torch.var_mean(unbiased=False) for the
@@ -15,10 +8,9 @@ statistics.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sys
-import traceback
+
+from interp_harness import close as _close, worker_main
 
 SHAPES = {  # (N, Ci, Co, H, W): odd on purpose; H or W of 2 and 3 are the reflect edge cases
     "N3C5x7x9": (3, 5, 5, 7, 9),
@@ -76,11 +68,6 @@ CASES = _cases()
 # ----------------------------------------------------------------------------------------------
 # the worker (runs with TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------------------
-
-def _close(name, got, ref, rtol=1e-5):
-    from ops_parity import close  # this file's directory is on sys.path: it runs as a script from tests/
-    close(got, ref, rtol, name)
-
 
 def _prologue_args(pro):
     if pro == "none":
@@ -364,23 +351,11 @@ def _special_bad_inputs():
     return "ok"
 
 
-def main(argv):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    import torch
-    torch.set_num_threads(1)
-    wanted = [c for c in CASES if not argv or any(a in c for a in argv)]
-    out = {}
-    for cid in wanted:
-        try:
-            out[cid] = _run_case(CASES[cid])
-        except Exception as e:  # report, keep going: the parent shows each case on its own
-            out[cid] = f"FAIL: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-        finally:
-            from aegan_fast.kernels import conv3x3
-            conv3x3.BLOCK_OVERRIDE = None
-    print(json.dumps(out))
+def _reset():
+    """A case may shrink the blocks; the next one starts from the defaults."""
+    from aegan_fast.kernels import conv3x3
+    conv3x3.BLOCK_OVERRIDE = None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    worker_main(sys.argv[1:], CASES, _run_case, _reset)

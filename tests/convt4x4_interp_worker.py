@@ -1,10 +1,5 @@
-"""Cases for kernels/convt4x4.py, run in a child process with TRITON_INTERPRET=1 (see test_convt4x4_triton.py;
-the interpreter is fixed process-wide when the kernels are imported, so it must never reach the pytest process).
-
-    TRITON_INTERPRET=1 python tests/convt4x4_interp_worker.py [case-substring ...]
-
-prints one JSON object {case_id: "ok" | "FAIL: ..."} on its last line. ``CASES`` is importable without torch or
-triton (the parent parametrises over it).
+"""Cases for kernels/convt4x4.py and test_convt4x4_triton.py, run in a child process with TRITON_INTERPRET=1
+(interp_harness.py says why, and how to run this file).
 
 The truth is plain PyTorch in fp32: a = act(x*scale + shift), y = F.conv_transpose2d(a, w, stride=2, padding=1),
 torch.autograd.grad for d/da and d/dw, torch.var_mean(y, (0, 2, 3), unbiased=False) for the statistics.
@@ -12,10 +7,9 @@ torch.autograd.grad for d/da and d/dw, torch.var_mean(y, (0, 2, 3), unbiased=Fal
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sys
-import traceback
+
+from interp_harness import close as _close, worker_main
 
 # (N, Ci, Co, H, W): odd on purpose (no size a power of two or a multiple of a block), 1x1 and 1x5 inputs
 # (every output pixel touches the zero padding), and the models' 64 channels.
@@ -48,11 +42,6 @@ CASES = _cases()
 # ----------------------------------------------------------------------------------------------
 # the worker (runs with TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------------------
-
-def _close(name, got, ref, rtol=1e-5):
-    from ops_parity import close  # this file's directory is on sys.path: it runs as a script from tests/
-    close(got, ref, rtol, name)
-
 
 def _inputs(case):
     import torch
@@ -245,23 +234,11 @@ def _special_bad_inputs():
     return "ok"
 
 
-def main(argv):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    import torch
-    torch.set_num_threads(1)
-    wanted = [c for c in CASES if not argv or any(a in c for a in argv)]
-    out = {}
-    for cid in wanted:
-        try:
-            out[cid] = _run_case(CASES[cid])
-        except Exception as e:  # report, keep going: the parent shows each case on its own
-            out[cid] = f"FAIL: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-        finally:
-            from aegan_fast.kernels import convt4x4
-            convt4x4.BLOCK_P_OVERRIDE = convt4x4.SPLITS_OVERRIDE = None
-    print(json.dumps(out))
+def _reset():
+    """A case may shrink the blocks; the next one starts from the defaults."""
+    from aegan_fast.kernels import convt4x4
+    convt4x4.BLOCK_P_OVERRIDE = convt4x4.SPLITS_OVERRIDE = None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    worker_main(sys.argv[1:], CASES, _run_case, _reset)

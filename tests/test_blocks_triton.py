@@ -6,17 +6,12 @@ steps, eval mode; N3 C5 7x9 and C64; NCHW and channels_last; relu, leaky_relu, i
 bf16; the dispatch rules: auto never fused, explicit triton fused, an error on a device it cannot
 run on, per-op inside sync_batchnorm with two ranks and for inputs the kernels do not take; saved
 tensors; not twice differentiable; opcheck) live in blocks_interp_worker.py and run in one child
-process with TRITON_INTERPRET=1, which must never leak into this process (test_ops_triton.py says
-why). The cases here run in this process, without the interpreter.
+process with TRITON_INTERPRET=1 (interp_harness.py says why and how). The cases here run in this
+process, without the interpreter.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,38 +19,10 @@ import torch
 from torch import nn
 
 from aegan_fast import models, ops
+from interp_harness import needs_triton, parity_tests
 
-HERE = Path(__file__).resolve().parent
-WORKER = HERE / "blocks_interp_worker.py"
-
-
-def _load_worker_cases():
-    spec = importlib.util.spec_from_file_location("blocks_interp_worker", WORKER)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # defines CASES only; imports neither torch nor triton at top level
-    return mod.CASES
-
-
-CASES = _load_worker_cases()
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install -r requirements.txt)")
-
-
-@pytest.fixture(scope="module")
-def interp_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=HERE)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@needs_triton
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_blocks_interpreter(interp_results, case):
-    result = interp_results.get(case, "missing from the worker's output")
-    assert result == "ok", result
+WORKER = Path(__file__).resolve().parent / "blocks_interp_worker.py"
+interp_results, test_blocks_interpreter = parity_tests(WORKER)
 
 
 def test_auto_takes_the_per_op_path():

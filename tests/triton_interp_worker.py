@@ -1,21 +1,12 @@
-"""Triton parity cases, run in a child process with TRITON_INTERPRET=1 (see test_ops_triton.py).
-
-Why a child process: the interpreter is chosen when ``@triton.jit`` runs, i.e. when the kernels
-are imported, and it is process-wide. Running the cases in their own interpreter-mode process
-keeps every other test (torch.compile, a real GPU) free of it, whatever the import order.
-
-    TRITON_INTERPRET=1 python tests/triton_interp_worker.py [case-substring ...]
-
-prints one JSON object {case_id: "ok" | "FAIL: ..."} on its last line. ``CASES`` is importable
-without triton (the parent parametrises over it).
+"""Triton parity cases for test_ops_triton.py, run in a child process with TRITON_INTERPRET=1
+(interp_harness.py says why, and how to run this file).
 """
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sys
-import traceback
+
+from interp_harness import close as _close, worker_main
 
 SHAPE = (3, 5, 7, 9)  # odd on purpose: no dimension is a power of two or a multiple of a block
 
@@ -61,11 +52,6 @@ CASES = _cases()
 # ----------------------------------------------------------------------------------------------
 # the worker (runs with TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------------------
-
-def _close(name, got, ref, rtol=1e-5):
-    from ops_parity import close  # this file's directory is on sys.path: it runs as a script from tests/
-    close(got, ref, rtol, name)
-
 
 def _fwd_bwd(fn, add, x, r, w, b, rm, rv, dy, case, affine, running):
     xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
@@ -259,23 +245,11 @@ def _special_rejects_single_value_per_channel():
     raise AssertionError("no error for one value per channel in training")
 
 
-def main(argv):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    import torch
-    torch.set_num_threads(1)
-    wanted = [c for c in CASES if not argv or any(a in c for a in argv)]
-    out = {}
-    for cid in wanted:
-        try:
-            out[cid] = _run_case(CASES[cid])
-        except Exception as e:  # report, keep going: the parent shows each case on its own
-            out[cid] = f"FAIL: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-        finally:
-            from aegan_fast.kernels import _common
-            _common.TILE_OVERRIDE = None
-    print(json.dumps(out))
+def _reset():
+    """A case may shrink the tile; the next one starts from the default."""
+    from aegan_fast.kernels import _common
+    _common.TILE_OVERRIDE = None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    worker_main(sys.argv[1:], CASES, _run_case, _reset)
