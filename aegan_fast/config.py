@@ -111,8 +111,8 @@ def preset(name: str) -> TrainConfig:
             # upsampling (no stride-2 dot pattern) and stage 1 ending on a cosine rate decay.
             model=ModelConfig(resolution=64, max_channels=128, denoiser=False, upsample="resize_conv"),
             batch=32,
-            # 100 kimg in about 10 min on ONE core (bf16; ae ≈ 175, embed ≈ 180, finetune ≈ 100 img/s
-            # without φ); 2 threads on 2 cores are faster still.
+            # 100 kimg: 13.1 min measured on ONE core with the other busy (bf16, no φ: ae ≈ 135-175, embed
+            # ≈ 180, finetune ≈ 100 img/s); 2 threads on 2 cores are faster in stage 1 (bench/RESULTS.md).
             kimg={"ae": 60.0, "embed": 32.0, "finetune": 8.0},
             # Stage 3 at the default tie (10) cost F 0.8 dB of reconstruction PSNR; at 100, 0.2 dB, with
             # better samples (bench/RESULTS.md).
