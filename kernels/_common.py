@@ -270,8 +270,14 @@ def batch_stats(x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tenso
     launch(_stats_partial_kernel)[(lay.n_cblocks, S)](
         x, part[0], part[1], part[2], *lay.strides(), lay.n_tiles, S,
         BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
-    mean = torch.empty(C, device=x.device, dtype=torch.float32)
-    var = torch.empty(C, device=x.device, dtype=torch.float32)
+    return finalize_stats(part, C, S)
+
+
+def finalize_stats(part: torch.Tensor, C: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel from S Welford partials ``part[0..2][s, c]`` (count, mean, M2),
+    merged in a fixed order: the statistics pass's, and the conv kernels' statistics epilogues'."""
+    mean = torch.empty(C, device=part.device, dtype=torch.float32)
+    var = torch.empty(C, device=part.device, dtype=torch.float32)
     launch(_stats_finalize_kernel)[(triton.cdiv(C, FINALIZE_BLOCK),)](
         part[0], part[1], part[2], mean, var, C, S, BLOCK_C=FINALIZE_BLOCK)
     return mean, var

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FINALIZE_BLOCK, _num_sms, _stats_finalize_kernel, act_code, activate, channel_affine,
-                      contiguous_input, interpreting, launch, sum_partials)
+from ._common import (_num_sms, act_code, activate, channel_affine, contiguous_input, finalize_stats, interpreting,
+                      launch, sum_partials)
 from .bn_act import _dz_xhat
 
 # tests only: force small blocks / several splits so multi-block loops and cross-program merges run
@@ -394,11 +394,7 @@ def conv3x3_reflect_bnact(x, weight, scale=None, shift=None, activation="identit
         float(negative_slope), HAS_PRO=scale is not None, ACT=code, STATS=bool(stats), CL=cl, **b)
     if not stats:
         return y, None, None
-    mean = torch.empty(Co, device=x.device, dtype=torch.float32)
-    var = torch.empty(Co, device=x.device, dtype=torch.float32)
-    launch(_stats_finalize_kernel)[(triton.cdiv(Co, FINALIZE_BLOCK),)](
-        part[0], part[1], part[2], mean, var, Co, n_m, BLOCK_C=FINALIZE_BLOCK)
-    return y, mean, var
+    return (y, *finalize_stats(part, Co, n_m))
 
 
 def _check_dgrad(grad_y, weight, out_dtype):

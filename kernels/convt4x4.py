@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FINALIZE_BLOCK, _num_sms, _stats_finalize_kernel, act_code, activate, interpreting, launch
+from ._common import _num_sms, act_code, activate, finalize_stats, interpreting, launch
 
 # tests only: force small pixel blocks / several wgrad splits so multi-program paths run on small tensors
 BLOCK_P_OVERRIDE: int | None = None
@@ -331,11 +331,7 @@ def conv_transpose4x4s2_bnact(x, weight, scale=None, shift=None, activation="ide
         BLOCK_K=BLOCK_K, INT64=_int64(x, y))
     if not stats:
         return y, None, None
-    mean = torch.empty(Co, device=x.device, dtype=torch.float32)
-    var = torch.empty(Co, device=x.device, dtype=torch.float32)
-    launch(_stats_finalize_kernel)[(triton.cdiv(Co, FINALIZE_BLOCK),)](
-        part[0], part[1], part[2], mean, var, Co, S, BLOCK_C=FINALIZE_BLOCK)
-    return y, mean, var
+    return (y, *finalize_stats(part, Co, S))
 
 
 def conv_transpose4x4s2_dgrad(grad_y, weight, out_dtype=None):
