@@ -46,6 +46,9 @@ class TrainConfig:
                                                           "phi": 2e-4, "D_R": 2e-4})
     betas: tuple[float, float] = (0.5, 0.999)
     loss: str = "bce"               # adversarial loss: bce | hinge | lsgan
+    # R1 penalty weight γ per discriminator, e.g. D_E=1 D_R=10: D's loss + γ/2 · E‖∇D(real)‖²
+    # (beyond the paper; absent or 0: off). Costs a double backward through D on the reference ops.
+    r1_gamma: dict[str, float] = field(default_factory=dict)
     denoiser_l1: float = 100.0      # φ loss = adversarial + denoiser_l1 × L1(φ(x̂), x̂)
     embed_steps: int = 1            # G_E/D_E steps per φ/D_R step in stage 2 (the paper alternates 1:1)
     # Stage 1's rates fall along a cosine to this fraction of their value at the stage's end

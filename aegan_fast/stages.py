@@ -42,9 +42,17 @@ def requires_grad(net: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor, r1_gamma: float = 0.0) -> torch.Tensor:
+    """One discriminator update; returns its loss (with the R1 term when r1_gamma > 0)."""
     requires_grad(D, True)
-    loss = losses.d_loss(kind, D(real), D(fake.detach()))
+    if r1_gamma > 0:
+        # Fakes first: the penalty's graph keeps D's BatchNorm running statistics, which a later
+        # training-mode forward would update in place before the backward.
+        fake_logits = D(fake.detach())
+        real_logits, penalty = losses.r1_penalty(D, real)
+        loss = losses.d_loss(kind, real_logits, fake_logits) + r1_gamma / 2 * penalty
+    else:
+        loss = losses.d_loss(kind, D(real), D(fake.detach()))
     backward_and_step(loss, [opt])
     requires_grad(D, False)  # the generator's backward then skips D's weight gradients
     return loss.detach()
@@ -105,7 +113,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
     for k in range(cfg.embed_steps):
         e_real = emb.of(batch) if k == 0 else emb.random(n)
         e_fake = nets["G_E"](sample_z(n, cfg.model.z_dim, device=device))
-        d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake)
+        d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, cfg.r1_gamma.get("D_E", 0.0))
         g_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
         backward_and_step(g_e, [opts["G_E"]])
     if not cfg.model.denoiser:
@@ -114,7 +122,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
     with torch.no_grad():  # x̂ is detached: φ's loss must not reach G_E in this stage
         x_hat = nets["F"](e_fake)
     x_den = nets["phi"](x_hat)
-    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, batch.x, x_den)
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, batch.x, x_den, cfg.r1_gamma.get("D_R", 0.0))
     g_r = losses.g_loss(cfg.loss, nets["D_R"](x_den))
     l1 = F.l1_loss(x_den, x_hat)
     backward_and_step(g_r + cfg.denoiser_l1 * l1, [opts["phi"]])
@@ -132,8 +140,8 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     x_gen = nets["phi"](x_hat)
     fid = F.l1_loss(x_gen, x_hat.detach())
 
-    d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake)
-    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen)
+    d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, cfg.r1_gamma.get("D_E", 0.0))
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, cfg.r1_gamma.get("D_R", 0.0))
 
     adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
     adv_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
@@ -153,7 +161,7 @@ def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: T
     embedding discriminator, no L1 ties): what the autoencoder bridge is measured against."""
     x = batch.x
     x_gen = SamplingChain.of(nets)(sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
-    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen)
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, cfg.r1_gamma.get("D_R", 0.0))
     adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
     backward_and_step(adv, [opts[k] for k in SAMPLING_CHAIN if k in opts])
     return {"D_R": d_r, "G_adv": adv.detach()}

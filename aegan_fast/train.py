@@ -157,6 +157,14 @@ def validate(cfg: TrainConfig) -> None:
     for key in cfg.lr:
         if key not in ("H", "F", "G_E", "D_E", "phi", "D_R"):
             raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")
+    for key, gamma in cfg.r1_gamma.items():
+        if key not in ("D_E", "D_R"):
+            raise UserError(f"--r1-gamma: {key!r} is not a discriminator; choose D_E or D_R (e.g. --r1-gamma D_E=1)")
+        if not gamma >= 0:
+            raise UserError(f"--r1-gamma {key} must be ≥ 0 (0: off), got {gamma}")
+    if cfg.sync_bn and any(g > 0 for g in cfg.r1_gamma.values()):
+        raise UserError("--r1-gamma with --sync-bn: the synchronised BatchNorm has no double backward, which R1 needs; "
+                        "drop one of them")
     for flag, value, choices in (("--loss", cfg.loss, LOSSES), ("--ops", cfg.ops, ("auto",) + ops.BACKENDS),
                                  ("--loader", cfg.loader, LOADERS), ("--precision", cfg.precision, precisions.PRECISIONS),
                                  ("--compile", cfg.compile, compiling.CHOICES)):

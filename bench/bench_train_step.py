@@ -14,6 +14,7 @@ torch.utils.flop_counter on the reference step.
 
     .venv/bin/python bench/bench_train_step.py [--stages ae embed] [--resolutions 64 128] [--rounds 5]
     .venv/bin/python bench/bench_train_step.py --stages embed --resolutions 128 --profile   # top ops
+    .venv/bin/python bench/bench_train_step.py --stages embed finetune --resolutions 64 --variants fast fast_r1  # R1's cost
     .venv/bin/python -m pytest bench/bench_train_step.py --benchmark-only
 """
 from __future__ import annotations
@@ -53,12 +54,15 @@ class Variant:
     channels_last: bool | None = None
     fused_adam: bool = True
     guard: bool = True      # the trainer's divergence guard (aegan_fast/guard.py) sees every update
+    r1_gamma: float = 0.0   # --r1-gamma D_E=γ D_R=γ: what the R1 penalty's double backward costs
 
 
 VARIANTS = {
     "reference": Variant(ops="reference", precision="fp32", channels_last=False, fused_adam=False, guard=False),
     "fast": Variant(),
+    "fast_r1": Variant(r1_gamma=1.0),  # not in the default comparison: --variants fast fast_r1
 }
+DEFAULT_VARIANTS = ["reference", "fast"]
 
 
 def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast", batch: int | None = None):
@@ -72,6 +76,7 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
     torch.manual_seed(0)
     cfg = preset("demo")
     cfg.model, cfg.batch, cfg.embed_steps, cfg.device = model, batch_size, embed_steps, "cpu"
+    cfg.r1_gamma = {"D_E": variant.r1_gamma, "D_R": variant.r1_gamma} if variant.r1_gamma else {}
     prec = precision.resolve(variant.precision, variant.channels_last, torch.device("cpu"))
     nets = prec.prepare(build_nets(cfg.model))
     opts = make_optimizers(nets, cfg, fused=variant.fused_adam)
@@ -93,7 +98,7 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
             guard.end_step()
         return out
     step.describe = (f"ops={variant.ops}, {prec.describe()}, {'fused' if variant.fused_adam else 'loop'} Adam"
-                     + (", guard" if variant.guard else ""))
+                     + (", guard" if variant.guard else "") + (f", R1 γ={variant.r1_gamma:g}" if variant.r1_gamma else ""))
     step.images = batch_size
     return step
 
@@ -122,7 +127,7 @@ def interleaved(steps: dict, rounds: int) -> dict[str, list[float]]:
 
 @pytest.mark.parametrize("resolution", [64, 128])
 @pytest.mark.parametrize("stage_name", ["ae", "embed"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", DEFAULT_VARIANTS)
 def test_train_step(benchmark, variant, stage_name, resolution):
     step = make_step(stage_name, resolution, variant)
     benchmark.group = f"{stage_name} step R={resolution}"
@@ -150,7 +155,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", nargs="+", default=["ae", "embed"], choices=list(STAGES))
     p.add_argument("--resolutions", nargs="+", type=int, default=[64, 128], choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print each variant's top ops (torch.profiler) instead")
     args = p.parse_args(argv)

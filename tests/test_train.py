@@ -215,6 +215,9 @@ def test_train_cli_bad_input(args, message, tmp_path):
     (["--rollback-lr-scale", "2"], "--rollback-lr-scale must be in (0, 1]"),
     (["--loader-workers", "-1"], "--loader-workers must be ≥ 0"),
     (["--model.upsample", "bilinear"], "upsample must be one of transposed, resize_conv"),
+    (["--r1-gamma", "G_E=1"], "--r1-gamma: 'G_E' is not a discriminator"),
+    (["--r1-gamma", "D_E=-1"], "--r1-gamma D_E must be ≥ 0"),
+    (["--r1-gamma", "D_R=10", "--sync-bn"], "the synchronised BatchNorm has no double backward"),
 ])
 def test_bad_lengths_rates_and_counts_are_refused_before_anything_runs(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
