@@ -29,9 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TrainConfig
 from .errors import UserError
-from .models import build_nets
 
 LATEST = "latest"
 SAMPLING = "sampling"
@@ -336,10 +334,10 @@ def config_mismatch(saved: dict, now: dict, ignore: tuple = ()) -> list[str]:
     return lines
 
 
-def load_sampling_nets(path: str | Path, device="cpu", use_ema: bool = True):
-    """(config, nets in eval mode) from a checkpoint file, or from a run directory's sampling default
-    (see resolve_checkpoint; a pointed-to file that fails to load falls back to the latest with a
-    warning), EMA weights when present. Logs the file used."""
+def load_for_sampling(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
+    """(state, file) of a checkpoint file, or of a run directory's sampling default (see
+    resolve_checkpoint; a pointed-to file that fails to load falls back to the latest with a
+    warning). Logs the file used."""
     p = Path(path).expanduser()
     state = None
     if p.is_dir():
@@ -348,19 +346,11 @@ def load_sampling_nets(path: str | Path, device="cpu", use_ema: bool = True):
             entry = _sampling_entry(folder)
             if entry is not None:
                 ckpt = folder / entry[0]
-                state = _load(ckpt, entry[1], map_location=device)
+                state = _load(ckpt, entry[1], map_location=map_location)
         except UserError as e:
             _warn_sampling_fallback(folder, e)
     if state is None:
         ckpt = _latest_of(p) if p.is_dir() else resolve_checkpoint(p)
-        state = load_checkpoint(ckpt, map_location=device)
+        state = load_checkpoint(ckpt, map_location=map_location)
     log.info("sampling nets from %s", ckpt)
-    if not isinstance(state, dict) or "config" not in state or "nets" not in state:
-        raise UserError(f"{path} is not an aegan_fast training checkpoint (no config and nets in it)")
-    cfg = TrainConfig.from_dict(state["config"])
-    nets = build_nets(cfg.model).to(device)
-    load_state_strict(nets, state["nets"], f"nets of {path}")
-    if use_ema and state.get("ema"):
-        for name, sd in state["ema"].items():
-            load_state_strict(nets[name], sd, f"EMA {name} of {path}")
-    return cfg, nets.eval()
+    return state, ckpt

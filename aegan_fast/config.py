@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .models import ModelConfig
 
-STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (aegan_fast/stages.py has "direct" too)
+STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (training/stages.py has "direct" too)
 LOSSES = ("bce", "hinge", "lsgan")
 # Where and how a run executes, not what it trains: these may differ when a run is resumed.
 RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile",
@@ -105,7 +105,7 @@ class TrainConfig:
 
 def preset(name: str) -> TrainConfig:
     """demo: R=64, sized to finish all three stages in about 10 minutes on 2 CPU cores.
-    paper: DESIGN §1 hyperparameters at R=512 (stage lengths are ours: the paper gives none)."""
+    paper: the paper's hyperparameters at R=512 (stage lengths are ours: the paper gives none)."""
     if name == "demo":
         return TrainConfig(
             preset="demo",
@@ -114,11 +114,11 @@ def preset(name: str) -> TrainConfig:
             # upsampling (no stride-2 dot pattern) and stage 1 ending on a cosine rate decay.
             model=ModelConfig(resolution=64, max_channels=128, denoiser=False, upsample="resize_conv"),
             batch=32,
-            # 100 kimg: 13.1 min measured on ONE core with the other busy (bf16, no φ: ae ≈ 135-175, embed
-            # ≈ 180, finetune ≈ 100 img/s); 2 threads on 2 cores are faster in stage 1 (bench/RESULTS.md).
+            # 100 kimg in all: sized for the README's time on 2 CPU cores (measured: bench/RESULTS.md,
+            # "A demo that convinces").
             kimg={"ae": 60.0, "embed": 32.0, "finetune": 8.0},
-            # Stage 3 at the default tie (10) cost F 0.8 dB of reconstruction PSNR; at 100, 0.2 dB, with
-            # better samples (bench/RESULTS.md).
+            # Stage 3's reconstruction tie at 100, not the default 10: F keeps its PSNR and the samples are
+            # better (bench/RESULTS.md, "A demo that convinces").
             finetune_rec=100.0,
             embed_steps=4,
             # The paper's 1e-5 for the autoencoder needs hundreds of kimg; the demo has a few dozen.

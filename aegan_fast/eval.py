@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 
-from .checkpoint import load_sampling_nets, resolve_checkpoint
+from .checkpoint import resolve_checkpoint
+from .training.run_state import load_sampling_nets
 from .data import load_dataset
 from .device import pick_device
 from .errors import UserError, cli

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_sampling_nets
+from .training.run_state import load_sampling_nets
 from .device import pick_device
 from .errors import UserError
 from .models import SamplingChain, run_in_chunks, seeded_z

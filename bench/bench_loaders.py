@@ -104,7 +104,7 @@ def loaders(resolution: int):
 def stage1_data_wait(resolution: int = 128, kimg: float = 0.4) -> dict:
     """A stage-1 run on the emoji set with the auto loader: the trainer's own data_wait figures."""
     from aegan_fast.config import preset
-    from aegan_fast.train import train
+    from aegan_fast.training import train
 
     cfg = preset("demo")
     cfg.model.resolution = resolution

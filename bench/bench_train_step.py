@@ -7,7 +7,7 @@ in one run, rounds interleaved.
                channels_last where the device has native bf16), fused Adam, compile per --compile auto
     (plus any explicit variant: ops backend × precision × channels_last × fused, see ``Variant``)
 
-A step is exactly the trainer's (stages.py step functions under precision.steps_in) on identically
+A step is exactly the trainer's (training.take_step on a state from training.new_state) on identically
 seeded nets and one batch of random images. What to compare is the ratio within one run (absolute
 times on these shared machines are noise). FLOPs are counted once per case by
 torch.utils.flop_counter on the reference step.
@@ -32,12 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from aegan_fast import ops, precision  # noqa: E402
+from aegan_fast import ops  # noqa: E402
 from aegan_fast.config import preset  # noqa: E402
 from aegan_fast.data import ImageSet  # noqa: E402
-from aegan_fast.guard import UpdateGuard  # noqa: E402
-from aegan_fast.models import ModelConfig, build_nets  # noqa: E402
-from aegan_fast.stages import STAGES, Batch, RealEmbeddings, make_optimizers, prepare_stage  # noqa: E402
+from aegan_fast.models import ModelConfig  # noqa: E402
+from aegan_fast.training import STAGES, enter_stage, new_state, take_step  # noqa: E402
 
 # resolution -> (model config, batch, embed_steps): the demo's nets at R=64, the paper's widths above.
 SHAPES = {
@@ -73,30 +72,22 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
     model, batch_size, embed_steps = SHAPES[resolution]
     batch_size = batch or batch_size
     stage = STAGES[stage_name]
-    torch.manual_seed(0)
     cfg = preset("demo")
-    cfg.model, cfg.batch, cfg.embed_steps, cfg.device = model, batch_size, embed_steps, "cpu"
+    cfg.model, cfg.batch, cfg.embed_steps, cfg.device, cfg.seed = model, batch_size, embed_steps, "cpu", 0
+    cfg.ops, cfg.precision, cfg.channels_last = variant.ops, variant.precision, variant.channels_last
+    cfg.embed_cache_mb = 1024
     cfg.r1_gamma = {"D_E": variant.r1_gamma, "D_R": variant.r1_gamma} if variant.r1_gamma else {}
-    prec = precision.resolve(variant.precision, variant.channels_last, torch.device("cpu"))
-    nets = prec.prepare(build_nets(cfg.model))
-    opts = make_optimizers(nets, cfg, fused=variant.fused_adam)
-    prepare_stage(stage, nets, opts, cfg)
     g = torch.Generator().manual_seed(0)
     data = ImageSet(torch.randint(0, 256, (64, 3, resolution, resolution), dtype=torch.uint8, generator=g), "random")
-    emb = None
-    if stage.needs_embeddings:
-        emb = RealEmbeddings(nets["H"], data, g, "cpu", model.embed_channels * model.embed_size ** 2, 2 ** 30, prec)
+    st = new_state(cfg, data, "cpu", fused_adam=variant.fused_adam, guard=variant.guard)
+    emb = enter_stage(stage, st)
     idx, mirror = data.sample_indices(batch_size, g)
-    batch = Batch(prec.activations(data.gather(idx, mirror, "cpu")), idx, mirror)
-
-    guard = UpdateGuard("cpu") if variant.guard else None
+    batch = st.batch(data.gather(idx, mirror, "cpu"), idx, mirror)
+    prec = st.precision
 
     def step():
-        with ops.use_backend(variant.ops), precision.steps_in(prec, prec.grad_scaler(), guard):
-            out = stage.step(nets, opts, batch, emb, cfg)
-        if guard is not None:
-            guard.end_step()
-        return out
+        with ops.use_backend(cfg.ops):
+            return take_step(stage, st, batch, emb)
     step.describe = (f"ops={variant.ops}, {prec.describe()}, {'fused' if variant.fused_adam else 'loop'} Adam"
                      + (", guard" if variant.guard else "") + (f", R1 γ={variant.r1_gamma:g}" if variant.r1_gamma else ""))
     step.images = batch_size

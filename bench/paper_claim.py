@@ -45,13 +45,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from aegan_fast.checkpoint import load_sampling_nets
+from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.config import TrainConfig, preset
 from aegan_fast.data import load_dataset
 from aegan_fast.evaluation import evaluate_run
 from aegan_fast.metrics import evaluate
 from aegan_fast.models import SAMPLING_CHAIN, SamplingChain, build_nets
-from aegan_fast.train import train
+from aegan_fast.training import train
 from aegan_fast.viz import make_grid
 
 VARIANTS = ("aegan", "direct", "no_denoiser", "no_finetune")

@@ -18,9 +18,10 @@ from torch import nn
 
 from aegan_fast import checkpoint
 from aegan_fast.checkpoint import (CheckpointWriteError, NonFiniteCheckpoint, config_mismatch, first_nonfinite,
-                                   latest_checkpoint, load_checkpoint, load_for_resume, load_sampling_nets,
+                                   latest_checkpoint, load_checkpoint, load_for_resume,
                                    load_state_strict, save_checkpoint)
 from aegan_fast.config import TrainConfig
+from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.errors import UserError
 from aegan_fast.models import build_nets
 from conftest import tiny_config
@@ -457,7 +458,7 @@ def test_a_full_disk_during_training_stops_with_a_clear_error_and_the_run_resume
     """The trainer's third checkpoint hits ENOSPC mid-file: the run stops with a CheckpointWriteError
     naming the intact previous checkpoint, which --resume then continues to the end."""
     from aegan_fast.data import load_folder
-    from aegan_fast.train import train
+    from aegan_fast.training import train
     run = tmp_path / "run"
     run.mkdir()
     data, cfg = load_folder(image_folder, 64), tiny_config()
@@ -484,11 +485,11 @@ def test_resume_refuses_a_checkpoint_of_another_resolution(tmp_path, image_folde
     """A stage-end checkpoint of an R=64 run copied under a run whose config says R=128: restore names
     the first mismatching setting with both values."""
     from aegan_fast.data import load_folder
-    from aegan_fast.train import new_state, restore
+    from aegan_fast.training import new_state, restore
     run = tmp_path / "run"
     run.mkdir()
     cfg = tiny_config(kimg={"ae": 0.004, "embed": 0.0, "finetune": 0.0})
-    from aegan_fast.train import train
+    from aegan_fast.training import train
     train(cfg, run, progress=False, data=load_folder(image_folder, 64))
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, resolution=128))
     st = new_state(other, load_folder(image_folder, 128), torch.device("cpu"))

@@ -20,7 +20,7 @@ from aegan_fast.data import (DaliLoader, TorchLoader, choose_loader, dali_unavai
                              open_prepared, prepare)
 from aegan_fast.data.__main__ import main as data_main
 from aegan_fast.errors import UserError
-from aegan_fast.train import train
+from aegan_fast.training import train
 from conftest import make_image_folder, tiny_config
 
 R = 64
@@ -325,7 +325,7 @@ def test_trainer_data_wait_measures_time_blocked_on_the_loader(tmp_path, image_f
     sleeps 0.3 s per batch must show up as most of the step."""
     import time as time_mod
 
-    import aegan_fast.train as train_mod
+    import aegan_fast.training.loop as train_mod
 
     real = train_mod.make_loader
 
@@ -559,12 +559,13 @@ def test_loaders_over_the_training_split_never_read_held_out_images(tmp_path, ki
 
 def test_the_trainer_never_draws_held_out_images_and_scores_against_them(tmp_path, monkeypatch, caplog):
     import aegan_fast.data.dataset as dataset_mod
-    import aegan_fast.train as train_mod
+    import aegan_fast.training.loop as train_mod
+    import aegan_fast.training.run_log as run_log_mod
     data = _marked_set(tmp_path)
     drawn, scored = [], []
     real_loader, real_gather, real_spread = train_mod.make_loader, dataset_mod.ImageSet.gather, \
         dataset_mod.ImageSet.spread
-    real_eval = train_mod.evaluate_run
+    real_eval = run_log_mod.evaluate_run
 
     class Recording:
         def __init__(self, inner):
@@ -596,11 +597,11 @@ def test_the_trainer_never_draws_held_out_images_and_scores_against_them(tmp_pat
     monkeypatch.setattr(train_mod, "make_loader", lambda *a, **k: Recording(real_loader(*a, **k)))
     monkeypatch.setattr(dataset_mod.ImageSet, "gather", gather)
     monkeypatch.setattr(dataset_mod.ImageSet, "spread", spread)
-    monkeypatch.setattr(train_mod, "evaluate_run", evaluate)
+    monkeypatch.setattr(run_log_mod, "evaluate_run", evaluate)
     run = tmp_path / "run"
     run.mkdir()
     cfg = tiny_config(loader="torch", kimg={"ae": 0.008, "embed": 0.008, "finetune": 0.008}, eval_metrics=("swd",))
-    with caplog.at_level("INFO", logger="aegan_fast.train"):
+    with caplog.at_level("INFO", logger="aegan_fast.training"):
         train(cfg, run, progress=False, data=data)
     assert "data: 12 images, 8 train / 4 held out for scoring" in caplog.text
     assert len(drawn) > 5 and not any(_magenta(x).any() for x in drawn)
@@ -611,14 +612,14 @@ def test_the_trainer_never_draws_held_out_images_and_scores_against_them(tmp_pat
 
 def test_resuming_on_another_split_is_an_error(tmp_path, caplog):
     from aegan_fast.data import ImageSet
-    from aegan_fast.train import check_same_split
+    from aegan_fast.training.run_state import check_same_split
     images = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)
     data = ImageSet(images, "ten", holdout=3).split("train")
     check_same_split({"count": 10, "holdout": 3}, data)
     for saved in ({"count": 10, "holdout": 0}, {"count": 11, "holdout": 3}):
         with pytest.raises(UserError, match="differs from the run's"):
             check_same_split(saved, data)
-    with caplog.at_level("WARNING", logger="aegan_fast.train"):
+    with caplog.at_level("WARNING", logger="aegan_fast.training"):
         check_same_split(None, data)   # a checkpoint from before the split: it trained on every image
     assert "predates held-out splits" in caplog.text
     caplog.clear()

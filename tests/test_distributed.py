@@ -25,7 +25,7 @@ from aegan_fast.checkpoint import load_checkpoint
 from aegan_fast.data import dali_unavailable, load_dataset
 from aegan_fast.distributed import World
 from aegan_fast.errors import UserError
-from aegan_fast.train import check_world
+from aegan_fast.training import check_world
 from conftest import make_image_folder, tiny_config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -128,7 +128,7 @@ def _helpers(rank, world):
 def _rank0_stage_end(rank, world, cfg, images, run, mode):
     """The trainer on each rank, rank 0's stage-end evaluation failing (mode "raise") or taking
     longer than the collective timeout ("sleep")."""
-    import aegan_fast.train as trainer
+    import aegan_fast.training.loop as trainer
     if rank == 0:
         real = trainer.stage_end_evaluation
 
@@ -160,7 +160,7 @@ class _Recording:
 
 def _dali_runs(rank, world, cfg, images, runs):
     """An uninterrupted 2-rank DALI run, and one stopped after 4 steps and resumed; each rank's batches."""
-    import aegan_fast.train as trainer
+    import aegan_fast.training.loop as trainer
     real = trainer.make_loader
     seen: dict = {"straight": [], "split": []}
     data = load_dataset(images, 64)

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from aegan_fast.checkpoint import load_sampling_nets, resolve_checkpoint
+from aegan_fast.checkpoint import resolve_checkpoint
+from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.data import ImageSet, load_folder, open_prepared, prepare, to_uint8
 from aegan_fast.eval import main as eval_main
 from aegan_fast.models import SamplingChain
 from aegan_fast.sheet import GAP, PAD, PAD_VALUE, STATS_N, make_sheet, nearest_training_images, write_sheet
-from aegan_fast.train import train
+from aegan_fast.training import train
 from aegan_fast.viz import make_grid
 from conftest import make_image_folder, tiny_config
 

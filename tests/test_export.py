@@ -11,7 +11,7 @@ from torch import nn
 
 import aegan_fast.sampling as sampling_mod
 from aegan_fast import ops
-from aegan_fast.checkpoint import load_sampling_nets
+from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.config import TrainConfig
 from aegan_fast.data import load_folder, to_uint8
 from aegan_fast.errors import UserError
@@ -26,7 +26,7 @@ from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z, 
 from aegan_fast.ops import BatchNormAct2d
 from aegan_fast.sample import main as sample_main
 from aegan_fast.sampling import Sampler, sampler_backends
-from aegan_fast.train import train
+from aegan_fast.training import train
 from conftest import make_image_folder, tiny_config
 from weights import FP32_CHAIN, lively_weights, plain_twin, reference_chain
 

@@ -10,7 +10,7 @@ from aegan_fast.checkpoint import first_nonfinite, load_checkpoint
 from aegan_fast.data import load_folder
 from aegan_fast.errors import UserError
 from aegan_fast.guard import UpdateGuard
-from aegan_fast.train import train
+from aegan_fast.training import train
 from conftest import tiny_config
 
 

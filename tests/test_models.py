@@ -59,7 +59,7 @@ def test_denoiser_is_an_encoder_decoder_without_skips_and_own_batchnorms():
 
 
 def test_the_retired_unet_option_is_a_clear_error_and_off_still_loads(tmp_path):
-    from aegan_fast.checkpoint import load_sampling_nets
+    from aegan_fast.training.run_state import load_sampling_nets
     from aegan_fast.config import TrainConfig
     from aegan_fast.errors import UserError
     saved = TrainConfig(model=ModelConfig(resolution=64)).to_dict()

@@ -18,8 +18,8 @@ from aegan_fast import compiling, precision
 from aegan_fast.data import load_dataset
 from aegan_fast.errors import UserError
 from aegan_fast.models import ReflectConv2d, build_nets
-from aegan_fast.stages import AEGAN_STAGES, TrainState, make_optimizers, run_stage
-from aegan_fast.train import step_precision
+from aegan_fast.training.stages import AEGAN_STAGES, run_stage
+from aegan_fast.training.run_state import new_state, step_precision
 from conftest import make_image_folder, tiny_config
 
 CPU = torch.device("cpu")
@@ -85,12 +85,9 @@ def test_reflect_pad_keeps_bf16_under_autocast():
 
 
 def _state(tmp_path, prec: str, **overrides):
-    cfg = tiny_config(precision=prec, **overrides)
+    cfg = tiny_config(precision=prec, seed=0, **overrides)
     data = load_dataset(str(make_image_folder(tmp_path / "img", n=16, size=64)), 64)
-    torch.manual_seed(0)
-    p = step_precision(cfg, CPU)
-    nets = p.prepare(build_nets(cfg.model))
-    return TrainState(cfg, nets, make_optimizers(nets, cfg), data, torch.Generator().manual_seed(0), CPU, p)
+    return new_state(cfg, data, CPU, guard=False)
 
 
 def _batches(st, n):

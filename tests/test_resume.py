@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aegan_fast import stages
+from aegan_fast.training import stages
 from aegan_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from aegan_fast.data import load_folder
-from aegan_fast.train import train
+from aegan_fast.training import train
 from conftest import make_image_folder, tiny_config
 
 # The demo's settings where they matter (4 G_E/D_E steps per φ step draw extra real embeddings from

@@ -9,10 +9,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from aegan_fast import train as train_module
-from aegan_fast.checkpoint import SAMPLING, load_checkpoint, load_sampling_nets, resolve_checkpoint
+from aegan_fast.training import loop as loop_module
+from aegan_fast.checkpoint import SAMPLING, load_checkpoint, resolve_checkpoint
+from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.data import load_folder
-from aegan_fast.train import sampling_summary, train
+from aegan_fast.training import train
+from aegan_fast.training.run_log import sampling_summary
 from aegan_fast.viz import plot_metrics
 from conftest import make_image_folder, tiny_config
 
@@ -41,7 +43,7 @@ def run_with_figures(root, figures: dict, stop_after_steps=None, resume=False, p
     run.mkdir(exist_ok=True)
     cfg = tiny_config(kimg=dict(KIMG), **cfg_overrides)
     with pytest.MonkeyPatch.context() as mp, captured_logs() as records:
-        mp.setattr(train_module, "stage_end_evaluation", lambda stage, st: dict(figures.get(stage.name, {})))
+        mp.setattr(loop_module, "stage_end_evaluation", lambda stage, st: dict(figures.get(stage.name, {})))
         if patch is not None:
             patch(mp)
         train(cfg, run, resume=resume, progress=False, stop_after_steps=stop_after_steps,
@@ -193,7 +195,7 @@ def test_a_resumed_finetune_compares_with_embed_from_before_the_resume(tmp_path)
 def test_a_run_killed_while_saving_a_worse_stage_already_samples_the_better_one(tmp_path):
     """The pointer to an earlier stage is written before the worse stage's own checkpoint: a run that
     dies in that save (here: the save raises) is done training and never re-decides."""
-    real_save = train_module.save_run
+    real_save = loop_module.save_run
 
     def dying_save(st, run_dir, loader, name=None):
         if name == "stage-finetune.pt":
@@ -201,14 +203,14 @@ def test_a_run_killed_while_saving_a_worse_stage_already_samples_the_better_one(
         return real_save(st, run_dir, loader, name)
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_with_figures(tmp_path, WORSE, patch=lambda mp: mp.setattr(train_module, "save_run", dying_save))
+        run_with_figures(tmp_path, WORSE, patch=lambda mp: mp.setattr(loop_module, "save_run", dying_save))
     run = tmp_path / "run"
     assert not (run / "checkpoints" / "stage-finetune.pt").exists() and pointer(run) == "stage-embed.pt"
     assert resolve_checkpoint(run) == run / "checkpoints" / "stage-embed.pt"
 
 
 def test_a_better_stage_gone_from_disk_is_not_pointed_at(tmp_path):
-    real_save = train_module.save_run
+    real_save = loop_module.save_run
 
     def save_then_lose_embed(st, run_dir, loader, name=None):
         path = real_save(st, run_dir, loader, name)
@@ -216,7 +218,7 @@ def test_a_better_stage_gone_from_disk_is_not_pointed_at(tmp_path):
             path.unlink()  # a user cleaning up, say
         return path
 
-    run, messages = run_with_figures(tmp_path, WORSE, patch=lambda mp: mp.setattr(train_module, "save_run",
+    run, messages = run_with_figures(tmp_path, WORSE, patch=lambda mp: mp.setattr(loop_module, "save_run",
                                                                                    save_then_lose_embed))
     assert pointer(run) == "stage-finetune.pt"
     assert any(level == logging.WARNING and "gone" in m for level, m in messages)

@@ -10,25 +10,22 @@ from aegan_fast import losses, ops
 from aegan_fast.data import load_folder
 from aegan_fast.config import TrainConfig
 from aegan_fast.models import ModelConfig, SamplingChain, build_nets, sample_z
-from aegan_fast.stages import (EMA, STAGES, Batch, RealEmbeddings, _d_step, decay_rates, make_optimizers,
-                               prepare_stage, requires_grad, start_stage)
+from aegan_fast.training import enter_stage, new_state
+from aegan_fast.training.stages import (EMA, STAGES, RealEmbeddings, _d_step, decay_rates, make_optimizers,
+                                        prepare_stage, requires_grad, start_stage)
 from conftest import tiny_config
 
 STEPS = {name: stage.step for name, stage in STAGES.items()}
 
 
 def _setup(stage, image_folder, cache_mb=1e9, denoiser=True, **overrides):
-    torch.manual_seed(0)
-    cfg = tiny_config(**overrides)
+    """The trainer's own set-up (new_state, enter_stage) on the image folder, fp32, one fixed batch."""
+    cfg = tiny_config(**{"precision": "fp32", "embed_cache_mb": cache_mb, "seed": 0, **overrides})
     cfg.model.denoiser = denoiser
-    data = load_folder(image_folder, 64)
-    nets = build_nets(cfg.model)
-    opts = make_optimizers(nets, cfg)
-    prepare_stage(STAGES[stage], nets, opts, cfg)
-    gen = torch.Generator().manual_seed(0)
-    emb = None if not STAGES[stage].needs_embeddings else RealEmbeddings(nets["H"], data, gen, "cpu", 64 * 16, cache_mb * 2**20)
+    st = new_state(cfg, load_folder(image_folder, 64), "cpu", guard=False)
+    emb = enter_stage(STAGES[stage], st)
     idx, mirror = torch.arange(4), torch.tensor([False, True, False, True])
-    return cfg, nets, opts, Batch(data.gather(idx, mirror, "cpu"), idx, mirror), emb
+    return cfg, st.nets, st.opts, st.batch(st.data.gather(idx, mirror, "cpu"), idx, mirror), emb
 
 
 def _run(stage, image_folder, objective, steps, **overrides):
@@ -223,16 +220,16 @@ def test_ema_follows_its_half_life_and_copies_buffers(image_folder):
 
 
 def test_chain_preview_uses_the_ema_weights(image_folder, monkeypatch, tmp_path):
-    from aegan_fast import train as train_mod
+    from aegan_fast.training import run_log as run_log_mod
     cfg, nets, opts, batch, emb = _setup("embed", image_folder)
     ema = EMA(nets, half_life_kimg=1.0)
     for _ in range(2):
         STEPS["embed"](nets, opts, batch, emb, cfg)
         ema.update(nets, 4)
     shown = []
-    monkeypatch.setattr(train_mod, "save_grid", lambda images, path, **kw: shown.append(images.clone()))
+    monkeypatch.setattr(run_log_mod, "save_grid", lambda images, path, **kw: shown.append(images.clone()))
     z = sample_z(4, cfg.model.z_dim, torch.Generator().manual_seed(2))
-    train_mod.save_chain_samples(nets, ema, z, None, tmp_path / "x.png")
+    run_log_mod.save_chain_samples(nets, ema, z, None, tmp_path / "x.png")
     nets.eval()
     with torch.no_grad():  # the EMA's own nets, composed by hand
         expected = ema.nets["phi"](ema.nets["F"](ema.nets["G_E"](z)))

@@ -10,13 +10,14 @@ import sys
 import pytest
 import torch
 
-from aegan_fast import stages
+from aegan_fast.training import stages
 from aegan_fast.config import preset
-from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, load_sampling_nets, resolve_checkpoint
+from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, resolve_checkpoint
+from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.data import load_folder, make_loader
 from aegan_fast.models import SamplingChain, build_nets, sample_z
 from aegan_fast.train import main as train_main
-from aegan_fast.train import new_state, restore, save_run, train
+from aegan_fast.training import new_state, restore, save_run, train
 from aegan_fast.sample import main as sample_main
 from conftest import tiny_config
 
@@ -114,7 +115,7 @@ def test_a_stage_ends_at_its_minutes_budget(tmp_path, image_folder, monkeypatch)
     """--minutes ends a stage when its training steps have taken that long (a clock that advances one
     second per reading: each step reads it three times, so two seconds a step), whichever of kimg and
     minutes comes first; the stage's end row says what it got, and the next stage starts from zero."""
-    import aegan_fast.stages as stages_mod
+    import aegan_fast.training.stages as stages_mod
     clock = iter(range(10 ** 9))
     monkeypatch.setattr(stages_mod.time, "perf_counter", lambda: float(next(clock)))
     run = tmp_path / "run"
@@ -358,10 +359,10 @@ def test_periodic_checkpoints_are_pruned(tmp_path):
 
 def test_img_per_s_leaves_out_grids_and_checkpoints_but_keeps_their_interval_images(tmp_path, monkeypatch):
     """A fake clock: 2 steps of 1 s each around a 5 s checkpoint are 2 batches in 2 s of training."""
-    from aegan_fast import train as train_module
+    from aegan_fast.training import run_log as run_log_module
     now = [100.0]
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
-    log = train_module.MetricsLog(tmp_path / "metrics.jsonl", "cpu")
+    monkeypatch.setattr(run_log_module.time, "perf_counter", lambda: now[0])
+    log = run_log_module.MetricsLog(tmp_path / "metrics.jsonl", "cpu")
     now[0] += 1.0
     log.add({"loss": torch.tensor(1.0)}, 16, 0.0)
     with log.paused():

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import load_sampling_nets, resolve_checkpoint
+from ..checkpoint import resolve_checkpoint
+from ..training.run_state import load_sampling_nets
 from ..errors import CheckFailed, UserError
 from ..models import SamplingChain, seeded_z
 from .fold import fold_chain

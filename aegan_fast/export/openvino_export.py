@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_sampling_nets, resolve_checkpoint
+from ..checkpoint import resolve_checkpoint
+from ..training.run_state import load_sampling_nets
 from ..errors import UserError
 from ..models import SamplingChain, seeded_z
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, TOLERANCE, ExportError, export_checkpoint

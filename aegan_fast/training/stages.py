@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses, precision
-from .distributed import SINGLE, World
-from .config import TrainConfig
-from .data import ImageSet
-from .models import SAMPLING_CHAIN, SamplingChain, sample_z
-from .precision import FP32, Precision, backward_and_step
+from .. import losses, precision
+from ..distributed import SINGLE, World
+from ..config import TrainConfig
+from ..data import ImageSet
+from ..models import SAMPLING_CHAIN, SamplingChain, sample_z
+from ..precision import FP32, Precision, backward_and_step
 
 
 
@@ -197,10 +197,6 @@ class EMA:
 
 # --------------------------------------------------------------------------- stages as data
 
-def _unscaled(cfg: TrainConfig) -> float:
-    return 1.0
-
-
 def _finetune_scale(cfg: TrainConfig) -> float:
     return cfg.finetune_lr_scale
 
@@ -209,7 +205,7 @@ def _chain_metrics(cfg: TrainConfig) -> tuple:
     return tuple(cfg.eval_metrics)
 
 
-def _constant_rate(cfg: TrainConfig) -> float:
+def _full_rate(cfg: TrainConfig) -> float:
     return 1.0
 
 
@@ -232,13 +228,13 @@ class Stage:
     # Nets whose Adam moments are cleared when the stage starts (not on resume in its middle).
     fresh_optimizer: tuple = ()
     needs_embeddings: bool = True   # the step reads H(x) of real images (RealEmbeddings)
-    lr_scale: Callable[[TrainConfig], float] = _unscaled
+    lr_scale: Callable[[TrainConfig], float] = _full_rate
     # Nets trained here in another role than their own, and whose cfg.lr rate they take: a decoder
     # trained as part of a generator steps at the generator's rate, not the autoencoder's.
     lr_role: dict = field(default_factory=dict, hash=False)
     # The fraction of its rate each net has at the stage's end, reached along a cosine from 1 at its
     # start (progress: the larger of images and minutes done over the stage's length in each).
-    final_rate: Callable[[TrainConfig], float] = _constant_rate
+    final_rate: Callable[[TrainConfig], float] = _full_rate
     preview: str = "samples"        # grid kind: "reconstructions" (real | F(H(x))) or "samples" (the chain)
     metrics: Callable[[TrainConfig], tuple] = _chain_metrics   # evaluated at the stage's end
     ema: bool = True                # the sampling chain's EMA is updated after every step
@@ -283,6 +279,10 @@ class TrainState:
     guard: object = None            # guard.UpdateGuard: skips non-finite updates (the trainer's)
     lr_scale: float = 1.0           # lowered each time the run rolls back from a divergence
     rollbacks: int = 0
+
+    def batch(self, x: torch.Tensor, idx: torch.Tensor, mirror: torch.Tensor) -> Batch:
+        """A loader's (images, indices, mirror bits) as a step's Batch, images in the steps' dtype and layout."""
+        return Batch(self.precision.activations(x), idx, mirror)
 
 
 def make_optimizers(nets, cfg: TrainConfig, fused: bool = True) -> dict:
@@ -337,6 +337,16 @@ def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
                           st.precision)
 
 
+def take_step(stage: Stage, st: TrainState, batch: Batch, emb: RealEmbeddings | None) -> dict:
+    """One step of stage on batch, in st's precision, its non-finite updates skipped by st's guard:
+    the trainer's step, and the one the benchmarks and tests time and check."""
+    with precision.steps_in(st.precision, st.grad_scaler, st.guard):
+        losses = stage.step(st.nets, st.opts, batch, emb, st.cfg)
+    if st.guard is not None:
+        st.guard.end_step()
+    return losses
+
+
 def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=None,
               until_s: float = math.inf) -> bool:
     """Steps of stage on batches (an iterator of (x, idx, mirror)) until st.counters["stage_img"]
@@ -356,13 +366,9 @@ def run_stage(stage: Stage, st: TrainState, batches, until_img: int, after_step=
             decay_rates({k: st.opts[k] for k in stage.trains if k in st.opts}, final,
                         max(c["stage_img"] / until_img, c["stage_s"] / until_s))
         t0 = time.perf_counter()
-        x, idx, mirror = next(batches)
-        batch = Batch(st.precision.activations(x), idx, mirror)
+        batch = st.batch(*next(batches))
         data_s = time.perf_counter() - t0
-        with precision.steps_in(st.precision, st.grad_scaler, st.guard):
-            losses = stage.step(st.nets, st.opts, batch, emb, st.cfg)
-        if st.guard is not None:
-            st.guard.end_step()
+        losses = take_step(stage, st, batch, emb)
         shown = batch.x.shape[0] * st.world.size
         if ema is not None:
             ema.update(st.nets, shown)
