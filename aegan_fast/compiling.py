@@ -1,15 +1,14 @@
 """``--compile on|off|auto``: torch.compile of each net's forward for training, parity-checked.
 
-Measured on a 2-core avx512_bf16 CPU (torch 2.13, 2026-12-02, bench/RESULTS.md): compiling H and F
-for the stage-1 step at R=64 (bf16, channels_last) cost 89 s before the first step and then ran
-0.94× the eager step (the step is convolutions, which inductor hands to the same oneDNN kernels;
-what it fuses is the few percent of elementwise work around them). A cold compile would eat a sixth
-of the ten-minute demo for a slower step, so ``auto`` leaves compile off on the CPU; on a GPU it is
-unmeasured here, so ``auto`` is off there too until bench/RESULTS.md says otherwise.
+``auto`` is off: on the CPU a compiled step was measured slower than eager once its cold compile is
+counted (the step is convolutions, which inductor hands to the same oneDNN kernels; bench/RESULTS.md,
+"Whole-step compile"), and on a GPU it is unmeasured, so off there too until a measurement says
+otherwise.
 
 The fused BatchNorm ops are torch.library custom ops with fakes, so dynamo traces through them
-without a graph break. Compile modes have returned wrong outputs on this model family (DESIGN §4):
-each compiled net's training-mode forward is compared with eager before the run uses it.
+without a graph break. Compile modes (inductor with ``freezing=True``) have returned wrong outputs on
+this model family: each compiled net's training-mode forward is compared with eager before the run
+uses it.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The AEGAN family: autoencoder H/F, embedding generator G_E and discriminator D_E, denoiser φ and
-image discriminator D_R (DESIGN.md §1), for any resolution R that is a power of two ≥ 64.
+image discriminator D_R, as in the authors' public code with its known defects fixed (below), for
+any resolution R that is a power of two ≥ 64.
 
 Every BatchNorm+activation and BatchNorm+residual-add goes through ``aegan_fast.ops`` (the
 ``BatchNormAct2d`` / ``BatchNormAddAct2d`` modules), so the kernel backend is swapped without

@@ -10,9 +10,9 @@ StyleGAN2-ADA's and timm's AMP paths):
 
 Why channels_last goes with bf16 on the CPU: oneDNN's bf16 convolutions run on channels_last
 tensors; an NCHW bf16 tensor costs a layout reorder in and out of every convolution, and with the
-casts that made a naive ``torch.autocast`` over fp32 NCHW 2–3× *slower* than fp32 (DESIGN §4).
-Kept in bf16 channels_last through a whole step, a stage-2 step at R=128 runs ≈ 1.7× and a stage-1
-step ≈ 2.2× faster than fp32 on a 2-core avx512_bf16 CPU (bench/RESULTS.md).
+casts, a naive ``torch.autocast`` over fp32 NCHW was measured slower than fp32 on CPUs without AMX.
+Kept in bf16 channels_last through a whole step, both the stage-1 and the stage-2 step run well
+ahead of fp32 (figures per CPU kind: bench/RESULTS.md, "Speed end to end").
 
 ``auto`` takes bf16 + channels_last where the device has native bf16 arithmetic, asked of torch
 itself (oneDNN's bf16 support check on the CPU, ``torch.cuda.is_bf16_supported`` without emulation

@@ -5,7 +5,7 @@
 // every argument check with TORCH_CHECK before calling in) and into the plain CMake library with
 // its C++ tests (csrc/tests/). Nothing here validates arguments: callers must.
 //
-// Algorithm (DESIGN §3, issue 3): forward = one statistics pass + one apply pass; backward = one
+// Algorithm (issue 3): forward = one statistics pass + one apply pass; backward = one
 // reduction pass + one apply pass (in eval mode the reduction pass also writes grad input, so
 // backward is a single pass). Statistics are accumulated in fp32 over short blocks of a shifted
 // input (x - K_c, K_c = the channel's first element), block totals are added in fp64 — see

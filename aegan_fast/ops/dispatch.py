@@ -25,25 +25,12 @@ BACKENDS = ("reference", *library.KERNELS)
 # Preference order for `auto`, per device type. The cuda-vs-triton order on CUDA tensors is NOT
 # measured yet: set it from bench/bench_ops_gpu.py on a GPU and record the figures in bench/RESULTS.md.
 AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
-# `auto` takes the reference below this many values per channel (N*H*W), where the kernel's
-# per-call cost outweighs its gain. CPU (2026-12-02, bench/bench_ops.py --sweep: BatchNormAct2d
-# leaky_relu fwd+bwd, fp32, 2 threads, two runs, medians of 7 interleaved rounds): with >= 4096
-# values per channel cpp won every shape (1.02x-1.97x at 4096-8192 per channel, e.g. C=64 N=16
-# 16x16 1.05x/1.19x, C=512 N=16 16x16 1.77x/1.68x; 3.3x at 128x128); with 2048 it lost or tied
-# (0.67x-1.14x, the sign flipping between runs); at <= 1024 it lost (0.34x-0.83x: about 0.35 ms of
-# fixed cost per call against the reference's 0.15 ms). Per channel rather than per call because
-# the cost grows with C at a fixed map (C=512 N=32 8x8 is 1M values per call and still a tie).
-# CUDA: not measured yet (no GPU so far), so no threshold.
-# bf16 channels_last on CPU (the trainer's bf16 path: bf16 activations, fp32 parameters; key
-# "cpu/bf16/channels_last"; 2026-12-02, bench_ops.py --sweep --dtype bf16 --channels-last and a
-# targeted rerun, cpp on AVX-512, 2 threads, on a machine other sessions loaded to 3-7 runnable
-# threads, so min of 9-15 interleaved rounds, four runs): the reference is relatively stronger here
-# (ATen's channels_last bf16 batch norm is vectorised; the per-call fixed cost of the custom op is
-# not smaller in bf16). At 4096 values per channel cpp lost in every run (C=64 N=16 16x16 0.55x-0.70x,
-# C=256 N=16 16x16 0.78x-0.86x, C=512 N=16 16x16 0.36x-0.70x); at 8192 it lost or tied (0.67x-1.49x,
-# the sign flipping between runs); from 16384 it won or tied every run (C=64 N=16 32x32 1.07x-1.44x,
-# C=256 N=16 32x32 2.79x, 64x64 at C=64 2.2x-2.4x; 128x128 at C=64 about 3x). So 16384: bf16 layers
-# of N=16 on maps from 32x32 up take the kernel. Re-measure on a quiet machine before lowering it.
+# `auto` takes the reference below this many values per channel (N*H*W), where the kernel's fixed
+# cost per call outweighs its gain: the smallest size at which cpp won every measured shape, per
+# device and, on the CPU, per activation dtype and layout (key "cpu/bf16/channels_last": the
+# trainer's bf16 path). Per channel rather than per call because the cost grows with C at a fixed
+# map. Figures: bench/RESULTS.md, "`auto` never slower than reference" (fp32) and "Fused BN ops on
+# bf16 channels_last" (bf16). CUDA is not measured yet, so it has no threshold.
 AUTO_MIN_PER_CHANNEL = {"cpu": 4096, "cpu/bf16/channels_last": 16384}
 
 _requested: ContextVar[str] = ContextVar("aegan_fast_ops_backend", default=os.environ.get("AEGAN_OPS", "auto"))
