@@ -20,8 +20,9 @@ from aegan_fast.export.cli import main as export_main
 from aegan_fast.export.fold import fold_conv_bn, uses_custom_ops
 from aegan_fast.export.onnx_export import (TOLERANCE, export_checkpoint, export_onnx, exporter, onnx_io,
                                            onnx_metadata, ort_session)
-from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sha256_file, sidecar_path,
-                                   tensorrt_unavailable, write_sidecar)
+from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sidecar_path, tensorrt_unavailable,
+                                   write_sidecar)
+from aegan_fast.files import sha256_file
 from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z, seeded_z
 from aegan_fast.ops import BatchNormAct2d
 from aegan_fast.sample import main as sample_main

@@ -24,9 +24,9 @@ import torch
 from .. import __version__
 from ..checkpoint import load_sampling_nets, resolve_checkpoint
 from ..errors import CheckFailed, UserError
+from ..files import sha256_file
 from ..models import SamplingChain, seeded_z
 from .fold import fold_chain
-from .trt import sha256_file
 
 INPUT_NAME, OUTPUT_NAME = "z", "image"
 OPSET = 18

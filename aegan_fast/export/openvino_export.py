@@ -22,9 +22,9 @@ import torch
 
 from ..checkpoint import load_sampling_nets, resolve_checkpoint
 from ..errors import UserError
+from ..files import sha256_file
 from ..models import SamplingChain, seeded_z
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, TOLERANCE, ExportError, export_checkpoint
-from .trt import sha256_file
 
 RT_KEY = "aegan_fast"
 # Max |OpenVINO fp32 − torch fp32| on images in [-1, 1] at export: the ONNX bound. bf16 keeps ~3
