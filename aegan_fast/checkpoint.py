@@ -18,18 +18,16 @@ follow it; resuming always follows ``latest``.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .files import atomic_write_bytes, sha256_file
 
 LATEST = "latest"
 SAMPLING = "sampling"
@@ -47,43 +45,6 @@ class NonFiniteCheckpoint(UserError):
 
 class CheckpointWriteError(UserError):
     """The disk refused a checkpoint (full, read-only, no permission, I/O error); the previous one is intact."""
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temp file beside path, fsync it, rename it over path, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # never hide the error that got us here
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself is only durable once the folder's entry is
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":  # Windows cannot open a folder as a file; NTFS journals the rename
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # filesystems without folder fsync
-            raise
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _leaves(obj, key: str = ""):
@@ -131,14 +92,6 @@ def _read_manifest(folder: Path) -> list[tuple[str, str | None]]:
     return entries
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest_text(entries) -> str:
     # an entry from an old bare-name pointer stays bare: hashing it now would vouch for a file never checked
     return "".join(f"{d}  {n}\n" if d else f"{n}\n" for n, d in entries)
@@ -164,7 +117,7 @@ def save_checkpoint(run_dir: Path, name: str, state: dict, keep: int = 3) -> Pat
     try:
         atomic_write_bytes(path, lambda f: torch.save(state, f))
         renamed = True
-        entries = [(name, _sha256(path))] + [e for e in old if e[0] != name and (folder / e[0]).exists()]
+        entries = [(name, sha256_file(path))] + [e for e in old if e[0] != name and (folder / e[0]).exists()]
         # newest first as committed, not by name: after going back to an older checkpoint the
         # current one has the smallest count, and must stay
         dropped = set([n for n, _ in entries if n.startswith(PERIODIC)][keep:])
@@ -239,7 +192,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             entry = _sampling_entry(folder)
             if entry is not None:
                 name, digest = entry
-                if digest is not None and _sha256(folder / name) != digest:
+                if digest is not None and sha256_file(folder / name) != digest:
                     raise UserError(f"checkpoint {folder / name}, which {SAMPLING} names, is truncated or corrupt "
                                     f"(its sha256 differs from the one recorded in {LATEST})")
                 return folder / name
@@ -256,7 +209,7 @@ def _load(path: Path, digest: str | None, map_location) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} is missing")
     try:
-        if digest is not None and _sha256(path) != digest:
+        if digest is not None and sha256_file(path) != digest:
             raise UserError(f"checkpoint {path} is truncated or corrupt: its sha256 differs from the one "
                             f"recorded in {LATEST} when it was written")
         # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code.

@@ -16,11 +16,11 @@ RECONSTRUCTION = ("l1", "psnr")
 def scoring_reference(data: ImageSet, trained_on: bool) -> tuple[ImageSet, str]:
     """(real images to score against, what they are): data's held-out split, else all of data, which
     for the run's own data (``trained_on``) means training images, warned about."""
-    if data.holdout:
-        return data.split("heldout"), f"held-out real images of {data.origin}"
-    if trained_on:
-        return data.reference(), f"real images of {data.origin} (no held-out split: the run trained on them)"
-    return data, f"real images of {data.origin} (another data set, none held out)"
+    if not data.holdout and not trained_on:
+        return data, f"real images of {data.origin} (another data set, none held out)"
+    what = (f"held-out real images of {data.origin}" if data.holdout else
+            f"real images of {data.origin} (no held-out split: the run trained on them)")
+    return data.reference(), what
 
 
 @torch.no_grad()

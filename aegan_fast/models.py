@@ -343,7 +343,6 @@ class ImageDiscriminator(nn.Module):
         return self.net(x).flatten()
 
 
-NET_NAMES = ("H", "F", "G_E", "D_E", "phi", "D_R")
 SAMPLING_CHAIN = ("G_E", "F", "phi")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import resolve_checkpoint
 from .data import to_uint8
 from .errors import UserError, cli
-from .export.openvino_export import PRECISIONS
+from .precision import PRECISIONS
 from .sampling import BACKENDS, Sampler, path_kind
 from .viz import save_grid, save_png
 
@@ -37,7 +37,8 @@ def main(argv=None) -> None:
                         "(eager), compile (torch.compile), onnxruntime (exports a checkpoint on the fly), openvino "
                         "(CPU; exports a checkpoint once, beside it), tensorrt")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="openvino only: bf16 where the CPU has it (auto), or force bf16/fp32")
+                   help="what the backend computes in, in training's words: auto (bf16 for openvino where the CPU "
+                        "has it, an exported file's own, else fp32) or fp32/bf16/fp16 where the backend runs it")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--no-denoise", action="store_true", help="skip φ: show F(G_E(z)) as the denoiser sees it")
     args = p.parse_args(argv)

@@ -2,14 +2,16 @@
 
     from aegan_fast.sampling import Sampler
     sampler = Sampler.load("runs/x")                      # backend "auto"; or a .onnx, an OpenVINO .xml, a .plan
+    sampler = Sampler.load("runs/x", "torch", "cuda", precision="bf16",   # training's --precision words
+                           options=SamplerOptions(channels_last=True))    # one backend's own knobs
     images = sampler(z)                                   # z: N × z_dim in [-1, 1]; any N
     images = sampler.sample(64, seed=0)                   # the z the sample CLI draws for seed 0
 
 Backends (``sampler_backends()`` says which work here, and the doctor prints it):
 
 - ``torch``: eager PyTorch on the folded SamplingChain (BatchNorm folded into the convs,
-  aegan_fast.export.fold); ``fold=False`` runs the chain of the nets as trained instead, through
-  aegan_fast.ops;
+  aegan_fast.export.fold); ``SamplerOptions(fold=False)`` runs the chain of the nets as trained
+  instead, through aegan_fast.ops;
 - ``compile``: ``torch.compile`` of the folded chain (inductor default options, never
   ``freezing=True``, which gave wrong outputs on this family). Each new batch size is checked
   against eager on its first call; a mismatch raises instead of returning wrong images;
@@ -17,13 +19,19 @@ Backends (``sampler_backends()`` says which work here, and the doctor prints it)
   the CUDA provider when onnxruntime has it and the device is a GPU;
 - ``openvino``: an OpenVINO IR (``python -m aegan_fast.export --format openvino``), or a checkpoint
   exported once and kept beside it (``openvino/`` in its folder); CPU only, bf16 where OpenVINO's
-  CPU device lists BF16 among its OPTIMIZATION_CAPABILITIES, else fp32 (``precision="fp32"`` forces
-  fp32); the compiled model is cached beside the IR (CACHE_DIR), so a second load is fast;
+  CPU device lists BF16 among its OPTIMIZATION_CAPABILITIES, else fp32; the compiled model is cached
+  beside the IR (CACHE_DIR), so a second load is fast;
 - ``tensorrt``: a serialized engine (``python -m aegan_fast.export --format tensorrt``), run with
   ``execute_async_v3`` on torch CUDA buffers on the current stream, optionally from a CUDA graph;
 - ``auto`` (the default): the file's own runtime for an exported file (.onnx → onnxruntime, .xml →
   openvino, .plan → tensorrt); for a checkpoint the fastest backend that runs here, from the measured
-  table AUTO_ORDER (figures beside it). ``sampler.description`` says which it chose and why.
+  table AUTO_ORDER. ``sampler.description`` says which it chose and why.
+
+``precision`` speaks training's ``--precision`` words (precision.PRECISIONS: auto, fp32, bf16, fp16).
+``auto`` is each backend's own choice: bf16 for openvino where the CPU has it, the file's own for an
+exported .onnx or .plan, fp32 for everything else. An explicit word a backend cannot run (fp16 on
+openvino, bf16 on onnxruntime) or that contradicts an exported file's own is a UserError.
+What is not precision and belongs to one backend is a field of ``SamplerOptions``.
 
 Any batch size works: the sampler splits z into chunks of the backend's largest batch (an
 engine's profile max, a fixed-batch ONNX's batch) and pads a short last chunk where the backend
@@ -36,6 +44,7 @@ import logging
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -43,24 +52,20 @@ import torch
 from .training.run_state import load_sampling_nets
 from .device import pick_device
 from .errors import UserError
+from .export import path_kind
 from .models import SamplingChain, run_in_chunks, seeded_z
+from .precision import DTYPES, PRECISIONS
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino", "tensorrt")
 log = logging.getLogger(__name__)
 
 # What ``auto`` picks for a checkpoint: the first of these that runs on the device. A measured table,
-# not a measurement at load time (timing every backend at 512² costs minutes). 512² sampling on lively
-# paper-size nets, 2 cores with avx512_bf16 (no AMX), torch 2.13, OpenVINO 2026.4.1, medians of 3
-# interleaved rounds, ratio to eager fp32 in the same run (bench/bench_sampling.py, 2026-12-02, a loaded
-# machine: load average 5–7, so absolute times are ~3× slow):
-#   batch 8: openvino bf16 3.65–4.22×, openvino fp32 1.89×, compile 1.86×, onnxruntime 1.85×, folded eager 1.09×
-#   batch 1: openvino bf16 7.5× (321 ms), openvino fp32 3.77×, onnxruntime 2.94×, folded eager 1.88×, compile 1.67×
-# (DESIGN.md §4 on a quiet machine, batch 8, img/s: openvino bf16 7.2, openvino fp32 4.3, compile 3.4,
-# onnxruntime 2.8–3.0, eager 1.6.) OpenVINO is first on x86 CPUs whether or not they have bf16 (its fp32
-# alone matched or beat every other CPU backend); elsewhere its CPU plugin is unmeasured here, so it comes
-# after compile. compile goes before onnxruntime for its batch-8 throughput, although its first call
-# compiles (~25 s per batch size at 512² cold, ~3 s warm). On CUDA: TensorRT (fp16 engines), then compile —
-# not measured here (no GPU with TensorRT was available).
+# not a measurement at load time (timing every backend at 512² costs minutes); measured: bench/RESULTS.md,
+# section "Sampling 512², batch 8" (bench/bench_sampling.py). OpenVINO is first on x86 CPUs whether or not
+# they have bf16 (its fp32 alone matched or beat every other CPU backend); elsewhere its CPU plugin is
+# unmeasured, so it comes after compile. compile goes before onnxruntime for its batch-8 throughput,
+# although its first call compiles each new batch size. On CUDA: TensorRT (fp16 engines), then compile —
+# unmeasured (no GPU with TensorRT was available).
 AUTO_ORDER = {"cuda": ("tensorrt", "compile", "torch"),
               "x86": ("openvino", "compile", "onnxruntime", "torch"),
               "cpu": ("compile", "openvino", "onnxruntime", "torch")}
@@ -126,17 +131,34 @@ def auto_backend(device: str | torch.device = "cpu", kind: str = "checkpoint") -
         skipped.append(f"{backend}: {avail[backend]}")
     raise AssertionError("the torch backend always runs")
 
-def path_kind(path: Path) -> str:
-    """'onnx', 'xml' (an OpenVINO IR), 'plan' (a TensorRT engine) or 'checkpoint' (a run directory or
-    checkpoint file)."""
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix == ".xml":
-        return "xml"
-    if suffix in (".plan", ".engine", ".trt"):
-        return "plan"
-    return "checkpoint"
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """What one backend can be told beyond the precision; the defaults suit every backend. Setting a
+    field the chosen backend does not have is a UserError (OPTION_BACKENDS says whose each is)."""
+    fold: bool = True                # BatchNorm folded into the convs; False runs the nets as trained
+    channels_last: bool = False      # the chain's tensors in channels_last memory format
+    compile_mode: str | None = None  # a torch.compile mode (None: inductor's default)
+    cuda_graph: bool = False         # replay each batch from a CUDA graph
+
+
+OPTION_BACKENDS = {"fold": ("torch", "compile"), "channels_last": ("torch", "compile"),
+                   "compile_mode": ("compile",), "cuda_graph": ("tensorrt",)}
+
+
+def _check_options(options: SamplerOptions, backend: str) -> None:
+    foreign = [f.name for f in fields(options)
+               if getattr(options, f.name) != f.default and backend not in OPTION_BACKENDS[f.name]]
+    if foreign:
+        raise UserError(f"sampler backend {backend!r} has no option {', '.join(foreign)} ("
+                        + "; ".join(f"{name}: {', '.join(OPTION_BACKENDS[name])}" for name in foreign) + ")")
+
+
+def _file_precision(path: Path, own: str, precision: str) -> str:
+    """An exported file's own precision; asking it for another is a UserError."""
+    if precision not in ("auto", own):
+        raise UserError(f"{path.name} runs in {own} (fixed at export); precision {precision!r} needs another export")
+    return own
 
 
 class Sampler:
@@ -146,38 +168,41 @@ class Sampler:
     the seeded noise the sample CLI draws."""
 
     def __init__(self, run, *, backend: str, z_dim: int, resolution: int, device: torch.device,
-                 max_batch: int | None = None, min_batch: int = 1, denoise: bool = True, description: str = "",
-                 chain: SamplingChain | None = None):
+                 precision: str = "fp32", max_batch: int | None = None, min_batch: int = 1, denoise: bool = True,
+                 description: str = "", chain: SamplingChain | None = None):
         self._run = run
         self.chain = chain  # the SamplingChain the torch/compile backends run; None for the others
         self.backend, self.z_dim, self.resolution = backend, z_dim, resolution
+        self.precision = precision  # what it computes in, resolved: fp32, bf16 or fp16
         self.device, self.max_batch, self.min_batch = torch.device(device), max_batch, min_batch
         self.denoise, self.description = denoise, description
 
     def __repr__(self) -> str:
         return (f"Sampler(backend={self.backend!r}, R={self.resolution}, z_dim={self.z_dim}, device={self.device}, "
-                f"max_batch={self.max_batch}, {self.description})")
+                f"precision={self.precision}, max_batch={self.max_batch}, {self.description})")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str | None = "auto", device: str | torch.device = "auto", *,
-             use_ema: bool = True, denoise: bool = True, fold: bool = True, dtype: torch.dtype = torch.float32,
-             channels_last: bool = False, compile_mode: str | None = None, onnx_dtype: str = "fp32",
-             precision: str = "auto", cuda_graph: bool = False) -> "Sampler":
+             precision: str = "auto", use_ema: bool = True, denoise: bool = True,
+             options: SamplerOptions | None = None) -> "Sampler":
         """A sampler for ``path``: a run directory or checkpoint (backends torch, compile, onnxruntime and
         openvino — exported on the fly, openvino's kept beside the checkpoint), an ``.onnx`` file
         (onnxruntime), an OpenVINO ``.xml`` (openvino) or a TensorRT ``.plan`` (tensorrt).
-        ``backend="auto"`` (or None): the file's runtime, or for a checkpoint the fastest backend that runs
-        on the device (``auto_backend``; the choice and its reason are logged and in ``description``).
 
-        torch/compile only: ``fold`` (BatchNorm folded, default), ``dtype`` (compute dtype), ``channels_last``,
-        ``compile_mode`` (a torch.compile mode). onnxruntime from a checkpoint: ``onnx_dtype`` fp32|fp16.
-        openvino: ``precision`` auto (bf16 where the CPU has it) | bf16 | fp32. tensorrt: ``cuda_graph``."""
+        ``backend``: one of BACKENDS; "auto" (or None) is the file's runtime, or for a checkpoint the
+        fastest backend that runs on ``device`` (``auto_backend``; the choice and its reason are logged
+        and in ``description``). ``precision``: training's words, auto | fp32 | bf16 | fp16 (the module
+        docstring says what auto means per backend). ``use_ema``: a checkpoint's EMA weights where it
+        kept them; ``denoise``: run φ (an exported file has it baked in, and a mismatch is an error).
+        ``options``: the backend's own knobs, a SamplerOptions."""
         path = Path(path).expanduser()
         kind = path_kind(path)
         backend = backend or "auto"
         if backend not in BACKENDS:
             raise UserError(f"unknown sampler backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown sampler precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         if kind != "checkpoint" and not path.is_file():
             raise UserError(f"no file at {path}")
         if kind == "xml" and str(device) == "auto":
@@ -190,48 +215,51 @@ class Sampler:
         reason = sampler_backends(dev).get(backend)
         if reason:
             raise UserError(f"sampler backend {backend!r} is not available on {dev}: {reason}")
-        sampler = cls._load(path, kind, backend, dev, use_ema, denoise, fold, dtype, channels_last, compile_mode,
-                            onnx_dtype, precision, cuda_graph)
+        options = options or SamplerOptions()
+        _check_options(options, backend)
+        sampler = cls._load(path, kind, backend, dev, precision, use_ema, denoise, options)
         if chosen:
             sampler.description = f"{sampler.description}; {chosen}"
         log.info("sampler %s: %s", backend, sampler.description)
         return sampler
 
     @classmethod
-    def _load(cls, path, kind, backend, dev, use_ema, denoise, fold, dtype, channels_last, compile_mode, onnx_dtype,
-              precision, cuda_graph) -> "Sampler":
+    def _load(cls, path, kind, backend, dev, precision, use_ema, denoise, options) -> "Sampler":
         if kind == "xml" and backend != "openvino":
             raise UserError(f"an OpenVINO IR runs with backend 'openvino', not {backend!r}")
         if backend == "openvino":
             if kind not in ("checkpoint", "xml"):
                 raise UserError(f"backend 'openvino' runs an OpenVINO .xml or a checkpoint, not a .{path.suffix[1:]} "
                                 f"file (`python -m aegan_fast.export --format openvino` writes one)")
-            return cls._load_openvino(path, kind, dev, use_ema, denoise, precision)
+            return cls._load_openvino(path, kind, dev, precision, use_ema, denoise)
 
         if backend in ("torch", "compile"):
             if kind != "checkpoint":
                 raise UserError(f"backend {backend!r} runs a run directory or checkpoint, not a .{path.suffix[1:]} file")
-            return cls._load_torch(path, backend, dev, use_ema, denoise, fold, dtype, channels_last, compile_mode)
+            return cls._load_torch(path, backend, dev, precision, use_ema, denoise, options)
         if backend == "onnxruntime":
             if kind == "plan":
                 raise UserError("a TensorRT engine runs with backend 'tensorrt', not 'onnxruntime'")
-            return cls._load_onnxruntime(path, kind, dev, use_ema, denoise, onnx_dtype)
+            return cls._load_onnxruntime(path, kind, dev, precision, use_ema, denoise)
         if kind != "plan":
             raise UserError(f"backend 'tensorrt' needs an engine built with `python -m aegan_fast.export --ckpt "
                             f"{path} --format tensorrt --out sampler.plan`, not {path.name}")
-        return cls._load_tensorrt(path, dev, denoise, cuda_graph)
+        return cls._load_tensorrt(path, dev, precision, denoise, options.cuda_graph)
 
     @classmethod
-    def _load_torch(cls, path, backend, device, use_ema, denoise, fold, dtype, channels_last, compile_mode):
+    def _load_torch(cls, path, backend, device, precision, use_ema, denoise, options):
         from .export.fold import fold_chain
 
+        precision = "fp32" if precision == "auto" else precision
+        dtype = DTYPES[precision]
         cfg, nets = load_sampling_nets(path, device, use_ema=use_ema)
         chain = SamplingChain.of(nets, denoise)
-        chain = (fold_chain(chain) if fold else chain.eval().requires_grad_(False)).to(device=device, dtype=dtype)
-        if channels_last:
+        chain = fold_chain(chain) if options.fold else chain.eval().requires_grad_(False)
+        chain = chain.to(device=device, dtype=dtype)
+        if options.channels_last:
             chain = chain.to(memory_format=torch.channels_last)
-        desc = f"{'folded' if fold else 'unfolded'}, {str(dtype).removeprefix('torch.')}" + \
-               (", channels_last" if channels_last else "")
+        desc = f"{'folded' if options.fold else 'unfolded'}, {str(dtype).removeprefix('torch.')}" + \
+               (", channels_last" if options.channels_last else "")
 
         def eager(z):
             with torch.inference_mode():
@@ -239,13 +267,13 @@ class Sampler:
 
         run = eager
         if backend == "compile":
-            run = _ParityCheckedCompile(chain, dtype, compile_mode)
-            desc += f", torch.compile(mode={compile_mode})"
+            run = _ParityCheckedCompile(chain, dtype, options.compile_mode)
+            desc += f", torch.compile(mode={options.compile_mode})"
         return cls(run, backend=backend, z_dim=cfg.model.z_dim, resolution=cfg.model.resolution, device=device,
-                   denoise=denoise, description=desc, chain=chain)
+                   precision=precision, denoise=denoise, description=desc, chain=chain)
 
     @classmethod
-    def _load_openvino(cls, path, kind, device, use_ema, denoise, precision):
+    def _load_openvino(cls, path, kind, device, precision, use_ema, denoise):
         import time
 
         from .export.openvino_export import cache_dir_for, cached_export, compile_ir, read_ir, resolve_precision
@@ -269,27 +297,30 @@ class Sampler:
 
         from_cache = compiled.loaded_from_cache
         sampler = cls(run, backend="openvino", z_dim=int(meta["z_dim"]), resolution=int(meta["resolution"]),
-                      device=device, denoise=denoise,
+                      device=device, precision=precision, denoise=denoise,
                       description=f"{precision}{' (G_E in fp32)' if compiled.split else ''}, {xml.name}, "
                                   f"compiled in {compile_s:.1f} s"
                                   f"{' (from the cache)' if from_cache else ''}, hint {compiled.get_property('PERFORMANCE_HINT')}, "
                                   f"{compiled.get_property('NUM_STREAMS')} stream, "
                                   f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads")
-        sampler.precision, sampler.ir_path, sampler.loaded_from_cache = precision, xml, from_cache
+        sampler.ir_path, sampler.loaded_from_cache = xml, from_cache
         return sampler
 
     @classmethod
-    def _load_onnxruntime(cls, path, kind, device, use_ema, denoise, onnx_dtype):
+    def _load_onnxruntime(cls, path, kind, device, precision, use_ema, denoise):
         import numpy as np
 
-        from .export.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_metadata
+        from .export.onnx_export import DTYPES as ONNX_DTYPES, INPUT_NAME, OUTPUT_NAME, onnx_metadata
 
         if kind == "checkpoint":
             from .export.onnx_export import export_checkpoint
+            dtype = "fp32" if precision == "auto" else precision
+            if dtype not in ONNX_DTYPES:
+                raise UserError(f"backend 'onnxruntime' runs an export in {' or '.join(ONNX_DTYPES)}, not {dtype}")
             tmp = Path(tempfile.mkdtemp(prefix="aegan-onnx-"))
             onnx_path = tmp / "sampler.onnx"
             try:
-                export_checkpoint(path, onnx_path, dtype=onnx_dtype, use_ema=use_ema, denoise=denoise)
+                export_checkpoint(path, onnx_path, dtype=dtype, use_ema=use_ema, denoise=denoise)
                 session = cls._ort_session(onnx_path, device)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # the session holds the model in memory
@@ -304,6 +335,7 @@ class Sampler:
             raise UserError(f"{onnx_path.name} is not an aegan_fast sampler (input {inp.name!r}, output {out.name!r})")
         z_dim, resolution = int(inp.shape[1]), int(out.shape[-1])
         in_dtype = np.float16 if "float16" in inp.type else np.float32
+        precision = _file_precision(onnx_path, "fp16" if in_dtype is np.float16 else "fp32", precision)
         fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
         def run(z):
@@ -313,7 +345,7 @@ class Sampler:
 
         providers = session.get_providers()
         return cls(run, backend="onnxruntime", z_dim=z_dim, resolution=resolution, device=device,
-                   max_batch=fixed, min_batch=fixed or 1, denoise=denoise,
+                   precision=precision, max_batch=fixed, min_batch=fixed or 1, denoise=denoise,
                    description=f"{np.dtype(in_dtype).name}, providers={providers}")
 
     @staticmethod
@@ -323,7 +355,7 @@ class Sampler:
         return ort_session(onnx_path, providers)
 
     @classmethod
-    def _load_tensorrt(cls, path, device, denoise, cuda_graph):
+    def _load_tensorrt(cls, path, device, precision, denoise, cuda_graph):
         from .export.trt import TensorRTRunner
 
         if device.type != "cuda":
@@ -336,7 +368,8 @@ class Sampler:
         if info["denoise"] != denoise:
             raise UserError(f"{path.name} was built with denoise={info['denoise']}; build it again to change it")
         return cls(runner, backend="tensorrt", z_dim=info["z_dim"], resolution=info["resolution"], device=device,
-                   max_batch=runner.max_batch, min_batch=runner.min_batch, denoise=denoise,
+                   precision=_file_precision(path, info["dtype"], precision), max_batch=runner.max_batch,
+                   min_batch=runner.min_batch, denoise=denoise,
                    description=f"TensorRT {info['tensorrt_version']}, {info['dtype']}, "
                                f"profile {info['profile']}, cuda_graph={cuda_graph}")
 

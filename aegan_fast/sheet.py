@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import ImageSet
+from .data import ImageSet, flip_where, to_float
 from .errors import UserError
 from .models import SamplingChain
 from .viz import make_grid, save_png
@@ -37,7 +37,7 @@ PAD_VALUE = 200  # light grey: cells of white-background images (emoji) stay dis
 
 def _features(x: torch.Tensor, size: int) -> torch.Tensor:
     """N×3×s×s float32: x (uint8, or float in [-1, 1]) in [-1, 1], area-averaged to size² (never up)."""
-    x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
     if x.shape[-1] > size or x.shape[-2] > size:
         x = F.interpolate(x, size=(size, size), mode="area")
     return x
@@ -87,14 +87,9 @@ def nearest_training_images(queries: torch.Tensor, train: torch.Tensor, size: in
     if not torch.isfinite(best).all():
         raise ValueError("a query has no training image to compare with (all excluded)")
     best_idx, best_mirror = best_idx.cpu(), best_mirror.cpu()
-    found = _features(_oriented(train, best_idx, best_mirror), size).flatten(1)
+    found = _features(flip_where(train[best_idx], best_mirror), size).flatten(1)
     dist = (q.cpu().double() - found.double()).square().mean(1).sqrt() / 2
     return dist.float(), best_idx, best_mirror
-
-
-def _oriented(train: torch.Tensor, idx: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
-    x = train[idx]
-    return torch.where(mirrored[:, None, None, None], x.flip(-1), x)
 
 
 def _font(px: int):
@@ -194,10 +189,10 @@ def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: 
     own = _training_rows(data, train, real_idx)
     if (own >= 0).any() and len(train) < 2:
         raise UserError(f"{train.source} has {len(train)} image: the sheet's leave-one-out reference needs 2")
-    queries = torch.cat([samples, real.float().div(127.5).sub(1.0)])
+    queries = torch.cat([samples, to_float(real)])
     exclude = torch.cat([torch.full((m,), -1), own]) if (own >= 0).any() else None
     dist, idx, mirrored = nearest_training_images(queries, train.images, exclude=exclude, device=device)
-    nearest = _oriented(train.images, idx[:n], mirrored[:n]).float().div(127.5).sub(1.0)
+    nearest = to_float(flip_where(train.images[idx[:n]], mirrored[:n]))
     reference = ("other training images, leave-one-out" if (own >= 0).all() else
                  f"held-out images of {data.origin}" if (own < 0).all() else
                  f"images of {data.origin}, leave-one-out for those that are training images")
@@ -205,7 +200,7 @@ def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: 
                          [{"train_index": int(i), "mirrored": bool(f), "distance": round(float(d), 5)}
                           for i, f, d in zip(idx[:n], mirrored[:n], dist[:n])])
     sheet = make_sheet([
-        (f"real ({n} of {len(data)}, seed {seed})", real[:n].float().div(127.5).sub(1.0)),
+        (f"real ({n} of {len(data)}, seed {seed})", to_float(real[:n])),
         (f"samples (seed {seed})", samples[:n]),
         (f"nearest training image\nmedian distance {result.nearest_median:.3f} "
          f"(real images: {result.reference_median:.3f})", nearest),

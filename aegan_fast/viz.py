@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write_bytes
 from .data import to_uint8
+from .files import atomic_write_bytes
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> torch.Tensor:

@@ -53,7 +53,7 @@ from aegan_fast import ops  # noqa: E402
 from aegan_fast.config import TrainConfig  # noqa: E402
 from aegan_fast.metrics.recon import psnr  # noqa: E402
 from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
-from aegan_fast.sampling import Sampler, sampler_backends  # noqa: E402
+from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends  # noqa: E402
 from tests.weights import lively_weights  # noqa: E402  (a test helper: weights whose images vary)
 
 BATCHES = (1, 8, 32)
@@ -91,7 +91,7 @@ def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
     from aegan_fast.export.openvino_export import cpu_has_bf16, openvino_unavailable
 
     makers = {
-        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", fold=False),
+        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", options=SamplerOptions(fold=False)),
         "eager-folded": lambda: Sampler.load(ckpt, backend="torch", device="cpu"),
         "compile": lambda: Sampler.load(ckpt, backend="compile", device="cpu"),
         "onnxruntime": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cpu"),
@@ -108,9 +108,9 @@ def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
 
 def gpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
     return _runnable({
-        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cuda", fold=False),
-        "eager-bf16-cl": lambda: Sampler.load(ckpt, backend="torch", device="cuda", dtype=torch.bfloat16,
-                                              channels_last=True),
+        "eager": lambda: Sampler.load(ckpt, backend="torch", device="cuda", options=SamplerOptions(fold=False)),
+        "eager-bf16-cl": lambda: Sampler.load(ckpt, backend="torch", device="cuda", precision="bf16",
+                                              options=SamplerOptions(channels_last=True)),
         "compile": lambda: Sampler.load(ckpt, backend="compile", device="cuda"),
         "onnxruntime-cuda": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cuda"),
     }, {"eager": "torch", "eager-bf16-cl": "torch", "onnxruntime-cuda": "onnxruntime"}, "cuda", only)

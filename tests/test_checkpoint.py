@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from aegan_fast import checkpoint
+from aegan_fast import checkpoint, files
 from aegan_fast.checkpoint import (CheckpointWriteError, NonFiniteCheckpoint, config_mismatch, first_nonfinite,
                                    latest_checkpoint, load_checkpoint, load_for_resume,
                                    load_state_strict, save_checkpoint)
@@ -175,7 +175,7 @@ def _fail_mid_file(obj, f):
 def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch, where):
     run = _run_with_two(tmp_path)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    real_replace, real_mkstemp = os.replace, checkpoint.tempfile.mkstemp
+    real_replace, real_mkstemp = os.replace, files.tempfile.mkstemp
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if where == "mid-file":
         monkeypatch.setattr(checkpoint.torch, "save", _fail_mid_file)
@@ -192,7 +192,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, 
             if prefix.startswith(".latest"):
                 raise full
             return real_mkstemp(prefix=prefix, **kw)
-        monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
 
     with pytest.raises(CheckpointWriteError) as e:
         save_checkpoint(run, _ckpt(3000), _state(3000))

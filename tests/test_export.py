@@ -20,12 +20,13 @@ from aegan_fast.export.cli import main as export_main
 from aegan_fast.export.fold import fold_conv_bn, uses_custom_ops
 from aegan_fast.export.onnx_export import (TOLERANCE, export_checkpoint, export_onnx, exporter, onnx_io,
                                            onnx_metadata, ort_session)
-from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sha256_file, sidecar_path,
-                                   tensorrt_unavailable, write_sidecar)
+from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sidecar_path, tensorrt_unavailable,
+                                   write_sidecar)
+from aegan_fast.files import sha256_file
 from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z, seeded_z
 from aegan_fast.ops import BatchNormAct2d
 from aegan_fast.sample import main as sample_main
-from aegan_fast.sampling import Sampler, sampler_backends
+from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends
 from aegan_fast.training import train
 from conftest import make_image_folder, tiny_config
 from weights import FP32_CHAIN, lively_weights, plain_twin, reference_chain
@@ -239,8 +240,8 @@ def test_fp16_fixed_batch_export_is_bounded_and_chunked(lively_ckpt, tmp_path):
     assert io["inputs"][0]["shape"] == [4, 100] and io["inputs"][0]["dtype"] == "float16"
     assert io["outputs"][0]["dtype"] == "float16"
     _, nets = load_sampling_nets(lively_ckpt)
-    sampler = Sampler.load(out)
-    assert sampler.max_batch == sampler.min_batch == 4
+    sampler = Sampler.load(out, precision="fp16")
+    assert sampler.max_batch == sampler.min_batch == 4 and sampler.precision == "fp16"
     z = sample_z(6, 100, torch.Generator().manual_seed(0))  # one full chunk of 4, one padded chunk of 2
     with torch.no_grad():
         want = SamplingChain.of(nets)(z)
@@ -272,9 +273,13 @@ def test_sampler_torch_and_compile_backends(lively_ckpt, reference, monkeypatch)
         want = reference(z)
     assert want.std() > 0.15
     eager = Sampler.load(lively_ckpt, backend="torch", device="cpu")
-    assert isinstance(eager.chain, SamplingChain) and not uses_custom_ops(eager.chain)
+    assert isinstance(eager.chain, SamplingChain) and not uses_custom_ops(eager.chain) and eager.precision == "fp32"
     torch.testing.assert_close(eager(z), want, rtol=0, atol=FP32_CHAIN)
-    unfolded = Sampler.load(lively_ckpt, backend="torch", device="cpu", fold=False)
+    bf16 = Sampler.load(lively_ckpt, backend="torch", device="cpu", precision="bf16")  # training's word for it
+    assert bf16.precision == "bf16" and {p.dtype for p in bf16.chain.parameters()} == {torch.bfloat16}
+    err = (bf16(z) - want).abs()
+    assert 0 < err.mean() < 0.02 and err.max() < 0.3, (err.mean(), err.max())  # bf16 really ran, close to fp32
+    unfolded = Sampler.load(lively_ckpt, backend="torch", device="cpu", options=SamplerOptions(fold=False))
     assert uses_custom_ops(unfolded.chain)  # really the nets as trained, through aegan_fast.ops
     torch.testing.assert_close(unfolded(z), want, rtol=0, atol=FP32_CHAIN)
     chunked = Sampler.load(lively_ckpt, backend="torch", device="cpu")
@@ -311,15 +316,42 @@ def test_sampler_load_errors(lively_ckpt, lively_onnx, tmp_path):
             Sampler.load(lively_ckpt, backend="tensorrt", device="cpu")
     with pytest.raises(ValueError, match="z must be"):
         Sampler.load(lively_onnx)(torch.zeros(2, 7))
+    # One precision vocabulary, training's; what a backend or a file cannot run is refused by name.
+    with pytest.raises(UserError, match="unknown sampler precision 'half'"):
+        Sampler.load(lively_ckpt, backend="torch", device="cpu", precision="half")
+    with pytest.raises(UserError, match="runs in fp32 .fixed at export.; precision 'fp16'"):
+        Sampler.load(lively_onnx, precision="fp16")
+    assert Sampler.load(lively_onnx, precision="fp32").precision == "fp32"
+    with pytest.raises(UserError, match="'onnxruntime' runs an export in fp32 or fp16, not bf16"):
+        Sampler.load(lively_ckpt, backend="onnxruntime", device="cpu", precision="bf16")
+    # An option of another backend is an error, not silently ignored.
+    with pytest.raises(UserError, match="'torch' has no option compile_mode, cuda_graph .compile_mode: compile; "
+                                        "cuda_graph: tensorrt."):
+        Sampler.load(lively_ckpt, backend="torch", device="cpu",
+                     options=SamplerOptions(compile_mode="max-autotune", cuda_graph=True))
 
 
-def test_doctor_lists_sampler_backends():
+def test_doctor_reports_each_sampler_backend_as_the_sampler_has_it(monkeypatch):
+    """The doctor's sampler rows are sampler_backends() row for row (a backend that cannot run is
+    reported with the sampler's reason), and its auto row is auto_backend's choice."""
     from aegan_fast import doctor
-    sections = dict(doctor.report())
-    names = [name for name, _, _ in sections["sampler backends"]]
-    assert any(n.startswith("torch") for n in names) and any(n.startswith("onnxruntime") for n in names)
-    assert any(n.startswith("tensorrt") for n in names) and any(n.startswith("compile") for n in names)
-    assert any(n.startswith("openvino") for n in names) and any(n.startswith("auto") for n in names)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def rows():
+        return {name: reason for name, reason, _ in doctor.sampler_rows(torch)}
+
+    def expected(backends):
+        return {**{f"{b} ({device})": why for b, why in backends.items()}, f"auto ({device})": None}
+
+    assert rows() == expected(sampler_backends(device))
+    faked = {b: f"{b} made unavailable by this test" for b in sampling_mod.BACKENDS if b != "auto"}
+    faked["onnxruntime"] = faked["torch"] = None
+    monkeypatch.setattr(sampling_mod, "sampler_backends", lambda device="cpu": dict(faked))
+    assert rows() == expected(faked)
+    auto_detail = doctor.sampler_rows(torch)[-1][2]
+    assert auto_detail.startswith("torch: " if device == "cuda" else "onnxruntime: ")
+    assert "compile: compile made unavailable by this test" in auto_detail
 
 
 # ---- export CLI argument checks and the TensorRT sidecar ----------------------------------------
@@ -397,7 +429,7 @@ def test_tensorrt_engine_build_and_run(lively_ckpt, tmp_path):
     with torch.no_grad():
         want = SamplingChain.of(nets)(z)
     for cuda_graph in (False, True):
-        sampler = Sampler.load(plan, device="cuda", cuda_graph=cuda_graph)
+        sampler = Sampler.load(plan, device="cuda", options=SamplerOptions(cuda_graph=cuda_graph))
         got = sampler(z.cuda())
         assert got.is_cuda and (got.cpu() - want).abs().max().item() <= TOLERANCE["fp16"]
 

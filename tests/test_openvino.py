@@ -175,6 +175,8 @@ def test_missing_corrupt_and_foreign_ir(lively, tmp_path):
         Sampler.load(xml, backend="onnxruntime")
     with pytest.raises(UserError, match="denoise=True"):
         Sampler.load(xml, denoise=False)
+    with pytest.raises(UserError, match="OpenVINO precision must be one of auto, bf16, fp32, got 'fp16'"):
+        Sampler.load(xml, precision="fp16")  # a word of training's vocabulary OpenVINO's CPU does not run
 
 
 def test_export_cli_openvino_errors(lively, tmp_path, monkeypatch, capsys):

@@ -158,9 +158,7 @@ class ImageSet:
         return idx, mirror
 
     def gather(self, idx: torch.Tensor, mirror: torch.Tensor, device) -> torch.Tensor:
-        x = self.images[idx]
-        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-        return to_float(x.to(device, non_blocking=True))
+        return to_float(flip_where(self.images[idx], mirror).to(device, non_blocking=True))
 
     def spread(self, n: int, device) -> torch.Tensor:
         """n images evenly spaced through the set (repeating when it is smaller): fixed real images
@@ -170,11 +168,18 @@ class ImageSet:
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [0, 255] → float32 in [-1, 1], the range the nets see."""
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → uint8 pixels [0, 255], clamped and rounded."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def flip_where(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """x (N × C × H × W) with the images whose flag (N bools) is set mirrored left–right."""
+    return torch.where(flags[:, None, None, None], x.flip(-1), x)
 
 
 def open_prepared(path: Path, cache_mb: float = 4096) -> ImageSet:

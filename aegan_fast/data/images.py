@@ -217,43 +217,44 @@ def _skip_reason(name: str, size: int) -> str | None:
 
 def _list_zip(path: Path) -> Iterator[Entry]:
     zf = zipfile.ZipFile(path)
-    lock = threading.Lock()
-
-    def reader(info):
-        def read():
-            with lock:
-                return zf.read(info)
-        return read
-
-    for info in zf.infolist():
-        if info.is_dir():
-            continue
-        if stat.S_ISLNK(info.external_attr >> 16):
-            yield Entry(info.filename, 0, "", None, "symlink inside the archive (not followed)")
-            continue
-        reason = _skip_reason(info.filename, info.file_size)
-        yield Entry(info.filename, info.file_size, f"{info.file_size}:{info.CRC}", None if reason else reader(info), reason)
+    yield from _list_members(
+        ((info.filename, info.file_size, f"{info.file_size}:{info.CRC}", info,
+          "symlink inside the archive (not followed)" if stat.S_ISLNK(info.external_attr >> 16) else None)
+         for info in zf.infolist() if not info.is_dir()),
+        zf.read)
 
 
 def _list_tar(path: Path) -> Iterator[Entry]:
     tf = tarfile.open(path)
+
+    def read(member):
+        f = tf.extractfile(member)
+        return f.read() if f else b""
+
+    yield from _list_members(
+        ((m.name, m.size, f"{m.size}:{m.mtime}", m,
+          None if m.isfile() else "link or special file inside the archive (not followed)")
+         for m in tf.getmembers() if not m.isdir()),
+        read)
+
+
+def _list_members(members, read) -> Iterator[Entry]:
+    """Entries of an archive's members, given as (name, size, stamp, member, why not followed or None);
+    read(member) → bytes, one at a time (an open archive is not safe to read from several threads)."""
     lock = threading.Lock()
 
     def reader(member):
-        def read():
+        def read_locked():
             with lock:
-                f = tf.extractfile(member)
-                return f.read() if f else b""
-        return read
+                return read(member)
+        return read_locked
 
-    for m in tf.getmembers():
-        if m.isdir():
+    for name, size, stamp, member, special in members:
+        if special:
+            yield Entry(name, 0, "", None, special)
             continue
-        if not m.isfile():
-            yield Entry(m.name, 0, "", None, "link or special file inside the archive (not followed)")
-            continue
-        reason = _skip_reason(m.name, m.size)
-        yield Entry(m.name, m.size, f"{m.size}:{m.mtime}", None if reason else reader(m), reason)
+        reason = _skip_reason(name, size)
+        yield Entry(name, size, stamp, None if reason else reader(member), reason)
 
 
 def listing_key(kind: str, entries: list[Entry], *settings) -> str:

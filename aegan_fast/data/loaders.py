@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..distributed import current as current_world
 from ..errors import UserError
 from .dataset import ImageSet, to_float
 
@@ -45,13 +46,6 @@ log = logging.getLogger("aegan_fast.data")
 
 LOADERS = ("auto", "torch", "dali")
 DALI_PIP = "pip install nvidia-dali-cuda130==2.4.0 -c constraints.txt"
-
-
-def dist_shard() -> tuple[int, int]:
-    """(rank, world size) when torch.distributed is initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def dali_unavailable() -> str | None:
@@ -74,7 +68,8 @@ class TorchLoader:
                  shuffle: bool = True, workers: int = 2, shard: tuple[int, int] | None = None):
         self.data, self.batch, self.seed, self.flip, self.shuffle = data, batch, seed, flip, shuffle
         self.device = torch.device(device)
-        self.rank, self.world = shard or dist_shard()
+        world = current_world()
+        self.rank, self.world = shard or (world.rank, world.size)
         self.consumed = start            # images this rank has consumed
         self._planned = start            # images this rank has queued
         self._epochs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -173,7 +168,8 @@ class DaliLoader:
         info = (data.manifest or {}).get("encoded") or {}
         files = ensure_encoded(data.root, encoded or info.get("format") or ("jpeg" if gpu else "png"),
                                progress=False)[data.start:data.stop]  # file i is row i: the split's own files
-        self.rank, self.world = shard or dist_shard()
+        world = current_world()
+        self.rank, self.world = shard or (world.rank, world.size)
         self.batch = batch
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         pipe = _dali_pipeline(batch_size=batch, num_threads=max(1, workers), device_id=device_id,

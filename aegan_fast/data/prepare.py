@@ -51,6 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..files import atomic_write_bytes
 from .images import FITS, Entry, Skip, decode, list_source, listing_key
 
 log = logging.getLogger("aegan_fast.data")
@@ -100,13 +101,8 @@ def holdout_positions(names: list[str], k: int) -> set[int]:
     return set(sorted(range(len(names)), key=lambda i: (holdout_rank(names[i]), i))[:k])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write_bytes(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -238,7 +234,7 @@ def _prepare_locked(src, out, kind, entries, key, decode_key, settings, holdout,
         (out / "manifest.json").unlink()  # from here on the folder is not a data set until the end
     partial.mkdir(parents=True, exist_ok=True)
     if not plan.exists():
-        _atomic_write(plan, json.dumps({"key": decode_key, "source": str(src)}).encode())
+        atomic_write_bytes(plan, lambda f: f.write(json.dumps({"key": decode_key, "source": str(src)}).encode()))
 
     chunks = [entries[i:i + CHUNK] for i in range(0, len(entries), CHUNK)]
     have = [partial / f"chunk-{k:05d}.npz" for k in range(len(chunks))]
@@ -259,12 +255,8 @@ def _prepare_locked(src, out, kind, entries, key, decode_key, settings, holdout,
                 bar.update(1)
             arrays = [a for _, a in results if a is not None]
             stacked = np.stack(arrays) if arrays else np.zeros((0, resolution, resolution, 3), np.uint8)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            with open(tmp, "wb") as f:
-                np.savez(f, images=stacked, records=np.array(json.dumps([r for r, _ in results])))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            records = np.array(json.dumps([r for r, _ in results]))
+            atomic_write_bytes(path, lambda f: np.savez(f, images=stacked, records=records))
     bar.close()
     manifest = _assemble(src, kind, out, partial, have, resolution, key, settings, dedup, holdout)
     shutil.rmtree(partial)
@@ -325,7 +317,7 @@ def _assemble(src, kind, out, partial, chunk_paths, resolution, key, settings, d
         "images": sorted(({"index": row[i], **r} for i, (_, _, r) in enumerate(images)), key=lambda r: r["index"]),
         "skipped": skipped, "encoded": None,
     }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _write_manifest(out, manifest)
     log.info("prepared %d image(s) from %s into %s (%d skipped, %d held out for scoring)", len(images), src, out,
              len(skipped), k)
     return manifest
@@ -348,7 +340,7 @@ def ensure_encoded(out: Path, encoded: str = "png", jpeg_quality: int = 95, work
         return [out / "files" / n for n in names]
     if info:  # other files are about to be replaced: the manifest stops naming them first
         manifest["encoded"] = None
-        _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+        _write_manifest(out, manifest)
     array = np.load(out / "images.npy", mmap_mode="r")
     tmp = out / "files.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -367,5 +359,5 @@ def ensure_encoded(out: Path, encoded: str = "png", jpeg_quality: int = 95, work
     shutil.rmtree(out / "files", ignore_errors=True)
     os.replace(tmp, out / "files")
     manifest["encoded"] = {"format": encoded, "folder": "files", "quality": jpeg_quality if encoded == "jpeg" else None}
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _write_manifest(out, manifest)
     return [out / "files" / n for n in names]

@@ -10,6 +10,19 @@
 - ``trt``: TensorRT engine build, JSON sidecar, runtime;
 - ``cli``: the command line only. Running any of them: ``aegan_fast.sampling.Sampler``.
 """
+from pathlib import Path
+
 from .fold import fold_batchnorm, fold_chain
 
-__all__ = ["fold_batchnorm", "fold_chain"]
+# The suffixes of each kind of exported file: an ONNX graph, an OpenVINO IR, a TensorRT engine.
+SUFFIXES = {"onnx": (".onnx",), "xml": (".xml",), "plan": (".plan", ".engine", ".trt")}
+
+
+def path_kind(path: str | Path) -> str:
+    """'onnx', 'xml' (an OpenVINO IR), 'plan' (a TensorRT engine) or 'checkpoint' (a run directory or
+    checkpoint file), by the path's suffix (SUFFIXES)."""
+    suffix = Path(path).suffix.lower()
+    return next((kind for kind, suffixes in SUFFIXES.items() if suffix in suffixes), "checkpoint")
+
+
+__all__ = ["SUFFIXES", "fold_batchnorm", "fold_chain", "path_kind"]

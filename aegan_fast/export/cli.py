@@ -14,19 +14,20 @@ from pathlib import Path
 
 from ..checkpoint import resolve_checkpoint
 from ..errors import CheckFailed, UserError, cli
+from . import SUFFIXES, path_kind
 from .onnx_export import OPSET, export_checkpoint
 from .openvino_export import export_openvino, openvino_unavailable
 from .trt import build_engine, check_profile, make_sidecar, sidecar_path, tensorrt_unavailable, write_sidecar
 
-ONNX_SUFFIXES = (".onnx",)
-IR_SUFFIXES = (".xml",)
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+# The kind of file (export.SUFFIXES) each --format writes, and what it is called in messages.
+FORMATS = {"onnx": ("onnx", "an ONNX file"), "openvino": ("xml", "an OpenVINO IR"),
+           "tensorrt": ("plan", "a TensorRT engine")}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aegan-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or a checkpoint file")
-    p.add_argument("--format", choices=("onnx", "openvino", "tensorrt"), default="onnx")
+    p.add_argument("--format", choices=tuple(FORMATS), default="onnx")
     p.add_argument("--out", required=True,
                    help="sampler.onnx, sampler.xml for --format openvino, or sampler.plan for --format tensorrt")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
@@ -59,10 +60,10 @@ def check_args(args) -> None:
         raise UserError(f"--opset {args.opset}: opset 17 or newer is needed")
     trt_flags = {"--min-batch": args.min_batch, "--opt-batch": args.opt_batch, "--max-batch": args.max_batch,
                  "--workspace-gb": args.workspace_gb, "--timing-cache": args.timing_cache, "--onnx": args.onnx}
+    kind, what = FORMATS[args.format]
+    if path_kind(out) != kind:
+        raise UserError(f"--out {args.out}: {what} ends in {', '.join(SUFFIXES[kind])}")
     if args.format in ("onnx", "openvino"):
-        suffixes, what = (ONNX_SUFFIXES, "an ONNX file") if args.format == "onnx" else (IR_SUFFIXES, "an OpenVINO IR")
-        if out.suffix.lower() not in suffixes:
-            raise UserError(f"--out {args.out}: {what} ends in {', '.join(suffixes)}")
         given = [flag for flag, v in trt_flags.items() if v is not None]
         if given:
             raise UserError(f"{', '.join(given)} only apply to --format tensorrt")
@@ -73,8 +74,6 @@ def check_args(args) -> None:
                 raise UserError("--format openvino keeps a dynamic batch (it measured faster than a fixed one); "
                                 "leave out --batch")
         return
-    if out.suffix.lower() not in PLAN_SUFFIXES:
-        raise UserError(f"--out {args.out}: a TensorRT engine ends in {', '.join(PLAN_SUFFIXES)}")
     if args.batch is not None:
         if any(v is not None for v in (args.min_batch, args.opt_batch, args.max_batch)):
             raise UserError("--batch fixes the engine's batch; leave out --min-batch/--opt-batch/--max-batch")

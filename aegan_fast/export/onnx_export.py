@@ -25,9 +25,9 @@ from .. import __version__
 from ..checkpoint import resolve_checkpoint
 from ..training.run_state import load_sampling_nets
 from ..errors import CheckFailed, UserError
+from ..files import sha256_file
 from ..models import SamplingChain, seeded_z
 from .fold import fold_chain
-from .trt import sha256_file
 
 INPUT_NAME, OUTPUT_NAME = "z", "image"
 OPSET = 18

@@ -23,15 +23,16 @@ import torch
 from ..checkpoint import resolve_checkpoint
 from ..training.run_state import load_sampling_nets
 from ..errors import UserError
+from ..files import sha256_file
 from ..models import SamplingChain, seeded_z
+from . import path_kind
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, TOLERANCE, ExportError, export_checkpoint
-from .trt import sha256_file
 
 RT_KEY = "aegan_fast"
 # Max |OpenVINO fp32 − torch fp32| on images in [-1, 1] at export: the ONNX bound. bf16 keeps ~3
 # significant digits per op; its samples are judged by PSNR against fp32 (tests/test_openvino.py).
 FP32_TOLERANCE = TOLERANCE["fp32"]
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")  # the words of precision.PRECISIONS that OpenVINO's CPU runs
 _OV_PRECISION = {"bf16": "bf16", "fp32": "f32"}
 
 
@@ -107,16 +108,10 @@ def cache_dir_for(xml: str | Path) -> Path:
     return xml.with_name(xml.stem + ".ov-cache")
 
 
-# Performance hints, measured at 512² on lively paper-size nets, 2 cores with avx512_bf16 (no AMX),
-# OpenVINO 2026.4.1, bf16, medians of 3 interleaved rounds on a quiet machine (2026-12-02):
-#   batch 8: LATENCY (1 stream, 2 threads) dynamic batch 1500 ms; LATENCY with the batch fixed to 8
-#   1389 ms; THROUGHPUT (2 streams) with the batch split over 2 async requests 1401 ms (1340 ms with a fixed
-#   batch of 4); LATENCY without CPU pinning 1480 ms; the default THROUGHPUT hint with one request 3224 ms
-#   (it gives each stream one core);
-#   batch 1: LATENCY dynamic 195 ms, fixed batch 178 ms, LATENCY on 1 thread 363 ms.
-# The fixed-batch and split variants gained 4–12 %, within these machines' run-to-run spread and at the
-# price of a compile per batch size, so one LATENCY model with a dynamic batch and every core serves
-# both; INFERENCE_NUM_THREADS follows torch's thread count.
+# One LATENCY model with a dynamic batch on every core serves batch 1 and batch 8 alike: a fixed batch or
+# a batch split over THROUGHPUT streams gained no more than the run-to-run spread, at the price of a compile
+# per batch size, and the default THROUGHPUT hint with one request gives each stream one core (measured:
+# bench/RESULTS.md, section "OpenVINO performance hints"). INFERENCE_NUM_THREADS follows torch's thread count.
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}
 
 
@@ -258,7 +253,7 @@ def export_openvino(ckpt, out, *, use_ema: bool = True, denoise: bool = True, op
     import openvino as ov
 
     out = Path(out)
-    if out.suffix.lower() != ".xml":
+    if path_kind(out) != "xml":
         raise UserError(f"{out}: an OpenVINO IR ends in .xml")
     ckpt_file = resolve_checkpoint(ckpt)
     with tempfile.TemporaryDirectory(prefix="aegan-ov-") as tmp:

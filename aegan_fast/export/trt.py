@@ -14,13 +14,12 @@ torch-allocated CUDA buffers on the current torch stream, optionally replayed fr
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes, sha256_file
 
 SIDECAR_FORMAT = "aegan_fast-tensorrt-engine/1"
 
@@ -42,14 +41,6 @@ def _trt():
         raise RuntimeError(reason)
     import tensorrt as trt
     return trt
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sidecar_path(plan_path: str | Path) -> Path:

@@ -40,10 +40,5 @@ def to_255(x: torch.Tensor) -> torch.Tensor:
     return (x.float() + 1.0) * 127.5
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [0, 255], rounded and clamped."""
-    return to_255(x).round().clamp(0, 255).to(torch.uint8)
-
-
 def resolve_device(device, fallback: torch.Tensor) -> torch.device:
     return torch.device(device) if device is not None else fallback.device

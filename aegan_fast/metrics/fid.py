@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import to_uint8
 from ..errors import UserError
-from ._common import check_images, resolve_device, to_uint8
+from ._common import check_images, resolve_device
 
 # ---------------------------------------------------------------------------------------------------
 # Distance maths on feature matrices (N x D)
