@@ -54,7 +54,7 @@ from aegan_fast.config import TrainConfig  # noqa: E402
 from aegan_fast.metrics.recon import psnr  # noqa: E402
 from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
 from aegan_fast.sampling import Sampler, sampler_backends  # noqa: E402
-from tests.weights import lively_weights  # noqa: E402  (a test helper: weights whose images vary)
+from aegan_fast.testing import lively_weights  # noqa: E402  (a test helper: weights whose images vary)
 
 BATCHES = (1, 8, 32)
 
