@@ -29,8 +29,8 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# The suite: one table, one bench/results/<date>-<host>.json (ARGS=--quick for ~2 minutes). The
-# pytest-benchmark files still run on their own: $(PY) -m pytest -q bench --benchmark-only
+# The suite: one table, one bench/results/<date>-<host>.json (ARGS=--quick for ~2 minutes). Each
+# bench script also runs alone, timed by the same harness: $(PY) -m bench.bench_train_step --help
 bench: setup
 	$(PY) -m bench $(ARGS)
 

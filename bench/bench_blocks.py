@@ -1,13 +1,13 @@
 """GPU benchmark of the fused blocks (aegan_fast/ops/blocks.py): models.ResBlock and the transposed up
 block (models._up), forward + backward in training mode, channels_last, N=16 C=64 at 128² and 256²
 (the up block's output; its input is half that), fp32 and bf16. Three implementations, rounds
-interleaved (bench/suite.py's measure), medians:
+interleaved (bench/timing.py), medians:
 
     fused     ops.use_backend("triton"): the block as one op (conv3x3 / convt4x4 + bn_act kernels)
     eager     ops.use_backend("reference"): F.conv2d / F.conv_transpose2d + cuDNN BatchNorm + activation
     compiled  torch.compile of the reference block (compiled inside use_backend("reference"))
 
-    python bench/bench_blocks.py [--quick] [--no-compile]
+    python -m bench.bench_blocks [--quick] [--no-compile]
     python -m bench --only blocks
 
 Needs a CUDA GPU: without one it prints one line saying so and exits 0 (the suite shows the section
@@ -34,32 +34,21 @@ wgrad reads dy, x (1 + 1/4) = 10.75 passes.
 
 FLOPs: 2 multiply-adds per conv tap: ResBlock 3 passes (forward, dgrad, wgrad) x 2 convs x
 2*N*H*W*C*C*9; up block 3 x 2*N*H*W*Ci*Co*16 (H, W of its input). Fractions are of this run's
-measured device-to-device copy bandwidth (read + write) and bf16 matmul peak (8192², best of rounds).
+measured device-to-device copy bandwidth (read + write) and bf16 matmul peak (bench/timing.py's
+measure_peaks).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable from a checkout without install
-    sys.path.insert(0, str(ROOT))
-
-from bench import suite  # noqa: E402
+from bench import timing
 
 N, C = 16, 64
 SIZES = (128, 256)
-STEPS = 5  # fwd+bwd steps per timed call: one synchronize per call, not per step
-COPY_ELEMS, MATMUL_N = 2 ** 28, 8192  # the peaks: a 1 GiB fp32 copy, a bf16 matmul
+STEPS = 5  # fwd+bwd steps per sample: one synchronize per sample, not per step
 DEVICE = "cuda"  # a dry run of the code paths can set "cpu" under TRITON_INTERPRET=1 (with tiny sizes)
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        _sync()
 
 
 def unavailable() -> str | None:
@@ -120,47 +109,11 @@ def _check(name: str, got, want, dtype: torch.dtype) -> None:
             raise AssertionError(f"{name}: output/gradient {i} differs from eager by {err:.3g} relative (L2)")
 
 
-def _timed(step):
-    def call():
-        for _ in range(STEPS):
-            step()
-        _sync()
-    return call
-
-
-def _peaks(ctx) -> list:
-    src = torch.empty(COPY_ELEMS, device=DEVICE, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    n = MATMUL_N
-    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-
-    def copy():
-        for _ in range(STEPS):
-            dst.copy_(src)
-        _sync()
-
-    def mm():
-        for _ in range(STEPS):
-            a @ b
-        _sync()
-
-    rows = suite.measure("blocks", [
-        suite.Case(f"{DEVICE} copy_ {src.numel() * 4 / 2 ** 30:g} GiB", copy, STEPS * 2 * src.numel() * 4, "B",
-                   peaks=()),
-        suite.Case(f"{DEVICE} matmul bf16 {n}²", mm, STEPS * 2 * n ** 3, "FLOP", peaks=()),
-    ], ctx.rounds(9, 3))
-    for key, row in zip(("cuda_copy", "cuda_matmul_bf16"), rows):
-        if row.status == "ok":
-            ctx.peaks[key] = row.work / row.best_s
-            row.note = f"peak (best of {len(row.samples_s)}) " + suite._rate(ctx.peaks[key], row.unit)
-    return rows
-
-
 def section(ctx, compile_: bool | None = None) -> list:
     """The suite's ``blocks`` section (also what main() prints)."""
     why = unavailable()
     if why is not None:
-        return [suite.skipped("blocks", "all", why)]
+        return [timing.skipped("blocks", "all", why)]
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
     # fp32 rows are fp32 for every implementation (the fused kernels never use TF32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -173,21 +126,21 @@ def section(ctx, compile_: bool | None = None) -> list:
 
 def _section(ctx, compile_: bool) -> list:
     from aegan_fast import ops
-    rows = _peaks(ctx)
+    rows = timing.measure_peaks(ctx, "blocks", DEVICE)
     fused_why = ops.availability()["triton"]
     impls = ["fused", "eager"] + (["compiled"] if compile_ else [])
     if fused_why is not None:
-        rows.append(suite.skipped("blocks", "fused", f"triton backend unavailable: {fused_why}"))
+        rows.append(timing.skipped("blocks", "fused", f"triton backend unavailable: {fused_why}"))
         impls.remove("fused")
     if not compile_:
-        rows.append(suite.skipped("blocks", "compiled", "not in --quick / --no-compile (a cold torch.compile per "
+        rows.append(timing.skipped("blocks", "compiled", "not in --quick / --no-compile (a cold torch.compile per "
                                                         "block, dtype and size)"))
     sizes = SIZES[:1] if ctx.quick else SIZES
     for kind in ("res", "up"):
         for size in sizes:
             for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 label = f"{'resblock' if kind == 'res' else 'up block'} N{N} C{C} {size}² {dname} channels_last"
-                suite.progress(f"blocks: building {label}")
+                timing.progress(f"blocks: building {label}")
                 m = make_block(kind, dtype)
                 h = size if kind == "res" else size // 2
                 g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -211,16 +164,16 @@ def _section(ctx, compile_: bool) -> list:
                         if impl != "eager":
                             _check(name, got, want, dtype)
                     except Exception as e:  # noqa: BLE001 - a failing implementation is an error row
-                        rows.append(suite.Row("blocks", name, "error", f"{type(e).__name__}: {e}"))
+                        rows.append(timing.failed("blocks", name, e))
                         continue
                     base = () if impl == "eager" else (f"{label} eager",) + (
                         (f"{label} compiled",) if impl == "fused" and "compiled" in steps else ())
-                    cases.append(suite.Case(name, _timed(step), STEPS * nbytes, "B", base,
-                                            f"{passes(kind, dtype):g} passes", peaks=("cuda_copy",), warmed=True))
-                measured = suite.measure("blocks", cases, ctx.rounds(9, 3))
+                    cases.append(timing.Case(name, step, nbytes, "B", base, f"{passes(kind, dtype):g} passes",
+                                             peaks=("cuda_copy",), warmed=True, device=DEVICE, repeat=STEPS))
+                measured = timing.measure("blocks", cases, ctx.rounds(9, 3))
                 for row in measured:
                     if row.status == "ok" and ctx.peaks.get("cuda_matmul_bf16"):
-                        rate = STEPS * flops(kind, size) / row.median_s
+                        rate = flops(kind, size) / row.median_s
                         row.note += (f"; {rate / 1e12:.1f} TFLOP/s = {rate / ctx.peaks['cuda_matmul_bf16']:.0%} "
                                      f"of bf16 matmul peak")
                 rows += measured
@@ -238,11 +191,11 @@ def main(argv=None) -> int:
     if why is not None:
         print(f"bench_blocks: skipped: {why}")
         return 0
-    ctx = suite.Context(a.quick)
+    ctx = timing.Context(a.quick)
     rows = section(ctx, compile_=False if a.no_compile else None)
-    suite.fill_peak_fractions(rows, ctx.peaks)
+    timing.fill_peak_fractions(rows, ctx.peaks)
     feats = {"cuda": torch.cuda.get_device_name(), "torch": torch.__version__}
-    print(suite.table(rows, feats, "# bench/bench_blocks.py: medians of interleaved rounds; × baseline = its "
+    print(timing.table(rows, feats, "# bench/bench_blocks.py: medians of interleaved rounds; × baseline = its "
                                    "median / this one's (>1 faster); of peak = of this run's measured copy bandwidth"))
     return 1 if any(r.status == "error" for r in rows) else 0
 

@@ -1,12 +1,13 @@
 """Training throughput on one process vs ``torchrun --nproc_per_node=N`` on the same machine.
 
-    python bench/bench_distributed.py [--nproc 2] [--rounds 2] [--data DIR]
+    python -m bench.bench_distributed [--nproc 2] [--rounds 2] [--data DIR]
 
 Each round runs the demo preset (R=64, global batch 32) for a few dozen steps a stage, once as one
 process and once under torchrun with gloo, taking turns so that load from other processes falls on
 both alike. img/s is read from the runs' metrics.jsonl (the trainer's own figure over the global
 batch: grids, evaluation and checkpoints left out), median over each stage's log rows after the
-first. On a CPU the comparison is one process with all cores as OpenMP threads against N processes
+first (figures from the trainers' own logs, not timed here, so bench/timing.py does not apply). On a
+CPU the comparison is one process with all cores as OpenMP threads against N processes
 with cores/N threads each (torchrun's OMP_NUM_THREADS), so it measures the cost of the gradient
 all-reduce and of smaller per-process batches, not extra hardware.
 """

@@ -2,8 +2,8 @@
 256, batch 16, 2 workers/threads, against a naive DataLoader that PIL-decodes every item; and the
 trainer's data-wait fraction in a stage-1 run at R=128.
 
-    .venv/bin/python bench/bench_loaders.py            # prints the markdown table for bench/RESULTS.md
-    .venv/bin/python -m pytest bench/bench_loaders.py --benchmark-only
+    .venv/bin/python -m bench.bench_loaders            # prints the markdown table for bench/RESULTS.md
+    .venv/bin/python -m bench --only loaders           # R=128, in the suite's table
 
 Loaders:
 - naive-raw: torch DataLoader (2 worker processes) whose Dataset opens each source .webp with PIL,
@@ -12,25 +12,27 @@ Loaders:
 - torch: aegan_fast TorchLoader over images.npy read into RAM (2 threads).
 - torch-mmap: the same, memory-mapped (``data_cache_mb`` 0), as for a set larger than RAM.
 - dali-cpu-png / dali-cpu-jpeg: DaliLoader with DALI's CPU decoder (2 threads) on PNG / JPEG q95 files.
-Each is warmed up (first batches, worker start), then timed over a fixed wall time.
+The loaders reading one encoding of the prepared files take turns in interleaved rounds
+(bench/timing.py); a sample is a loader's steady rate over a fixed wall time, after batches that drain
+what its workers prefetched while the others had their turn. dali-cpu-jpeg is timed after them, on
+its own: a prepared set holds one encoding of its files at a time, and the JPEG loader would have its
+files replaced under it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from aegan_fast.data import (DaliLoader, TorchLoader, dali_unavailable, ensure_encoded, fetch_emoji, load_dataset,
                              open_prepared)
 from aegan_fast.data.images import square, to_rgb
+from bench.timing import Case, Row, measure, table
 
 BATCH, WORKERS = 16, 2
 
@@ -69,14 +71,26 @@ def _loop(make):
             it = make()
 
 
-def throughput(batches, warmup: int = 5, seconds: float = 6.0) -> float:
-    for _ in range(warmup):
-        next(batches)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x = next(batches)
-        n += (x[0] if isinstance(x, tuple) else x).shape[0]
-    return n / (time.perf_counter() - t0)
+def measure_loaders(section: str, makers: dict, names, baselines: tuple[str, ...], seconds: float, rounds: int,
+                    prefix: str = "") -> list[Row]:
+    """Images/s of each named loader that ``makers`` has, in interleaved rounds: a sample is its
+    steady rate over ``seconds``, after 10 batches that drain what its workers prefetched while the
+    others had their turn. Rows are named ``prefix + name``; each is compared with the ``baselines``
+    (loader names) measured here."""
+    present = [n for n in names if n in makers]
+    its: dict[str, object] = {}
+    try:
+        cases = []
+        for name in present:
+            its[name] = it = makers[name]()
+            cases.append(Case(prefix + name, lambda it=it: next(it), BATCH, "img",
+                              tuple(prefix + b for b in baselines if b != name and b in present),
+                              min_sample_s=seconds, drain=10))
+        return measure(section, cases, rounds)
+    finally:
+        for it in its.values():
+            if hasattr(it, "close"):
+                it.close()
 
 
 def emoji_set(resolution: int):
@@ -125,50 +139,26 @@ def stage1_data_wait(resolution: int = 128, kimg: float = 0.4) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolutions", default="128,256")
-    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--seconds", type=float, default=2.0, help="wall time of one sample")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--only", help="comma-separated loader names")
     args = p.parse_args(argv)
     torch.set_num_threads(WORKERS)
-    results = {}
+    rows = []
     for r in (int(x) for x in args.resolutions.split(",")):
-        for name, make in loaders(r).items():
-            if args.only and name not in args.only.split(","):
-                continue
-            it = make()
-            results[(name, r)] = throughput(it, seconds=args.seconds)
-            if hasattr(it, "close"):
-                it.close()
-            print(f"R={r} {name}: {results[(name, r)]:.0f} img/s", file=sys.stderr, flush=True)
-    names = list(dict.fromkeys(n for n, _ in results))
-    res = sorted({r for _, r in results})
-    print("| loader | " + " | ".join(f"R={r} img/s | × naive-raw | × naive-png" for r in res) + " |")
-    print("|---|" + "---|---|---|" * len(res))
-    for n in names:
-        cells = []
-        for r in res:
-            v = results.get((n, r))
-            raw, png = results.get(("naive-raw", r)), results.get(("naive-png", r))
-            cells += [f"{v:.0f}" if v else "–", f"{v / raw:.1f}" if v and raw else "–", f"{v / png:.1f}" if v and png else "–"]
-        print(f"| {n} | " + " | ".join(cells) + " |")
-    if 128 in res:
+        makers = loaders(r)
+        names = [n for n in makers if not args.only or n in args.only.split(",")]
+        rows += measure_loaders("loaders", makers, [n for n in names if n != "dali-cpu-jpeg"],
+                                ("naive-raw", "naive-png"), args.seconds, args.rounds, prefix=f"R={r} ")
+        if "dali-cpu-jpeg" in names:  # alone, after the PNG readers (the module docstring says why)
+            rows += measure_loaders("loaders", makers, ["dali-cpu-jpeg"], (), args.seconds, args.rounds,
+                                    prefix=f"R={r} ")
+    print(table(rows, {}, f"# bench_loaders: batch {BATCH}, {WORKERS} workers/threads; medians of interleaved "
+                          f"rounds of {args.seconds:g} s windows; × baseline = its median / this one's (>1 faster)"))
+    if 128 in (int(x) for x in args.resolutions.split(",")):
         w = stage1_data_wait(128)
         print(f"\nstage-1 training at R=128, batch {BATCH}, loader auto (torch): data_wait = {100 * w['data_wait']:.2f}% "
               f"of step time ({w['img_per_s']:.1f} img/s, {w['intervals']} log intervals)")
-
-
-# --------------------------------------------------------------------------- pytest-benchmark entry points
-
-@pytest.mark.parametrize("name", ["naive-png", "torch", "dali-cpu-png"])
-def test_loader_r128(benchmark, name):
-    makers = loaders(128)
-    if name not in makers:
-        pytest.skip(f"DALI not installed: {dali_unavailable()}")
-    it = makers[name]()
-    for _ in range(3):
-        next(it)
-    benchmark.pedantic(lambda: next(it), rounds=30, iterations=1)
-    if hasattr(it, "close"):
-        it.close()
 
 
 if __name__ == "__main__":

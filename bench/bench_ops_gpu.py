@@ -1,9 +1,9 @@
 """GPU benchmark of the fused BatchNorm ops: forward + backward, training mode, channels_last,
 N=16 C=64 256x256, fp32 and bf16; eager F.batch_norm + activation (cuDNN) vs the cuda and triton
-backends. Prints medians, the speedup over eager, and achieved bandwidth as a fraction of this
-GPU's copy bandwidth measured in the same run.
+backends. Prints medians of interleaved rounds (bench/timing.py), the speedup over eager, and achieved
+bandwidth as a fraction of this GPU's copy bandwidth measured in the same run.
 
-    python bench/bench_ops_gpu.py [--iters 50] [--shape 16 64 256 256]
+    python -m bench.bench_ops_gpu [--rounds 10] [--shape 16 64 256 256]
 
 Skips (exit 0, says why) without a CUDA device. Not run yet: no GPU has been available; record the
 device, date and figures in bench/RESULTS.md when it is, and set dispatch.AUTO_ORDER (and
@@ -17,41 +17,14 @@ backward (read dy, x; read dy, x, write dx) = 8; bn_add_act with identity = 4 fo
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+from bench.bench_ops import PASSES
+from bench.timing import Case, Context, fill_peak_fractions, measure, measure_peaks, skipped, table
 
-PASSES = {"bn_act": 8, "bn_add_act": 9}
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = _time(lambda: dst.copy_(src), iters)
-    return 2 * nbytes / statistics.median(times)
-
-
-def _time(fn, iters: int, warmup: int = 10) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return out
+REPEAT = 5  # fwd+bwd calls per sample: one synchronize per sample, not per call
 
 
 def eager_bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu",
@@ -79,7 +52,7 @@ def implementations():
     return impls
 
 
-def bench_one(fn, op: str, x, r, w, b, rm, rv, dy, iters: int) -> float:
+def step_fn(fn, op: str, x, r, w, b, rm, rv, dy):
     x = x.detach().requires_grad_()
     w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
 
@@ -91,25 +64,21 @@ def bench_one(fn, op: str, x, r, w, b, rm, rv, dy, iters: int) -> float:
         y.backward(dy)
         x.grad = w.grad = b.grad = None
 
-    return statistics.median(_time(step, iters))
+    return step
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=4, default=[16, 64, 256, 256], metavar=("N", "C", "H", "W"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return 0
     torch.backends.cudnn.benchmark = True
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {tuple(a.shape)} channels_last")
-    bw = copy_bandwidth()
-    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    ctx = Context(quick=False)
+    rows = measure_peaks(ctx, "peaks", "cuda")
     impls = implementations()
-    for name, entry in impls.items():
-        if isinstance(entry, str):
-            print(f"{name}: unavailable ({entry})")
     N, C, H, W = a.shape
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -119,26 +88,25 @@ def main(argv=None) -> int:
         w, b = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
         rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
         nbytes = x.numel() * x.element_size()
+        dname = str(dtype).split(".")[-1]
         for op in ("bn_act", "bn_add_act"):
-            base = None
+            base = f"{dname} {op} eager (cuDNN)"
+            cases = []
             for name, entry in impls.items():
                 if isinstance(entry, str):
                     continue
                 fn = entry[0] if op == "bn_act" else entry[1]
-                t = bench_one(fn, op, x, r, w, b, rm, rv, dy, a.iters)
-                base = base or t
-                gbs = PASSES[op] * nbytes / t
-                print(f"{str(dtype).split('.')[-1]:9s} {op:10s} {name:14s} {t * 1e3:8.3f} ms  "
-                      f"x{base / t:5.2f} vs eager  {gbs / 1e9:7.0f} GB/s  {gbs / bw:6.1%} of copy")
-    return 0
-
-
-def test_bench_ops_gpu():
-    """So a pytest run over bench/ shows this as skipped (with the reason) rather than silently absent."""
-    import pytest
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    assert main(["--iters", "5"]) == 0
+                cases.append(Case(f"{dname} {op} {name}", step_fn(fn, op, x, r, w, b, rm, rv, dy), PASSES[op] * nbytes,
+                                  "B", () if name == "eager (cuDNN)" else (base,), peaks=("cuda_copy",), device="cuda",
+                                  repeat=REPEAT))
+            rows += measure("ops", cases, a.rounds)
+    rows += [skipped("ops", name, entry) for name, entry in impls.items() if isinstance(entry, str)]
+    fill_peak_fractions(rows, ctx.peaks)
+    print(table(rows, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "shape": f"{tuple(a.shape)} channels_last"},
+                "# bench_ops_gpu: medians of interleaved rounds; × baseline = its median / this one's (>1 faster); "
+                "of peak = of this run's measured copy bandwidth"))
+    return 1 if any(r.status == "error" for r in rows) else 0
 
 
 if __name__ == "__main__":

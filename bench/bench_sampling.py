@@ -1,7 +1,7 @@
 """512×512 sampling benchmark (issue 5): latency at batch 1, throughput at batch 8 and 32, for every
 Sampler backend that runs here, with parity against eager checked in the same run.
 
-    nice -n 10 .venv/bin/python bench/bench_sampling.py [--resolution 512] [--batches 1 8 32] [--rounds 3]
+    nice -n 10 .venv/bin/python -m bench.bench_sampling [--resolution 512] [--batches 1 8 32] [--rounds 3]
         [--backends eager,openvino-bf16] [--json out.json]
 
 For the suite (``python -m bench``): ``sampler_cases(resolution, batch)`` → {row name: zero-arg callable
@@ -23,8 +23,8 @@ statistics), so the parity figures mean something; at the DCGAN init the output 
 any parity check would pass vacuously. Speed does not depend on the values.
 
 Each (backend, batch) is warmed up once (compiles, allocates), then timed for ``rounds`` rounds,
-interleaved: every round times every backend once, eager fp32 included, so load from other processes
-falls on all of them alike; a 1 s pause before each timing lets the previous backend's thread pool
+interleaved (bench/timing.py): every round times every backend once, eager fp32 included, so load
+from other processes falls on all of them alike; a 1 s pause before each timing lets the previous backend's thread pool
 (onnxruntime's, OpenMP's, OpenVINO's) stop spinning. Medians. Parity: max |backend(z) − eager(z)| and
 PSNR against eager on the timed batch itself. These machines vary 10–30 % run to run, so compare
 ratios within one run. Heavy on 2 cores (one 512² sample ≈ 49 GFLOP): the default rounds are few.
@@ -38,8 +38,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,14 +45,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from aegan_fast import ops  # noqa: E402
-from aegan_fast.config import TrainConfig  # noqa: E402
-from aegan_fast.metrics.recon import psnr  # noqa: E402
-from aegan_fast.models import ModelConfig, build_nets, sample_z  # noqa: E402
-from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends  # noqa: E402
-from tests.weights import lively_weights  # noqa: E402  (a test helper: weights whose images vary)
+from aegan_fast import ops
+from aegan_fast.config import TrainConfig
+from aegan_fast.metrics.recon import psnr
+from aegan_fast.models import ModelConfig, build_nets, sample_z
+from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends
+from aegan_fast.testing import lively_weights
+from bench.timing import Case, measure
 
 BATCHES = (1, 8, 32)
 
@@ -64,11 +61,6 @@ def make_checkpoint(folder: Path, resolution: int) -> Path:
     path = folder / f"bench-r{resolution}.pt"
     torch.save({"config": cfg.to_dict(), "nets": nets.state_dict()}, path)
     return path
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _runnable(makers: dict, backend_of: dict, device: str, only: set[str] | None) -> dict[str, callable]:
@@ -127,39 +119,33 @@ def build(makers: dict) -> tuple[dict, dict]:
 
 
 def run(device: torch.device, makers: dict, batches, rounds: int, z_dim: int) -> list[dict]:
-    """All samplers are built first; at each batch size each backend is warmed up once, then the
-    backends are timed round by round (interleaved), a pause before each timing."""
+    """All samplers are built first; at each batch size each backend is warmed up once (its output
+    kept for parity), then the backends are timed round by round (interleaved), a pause before each."""
     samplers, load_s = build(makers)
     rows = []
     for n in batches:
         z = sample_z(n, z_dim, torch.Generator().manual_seed(n)).to(device)
-        outs, times = {}, {name: [] for name in samplers}
+        outs = {}
         for name, sampler in samplers.items():
             time.sleep(1.0)
             t0 = time.perf_counter()
             outs[name] = sampler(z).float().cpu()  # warm-up: compile (and parity-check), allocate, first touch
-            _sync(device)
             print(f"  warm-up {name} batch {n}: {time.perf_counter() - t0:.1f} s", flush=True)
-        for _ in range(rounds):
-            for name, sampler in samplers.items():
-                time.sleep(1.0)  # let the previous backend's thread pool stop spinning
-                t0 = time.perf_counter()
-                sampler(z)
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
+        timed = measure("sampling", [Case(name, lambda s=sampler: s(z), n, "img", () if name == "eager" else ("eager",),
+                                          warmed=True, device=device) for name, sampler in samplers.items()],
+                        rounds, pause_s=1.0)  # the pause lets the previous backend's thread pool stop spinning
         reference = outs.get("eager")
-        for name in samplers:
-            med = statistics.median(times[name])
+        for name, t in zip(samplers, timed):
+            if t.status != "ok":
+                raise RuntimeError(f"{name} batch {n}: {t.note}")
             parity = (outs[name] - reference).abs().max().item() if reference is not None else float("nan")
             db = psnr(outs[name], reference) if reference is not None else float("nan")
-            rows.append({"device": device.type, "backend": name, "batch": n, "median_s": med, "img_per_s": n / med,
-                         "times_s": times[name], "max_abs_diff_vs_eager": parity, "psnr_vs_eager_db": db,
-                         "load_s": load_s[name], "description": samplers[name].description})
-            print(f"  {name:<16} batch {n:>3}: median {med * 1e3:9.1f} ms  {n / med:6.2f} img/s  "
-                  f"|Δ eager| {parity:.2e}  PSNR {db:5.1f} dB  ({len(times[name])} rounds)", flush=True)
-    base = {r["batch"]: r["img_per_s"] for r in rows if r["backend"] == "eager"}
-    for r in rows:
-        r["ratio_vs_eager"] = r["img_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+            rows.append({"device": device.type, "backend": name, "batch": n, "median_s": t.median_s,
+                         "img_per_s": t.rate, "times_s": t.samples_s, "max_abs_diff_vs_eager": parity,
+                         "psnr_vs_eager_db": db, "load_s": load_s[name], "description": samplers[name].description,
+                         "ratio_vs_eager": t.ratios.get("eager", 1.0 if name == "eager" else float("nan"))})
+            print(f"  {name:<16} batch {n:>3}: median {t.median_s * 1e3:9.1f} ms  {t.rate:6.2f} img/s  "
+                  f"|Δ eager| {parity:.2e}  PSNR {db:5.1f} dB  ({len(t.samples_s)} rounds)", flush=True)
     return rows
 
 
@@ -168,10 +154,11 @@ _CASES: dict[tuple, dict] = {}  # (resolution, device) → {name: Sampler}, buil
 
 def sampler_cases(resolution: int = 512, batch: int = 8, *, device: str = "cpu",
                   backends: set[str] | None = None) -> dict[str, Callable[[], torch.Tensor]]:
-    """{row name: zero-arg callable sampling ``batch`` images} for every sampler backend that runs on
-    ``device`` (``backends`` narrows it; ``eager``, the nets as trained in fp32 — the baseline of every
-    ratio — is always there), on lively paper-size nets at ``resolution``. The samplers are built once
-    per (resolution, device) and process (exports, compiles) and each callable is warmed up at this
+    """{row name: zero-arg callable sampling ``batch`` images (a timing.Case on ``device``
+    synchronises it)} for every sampler backend that runs on ``device`` (``backends`` narrows it;
+    ``eager``, the nets as trained in fp32 — the baseline of every ratio — is always there), on lively
+    paper-size nets at ``resolution``. The samplers are built once per (resolution, device) and
+    process (exports, compiles) and each callable is warmed up at this
     batch before it is returned, so timing a call times sampling only. For ``python -m bench``."""
     key = (resolution, device)
     if key not in _CASES:
@@ -183,16 +170,7 @@ def sampler_cases(resolution: int = 512, batch: int = 8, *, device: str = "cpu",
         _CASES[key] = build(makers)[0]
     samplers = {name: s for name, s in _CASES[key].items() if not backends or name in backends | {"eager"}}
     z = sample_z(batch, ModelConfig().z_dim, torch.Generator().manual_seed(batch)).to(device)
-    dev = torch.device(device)
-
-    def case(sampler):
-        def call():
-            out = sampler(z)
-            _sync(dev)
-            return out
-        return call
-
-    cases = {name: case(s) for name, s in samplers.items()}
+    cases = {name: (lambda s=s: s(z)) for name, s in samplers.items()}
     for call in cases.values():
         call()
     return cases

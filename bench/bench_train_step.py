@@ -12,31 +12,25 @@ seeded nets and one batch of random images. What to compare is the ratio within 
 times on these shared machines are noise). FLOPs are counted once per case by
 torch.utils.flop_counter on the reference step.
 
-    .venv/bin/python bench/bench_train_step.py [--stages ae embed] [--resolutions 64 128] [--rounds 5]
-    .venv/bin/python bench/bench_train_step.py --stages embed --resolutions 128 --profile   # top ops
-    .venv/bin/python bench/bench_train_step.py --stages embed finetune --resolutions 64 --variants fast fast_r1  # R1's cost
-    .venv/bin/python -m pytest bench/bench_train_step.py --benchmark-only
+    .venv/bin/python -m bench.bench_train_step [--stages ae embed] [--resolutions 64 128] [--rounds 5]
+    .venv/bin/python -m bench.bench_train_step --stages embed --resolutions 128 --profile   # top ops
+    .venv/bin/python -m bench.bench_train_step --stages embed finetune --resolutions 64 --variants fast fast_r1  # R1's cost
+    .venv/bin/python -m bench --only steps      # every stage at R=64/128/256, in the suite's table
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from aegan_fast import ops  # noqa: E402
-from aegan_fast.config import preset  # noqa: E402
-from aegan_fast.data import ImageSet  # noqa: E402
-from aegan_fast.models import ModelConfig  # noqa: E402
-from aegan_fast.training import STAGES, enter_stage, new_state, take_step  # noqa: E402
+from aegan_fast import ops
+from aegan_fast.config import preset
+from aegan_fast.data import ImageSet
+from aegan_fast.models import ModelConfig
+from aegan_fast.training import STAGES, enter_stage, new_state, take_step
+from bench.timing import Case, Context, Row, fill_peak_fractions, measure, measure_peaks, progress, table
 
 # resolution -> (model config, batch, embed_steps): the demo's nets at R=64, the paper's widths above.
 SHAPES = {
@@ -94,36 +88,27 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
     return step
 
 
-def step_flops(stage_name: str, resolution: int) -> int:
+def step_rows(section: str, stage_name: str, resolution: int, variants, rounds: int,
+              batch: int | None = None) -> list[Row]:
+    """One row per variant: a training step of ``stage_name`` at ``resolution``, rounds interleaved
+    (bench/timing.py), each compared with the ``reference`` variant when it is among them. FLOPs are
+    counted once, on a reference step (torch.utils.flop_counter; R1's double backward not included)."""
+    progress(f"{section}: building {stage_name} R={resolution}")
+    steps = {v: make_step(stage_name, resolution, v, batch=batch) for v in variants}
     counter = FlopCounterMode(display=False)
-    step = make_step(stage_name, resolution, "reference")
-    with counter:
-        step()
-    return counter.get_total_flops()
-
-
-def interleaved(steps: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each closure: one warm-up each, then rounds alternating between them so
-    load from other processes falls on all alike."""
-    for fn in steps.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-@pytest.mark.parametrize("resolution", [64, 128])
-@pytest.mark.parametrize("stage_name", ["ae", "embed"])
-@pytest.mark.parametrize("variant", DEFAULT_VARIANTS)
-def test_train_step(benchmark, variant, stage_name, resolution):
-    step = make_step(stage_name, resolution, variant)
-    benchmark.group = f"{stage_name} step R={resolution}"
-    benchmark.extra_info.update(variant=variant, images=step.images, runs=step.describe)
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    with counter:  # the reference's warm-up when it is one of the variants
+        (steps.get("reference") or make_step(stage_name, resolution, "reference", batch=batch))()
+    flops = counter.get_total_flops()
+    base = f"{stage_name} R={resolution} reference"
+    rows = measure(section, [
+        Case(f"{stage_name} R={resolution} {v}", fn, flops, "FLOP",
+             (base,) if v != "reference" and "reference" in steps else (),
+             f"batch {fn.images}, {flops / 1e9:.1f} GFLOP; {fn.describe}", warmed=v == "reference")
+        for v, fn in steps.items()], rounds)
+    for row, fn in zip(rows, steps.values()):
+        if row.status == "ok":
+            row.note = f"{fn.images / row.median_s:.1f} img/s; " + row.note
+    return rows
 
 
 def top_ops(stage_name: str, resolution: int, variant: str, rows: int = 12) -> str:
@@ -156,18 +141,14 @@ def main(argv=None) -> None:
                 for v in args.variants:
                     print(f"\n{stage_name} step R={resolution}, " + top_ops(stage_name, resolution, v))
         return
+    ctx = Context(quick=False)
+    rows = measure_peaks(ctx)
     for resolution in args.resolutions:
         for stage_name in args.stages:
-            steps = {v: make_step(stage_name, resolution, v) for v in args.variants}
-            flops = step_flops(stage_name, resolution)
-            med = {k: statistics.median(t) for k, t in interleaved(steps, args.rounds).items()}
-            base = med.get("reference")
-            print(f"\n{stage_name} step R={resolution}, batch {steps[args.variants[0]].images}, "
-                  f"{flops / 1e9:.1f} GFLOP, {args.rounds} interleaved rounds")
-            for k, m in med.items():
-                ratio = f"  {base / m:5.2f}x reference" if base else ""
-                print(f"  {k:<10} {m * 1e3:7.0f} ms  {steps[k].images / m:6.1f} img/s  "
-                      f"{flops / m / 1e9:6.1f} GFLOP/s{ratio}  [{steps[k].describe}]")
+            rows += step_rows("steps", stage_name, resolution, args.variants, args.rounds)
+    fill_peak_fractions(rows, ctx.peaks)
+    print(table(rows, {}, "# bench_train_step: medians of interleaved rounds; × baseline = its median / this one's "
+                          "(>1 faster); of peak = rate / this run's measured peak"))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ peak needs them and they cost seconds):
 
     peaks     this machine's measured peaks, in this run: copy bandwidth (dst.copy_(src), read + write),
               fp32 and bf16 matmul 2048², conv 3×3 64→64 N16 64×64 forward fp32 NCHW and bf16
-              channels_last. A peak is the best of its rounds (a best case; a median on a loaded
-              machine undercounts it); the table shows medians like every other row.
+              channels_last (bench/timing.py's measure_peaks). A peak is the best of its rounds (a
+              best case; a median on a loaded machine undercounts it); the table shows medians like
+              every other row.
     features  what torch and the OS say about the CPU (named, never chosen by here)
     ops       the fused BN ops forward + backward, fp32 NCHW and bf16 channels_last (bench_ops.py)
     loaders   images/s of the data loaders at R=128 (bench_loaders.py)
@@ -17,10 +18,10 @@ peak needs them and they cost seconds):
     blocks    the fused ResBlock and up block on a GPU, fused vs eager vs torch.compile (bench_blocks.py);
               skipped, saying so, without a CUDA device
 
-Within a section every row runs once to warm up, then the rows take turns round by round with their
-baseline, so load from other processes falls on all alike; compare ratios within one run (absolute
-times on these shared machines are noise). A row that cannot run here says why; a row that fails is
-reported in the table and the suite goes on, exiting 1 at the end.
+Every row is timed by bench/timing.py: within a section every row is warmed up, then the rows take
+turns round by round with their baseline, so load from other processes falls on all alike; compare
+ratios within one run (absolute times on these shared machines are noise). A row that cannot run
+here says why; a row that fails is reported in the table and the suite goes on, exiting 1 at the end.
 """
 from __future__ import annotations
 
@@ -30,166 +31,27 @@ import math
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from contextlib import redirect_stdout
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the bench_*.py modules import tests.weights and aegan_fast from the checkout
-    sys.path.insert(0, str(ROOT))
+from bench.timing import (Case, Context, Row, failed, fill_peak_fractions, measure, measure_peaks, progress, skipped,
+                          table)
 
-RESULTS = ROOT / "bench" / "results"
-
-
-@dataclass
-class Case:
-    """One row to time. ``fn`` does ``work`` units of ``unit`` per call (img, FLOP or B); a
-    ``self_timed`` fn returns its own seconds per call (a loader times a steady window)."""
-    name: str
-    fn: Callable[[], object]
-    work: float
-    unit: str
-    baselines: tuple[str, ...] = ()
-    note: str = ""
-    self_timed: bool = False
-    peaks: tuple[str, ...] | None = None   # the measured peaks its rate is a fraction of (None: by unit)
-    warmed: bool = False                   # already called once (by whoever built it)
-
-
-@dataclass
-class Row:
-    section: str
-    name: str
-    status: str                       # ok | skipped | error
-    note: str = ""
-    unit: str = ""
-    work: float = 0.0
-    samples_s: list[float] = field(default_factory=list)
-    median_s: float = math.nan
-    best_s: float = math.nan
-    rate: float = math.nan            # work / median_s, in unit/s
-    ratios: dict[str, float] = field(default_factory=dict)   # baseline row -> its median / ours (>1: faster)
-    peaks: tuple[str, ...] = ()
-    peak_fraction: dict[str, float] = field(default_factory=dict)
-
-
-class Context:
-    def __init__(self, quick: bool):
-        self.quick = quick
-        self.peaks: dict[str, float] = {}   # copy_Bps, matmul_fp32_flops, matmul_bf16_flops, conv_*_flops
-
-    def rounds(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
-
-
-_T0 = time.perf_counter()
-
-
-def progress(msg: str) -> None:
-    print(f"[bench {time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
-def measure(section: str, cases: list[Case], rounds: int, pause_s: float = 0.0) -> list[Row]:
-    """Warm every case up once, then time ``rounds`` rounds, each case once per round in turn. A
-    case that raises becomes an error row and leaves the others running. ``pause_s`` before each
-    timing lets the previous case's thread pool (onnxruntime's, OpenVINO's) stop spinning."""
-    by_unit = {"FLOP": ("matmul_fp32", "matmul_bf16"), "B": ("copy",)}
-    rows = {c.name: Row(section, c.name, "ok", c.note, c.unit, c.work,
-                        peaks=c.peaks if c.peaks is not None else by_unit.get(c.unit, ())) for c in cases}
-    live = []
-    for c in cases:
-        if not c.warmed:
-            progress(f"{section}: warm-up {c.name}")
-        if c.warmed or _call(c, rows[c.name]) is not None:
-            live.append(c)
-    for r in range(rounds):
-        for c in list(live):
-            if pause_s:
-                time.sleep(pause_s)
-            t = _call(c, rows[c.name])
-            if t is None:
-                live.remove(c)
-            else:
-                rows[c.name].samples_s.append(t)
-        progress(f"{section}: round {r + 1}/{rounds} done")
-    for c in cases:
-        row = rows[c.name]
-        if row.status == "ok":
-            row.median_s, row.best_s = statistics.median(row.samples_s), min(row.samples_s)
-            row.rate = row.work / row.median_s
-    for c in cases:
-        row = rows[c.name]
-        for b in c.baselines:
-            if row.status == "ok" and b in rows and rows[b].status == "ok":
-                row.ratios[b] = rows[b].median_s / row.median_s
-    return list(rows.values())
-
-
-def _call(case: Case, row: Row) -> float | None:
-    try:
-        t = time.perf_counter()
-        out = case.fn()
-        return float(out) if case.self_timed else time.perf_counter() - t
-    except Exception as e:  # noqa: BLE001 - one failing row must not stop the suite
-        row.status, row.note = "error", f"{type(e).__name__}: {e}"
-        row.samples_s.clear()
-        progress(f"{row.section}: {case.name} FAILED\n{traceback.format_exc()}")
-        return None
-
-
-def skipped(section: str, name: str, why: str) -> Row:
-    progress(f"{section}: skip {name}: {why}")
-    return Row(section, name, "skipped", why)
-
-
-def fill_peak_fractions(rows: list[Row], peaks: dict[str, float]) -> None:
-    for row in rows:
-        if row.status == "ok":
-            row.peak_fraction = {k: row.rate / peaks[k] for k in row.peaks if peaks.get(k)}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --------------------------------------------------------------------------------------------- sections
 
 def section_peaks(ctx: Context) -> list[Row]:
-    mb = 64 if ctx.quick else 256
-    src = torch.randn(mb * 2 ** 20 // 4)
-    dst = torch.empty_like(src).copy_(src)
-    n = 2048
-    a32, b32 = torch.randn(n, n), torch.randn(n, n)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-    conv_flops = 2 * 16 * 64 * 64 * 64 * 64 * 9
-    x32, w32 = torch.randn(16, 64, 64, 64), torch.randn(64, 64, 3, 3) * 0.05
-    cl = torch.channels_last
-    x16, w16 = x32.bfloat16().contiguous(memory_format=cl), w32.bfloat16().contiguous(memory_format=cl)
-    conv = torch.nn.functional.conv2d
-    with torch.no_grad():
-        rows = measure("peaks", [
-            Case(f"copy_ {mb} MB", lambda: dst.copy_(src), 2 * src.numel() * 4, "B"),
-            Case(f"matmul fp32 {n}²", lambda: a32 @ b32, 2 * n ** 3, "FLOP", peaks=("matmul_fp32",)),
-            Case(f"matmul bf16 {n}²", lambda: a16 @ b16, 2 * n ** 3, "FLOP", (f"matmul fp32 {n}²",),
-                 peaks=("matmul_bf16",)),
-            Case("conv3x3 64→64 N16 64² fp32 NCHW", lambda: conv(x32, w32, padding=1), conv_flops, "FLOP",
-                 peaks=("matmul_fp32",)),
-            Case("conv3x3 64→64 N16 64² bf16 channels_last", lambda: conv(x16, w16, padding=1), conv_flops, "FLOP",
-                 ("conv3x3 64→64 N16 64² fp32 NCHW",), peaks=("matmul_bf16",)),
-        ], ctx.rounds(15, 5))
-    again = bool(ctx.peaks)
-    for key, row in zip(("copy", "matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16_cl"), rows):
-        if again:
-            row.name += " (again, at the end)"
-        if row.status == "ok":
-            ctx.peaks[key] = max(ctx.peaks.get(key, 0.0), row.work / row.best_s)
-            row.note = (row.note + " " if row.note else "") + f"peak (best of {len(row.samples_s)}) " + \
-                _rate(ctx.peaks[key], row.unit)
-    return rows
+    return measure_peaks(ctx)
 
 
 def features() -> dict:
@@ -258,27 +120,13 @@ def section_loaders(ctx: Context) -> list[Row]:
     rows = []
     if "dali-cpu-jpeg" in makers and not ctx.quick:
         # a prepared set holds one encoding of its files at a time: a JPEG loader taking turns with the
-        # PNG ones would have its files replaced under it (bench_loaders.py times them one after another)
-        rows.append(skipped("loaders", "dali-cpu-jpeg", "not interleaved with the PNG loaders (one encoding of "
-                                                         "the prepared files at a time): bench/bench_loaders.py"))
+        # PNG ones would have its files replaced under it (bench_loaders times it after them, alone)
+        rows.append(skipped("loaders", "dali-cpu-jpeg", "not interleaved with the PNG loaders (one encoding of the "
+                                                         "prepared files at a time): python -m bench.bench_loaders"))
     if "dali-cpu-png" not in makers and not ctx.quick:
         rows.append(skipped("loaders", "dali", f"DALI unavailable: {bench_loaders.dali_unavailable()}"))
-    batch, seconds = bench_loaders.BATCH, (1.0 if ctx.quick else 3.0)
-    its, cases = {}, []
-    for name in names:
-        if name not in makers:
-            continue
-        its[name] = makers[name]()
-        # throughput() drops `warmup` batches first: they drain what the workers prefetched while the
-        # other loaders had their turn, so each window times the loader's steady rate
-        cases.append(Case(name, lambda it=its[name]: batch / bench_loaders.throughput(it, warmup=10, seconds=seconds),
-                          batch, "img", () if name == "naive-png" else ("naive-png",), self_timed=True))
-    try:
-        rows += measure("loaders", cases, ctx.rounds(3, 2))
-    finally:
-        for it in its.values():
-            if hasattr(it, "close"):
-                it.close()
+    rows += bench_loaders.measure_loaders("loaders", makers, names, ("naive-png",), 1.0 if ctx.quick else 3.0,
+                                          ctx.rounds(3, 2))
     return rows
 
 
@@ -290,21 +138,7 @@ def section_steps(ctx: Context) -> list[Row]:
     rows = []
     for R in resolutions:
         for stage in ("ae", "embed", "finetune"):
-            base = f"{stage} R={R} reference"
-            progress(f"steps: building {stage} R={R}")
-            steps = {v: bts.make_step(stage, R, v, batch=batch) for v in ("reference", "fast")}
-            counter = FlopCounterMode(display=False)
-            with counter:  # the reference's warm-up; the same arithmetic for both variants, counted once
-                steps["reference"]()
-            flops = counter.get_total_flops()
-            cases = [Case(f"{stage} R={R} {v}", fn, flops, "FLOP", () if v == "reference" else (base,),
-                          f"batch {fn.images}, {flops / 1e9:.1f} GFLOP; {fn.describe}", warmed=v == "reference")
-                     for v, fn in steps.items()]
-            rows += measure("steps", cases, ctx.rounds(3 if R < 256 else 2, 2))
-            for row in rows[-2:]:
-                if row.status == "ok":
-                    row.note = f"{steps[row.name.rsplit(' ', 1)[1]].images / row.median_s:.1f} img/s; " + row.note
-            del steps
+            rows += bts.step_rows("steps", stage, R, ("reference", "fast"), ctx.rounds(3 if R < 256 else 2, 2), batch)
     return rows
 
 
@@ -341,7 +175,7 @@ def section_sampling(ctx: Context) -> list[Row]:
             prefix = f"{device} {R}² b{batch}"
             measured = measure("sampling", [  # sampler_cases has warmed every sampler up at this batch
                 Case(f"{prefix} {name}", fn, flops_per_image * batch, "FLOP",
-                     () if name == "eager" else (f"{prefix} eager",), warmed=True)
+                     () if name == "eager" else (f"{prefix} eager",), warmed=True, device=device)
                 for name, fn in cases.items()], ctx.rounds(3, 2), pause_s=0.5)
             for row in measured:
                 if row.status == "ok":
@@ -368,39 +202,6 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
 ALWAYS = ("peaks",)
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-def _rate(v: float, unit: str) -> str:
-    if unit == "FLOP":
-        return f"{v / 1e9:.1f} GFLOP/s"
-    if unit == "B":
-        return f"{v / 1e9:.1f} GB/s"
-    return f"{v:.1f} {unit}/s"
-
-
-def _short(baseline: str, name: str) -> str:
-    """The baseline's name without the words it shares with the row's at the start."""
-    b, n = baseline.split(), name.split()
-    i = 0
-    while i < min(len(b), len(n)) - 1 and b[i] == n[i]:
-        i += 1
-    return " ".join(b[i:])
-
-
-def table(rows: list[Row], feats: dict, header: str) -> str:
-    lines = [header, "", "features: " + ", ".join(f"{k} {v}" for k, v in feats.items()), "",
-             "| section | row | median | rate | × baseline | of peak | note |", "|---|---|---:|---:|---|---|---|"]
-    for r in rows:
-        if r.status != "ok":
-            lines.append(f"| {r.section} | {r.name} | {r.status.upper()} | | | | {r.note} |")
-            continue
-        ratios = ", ".join(f"{v:.2f}× {_short(k, r.name)}" for k, v in r.ratios.items())
-        peak = " / ".join(f"{v:.0%} {k}" for k, v in r.peak_fraction.items())
-        lines.append(f"| {r.section} | {r.name} | {r.median_s * 1e3:.1f} ms | {_rate(r.rate, r.unit)} | {ratios} | "
-                     f"{peak} | {r.note} |")
-    return "\n".join(lines)
-
-
 def run(sections: list[str], quick: bool, out: Path | None, argv: list[str]) -> int:
     t0 = time.perf_counter()
     ctx = Context(quick)
@@ -415,7 +216,7 @@ def run(sections: list[str], quick: bool, out: Path | None, argv: list[str]) -> 
                 rows += SECTIONS[name](ctx)
         except Exception as e:  # noqa: BLE001 - a section that cannot even build its rows is one error row
             progress(f"section {name} FAILED\n{traceback.format_exc()}")
-            rows.append(Row(name, "(section)", "error", f"{type(e).__name__}: {e}"))
+            rows.append(failed(name, "(section)", e))
     if len(chosen) > 1:
         # other processes' load comes and goes on these shared cores: a peak measured once, under
         # load, undercounts and inflates every fraction; the best of the start and the end is kinder

@@ -1,6 +1,6 @@
-"""The benchmark suite runs end to end: ``python -m bench --quick`` (the issue's smoke test) prints its
-table and writes a JSON with every section's rows measured; a failing row is reported and fails the
-run without stopping the other rows."""
+"""The benchmark harness and suite: bench/timing.py interleaves rounds and summarises them as it says;
+``python -m bench --quick`` (the issue's smoke test) prints its table and writes a JSON with every
+section's rows measured; a failing row is reported and fails the run without stopping the other rows."""
 from __future__ import annotations
 
 import json
@@ -12,17 +12,93 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import suite, timing
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import suite  # noqa: E402
-
 SECTIONS = ("peaks", "ops", "loaders", "steps", "sampling", "blocks")
 
 
-def test_sections_are_the_issue_list():
-    assert tuple(suite.SECTIONS) == SECTIONS
+class FakeClock:
+    """time.perf_counter for bench/timing.py: advanced only by the cases' calls."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_measure_interleaves_rounds_and_summarises(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+
+    def case(name, durations):
+        it = iter(durations)
+
+        def fn():
+            calls.append(name)
+            clock.now += next(it)
+        return fn
+
+    rows = timing.measure("s", [timing.Case("base", case("base", [9.0, 4.0, 4.0, 4.0]), 8.0, "img"),
+                                timing.Case("new", case("new", [9.0, 3.0, 1.0, 2.0]), 8.0, "img", ("base",))], 3)
+    # one warm-up each, then the rounds alternate: load from other processes falls on both alike
+    assert calls == ["base", "new"] * 4
+    base, new = rows
+    assert new.samples_s == [3.0, 1.0, 2.0] and base.samples_s == [4.0, 4.0, 4.0]  # the warm-up is not a sample
+    assert (new.median_s, new.best_s, new.worst_s, new.rate) == (2.0, 1.0, 3.0, 4.0)
+    assert new.ratios == {"base": 2.0} and base.ratios == {}
+
+
+def test_a_sample_is_the_mean_over_repeats_and_a_window_after_the_drain(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    n = [0]
+
+    def fn():  # the k-th call takes k seconds
+        n[0] += 1
+        clock.now += n[0]
+
+    (row,) = timing.measure("s", [timing.Case("r", fn, 1.0, "img", repeat=2, drain=1, warmed=True)], 1)
+    assert n[0] == 3 and row.samples_s == [(2 + 3) / 2]  # call 1 drained, calls 2 and 3 timed
+    n[0], clock.now = 0, 0.0
+    (row,) = timing.measure("s", [timing.Case("w", fn, 1.0, "img", min_sample_s=5.5, warmed=True)], 1)
+    assert n[0] == 3 and row.samples_s == [(1 + 2 + 3) / 3]  # until the sample lasts 5.5 s
+
+
+def test_a_cuda_case_is_synchronised_around_each_sample_not_each_call(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    timing.measure("s", [timing.Case("g", lambda: events.append("call"), 1.0, "B", device="cuda", repeat=3)], 2)
+    sample = ["sync", "call", "call", "call", "sync"]
+    assert events == sample * 3  # the warm-up is a sample too, not kept
+    events.clear()
+    timing.measure("s", [timing.Case("c", lambda: events.append("call"), 1.0, "B", repeat=3)], 1)
+    assert events == ["call"] * 6
+
+
+def test_peak_fractions_are_of_the_named_peaks():
+    rows = [timing.Row("s", "a", "ok", unit="B", rate=5.0, peaks=("copy",)),
+            timing.Row("s", "b", "ok", unit="FLOP", rate=3.0, peaks=("matmul_fp32", "matmul_bf16", "absent")),
+            timing.Row("s", "c", "error", unit="B", peaks=("copy",))]
+    timing.fill_peak_fractions(rows, {"copy": 10.0, "matmul_fp32": 6.0, "matmul_bf16": 12.0})
+    assert [r.peak_fraction for r in rows] == [{"copy": 0.5}, {"matmul_fp32": 0.5, "matmul_bf16": 0.25}, {}]
+
+
+def test_only_runs_the_chosen_sections_between_two_peak_measurements(tmp_path, monkeypatch):
+    ran = []
+
+    def section(name):
+        def run(ctx):
+            ran.append(name)
+            return [timing.Row(name, name, "ok")]
+        return run
+
+    monkeypatch.setattr(suite, "SECTIONS", {s: section(s) for s in SECTIONS})
+    assert suite.run(["steps", "ops"], True, tmp_path / "r.json", []) == 0
+    # in the suite's order, not the command line's; the peaks again at the end, load having moved on
+    assert ran == ["peaks", "ops", "steps", "peaks"]
+    assert json.loads((tmp_path / "r.json").read_text())["sections"] == ["peaks", "ops", "steps"]
 
 
 def test_quick_suite_end_to_end(tmp_path):
@@ -72,14 +148,14 @@ def test_quick_suite_end_to_end(tmp_path):
 def test_failing_row_is_reported_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
     def fake_peaks(ctx):
         ctx.peaks.update(copy=1e9, matmul_fp32=1e9, matmul_bf16=2e9)
-        return suite.measure("peaks", [suite.Case("tiny", lambda: sum(range(100)), 1e3, "FLOP")], 2)
+        return timing.measure("peaks", [timing.Case("tiny", lambda: sum(range(100)), 1e3, "FLOP")], 2)
 
     def broken(ctx):
         def boom():
             raise RuntimeError("kernel exploded")
-        return suite.measure("ops", [suite.Case("base", lambda: None, 1.0, "img"),
-                                     suite.Case("bad", boom, 1.0, "img", ("base",)),
-                                     suite.Case("good", lambda: None, 1.0, "img", ("base",))], 3)
+        return timing.measure("ops", [timing.Case("base", lambda: None, 1.0, "img"),
+                                      timing.Case("bad", boom, 1.0, "img", ("base",)),
+                                      timing.Case("good", lambda: None, 1.0, "img", ("base",))], 3)
 
     def raises(ctx):
         raise ImportError("no such backend")
@@ -105,13 +181,13 @@ def test_cli_rejects_unknown_section():
 
 
 def test_blocks_bench_skips_without_cuda(capsys):
-    """bench_blocks.py is GPU-only: without CUDA one clear line, exit 0, and a skipped suite row."""
+    """bench_blocks is GPU-only: without CUDA one clear line, exit 0, and a skipped suite row."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: bench_blocks.py measures (run it by hand, it takes minutes)")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_blocks.py")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_blocks"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines() == ["bench_blocks: skipped: needs a CUDA GPU (torch sees none)"]
-    rows = suite.SECTIONS["blocks"](suite.Context(quick=True))
+    rows = suite.SECTIONS["blocks"](timing.Context(quick=True))
     assert [(r.section, r.status) for r in rows] == [("blocks", "skipped")]
     assert "needs a CUDA GPU" in rows[0].note

@@ -29,7 +29,7 @@ from aegan_fast.sample import main as sample_main
 from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends
 from aegan_fast.training import train
 from conftest import make_image_folder, tiny_config
-from weights import FP32_CHAIN, lively_weights, plain_twin, reference_chain
+from aegan_fast.testing import FP32_CHAIN, lively_weights, plain_twin, reference_chain
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -94,7 +94,7 @@ def test_resblock_folds_to_stock_modules(activation):
     stock-torch twin, not the fused ops), the block itself left as it was."""
     from aegan_fast.models import FoldedResBlock, ResBlock
     from aegan_fast.ops import BatchNormAct2d, BatchNormAddAct2d
-    from weights import lively_weights, plain_twin
+    from aegan_fast.testing import lively_weights, plain_twin
 
     block = lively_weights(ResBlock(8, activation, 0.1), seed=3)
     state = {k: v.clone() for k, v in block.state_dict().items()}
@@ -113,7 +113,7 @@ def test_resblock_folds_to_stock_modules(activation):
 def test_sampling_chain_sample_is_seeded_and_chunked():
     """SamplingChain.sample(n, seed, batch): z ~ U(-1, 1) from a CPU generator seeded with seed,
     the same images whatever the chunk size, on the CPU."""
-    from weights import FP32_CHAIN, lively_weights, reference_chain
+    from aegan_fast.testing import FP32_CHAIN, lively_weights, reference_chain
 
     nets = lively_weights(build_nets(ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32,
                                                  max_channels=32))).eval()
@@ -263,7 +263,7 @@ def test_flat_input_stays_flat_through_resize_conv_not_transposed(weights):
 def test_flat_embedding_decodes_to_a_flat_image_with_resize_conv():
     """The whole decoder F (eval mode, weights that vary): resize_conv maps a flat embedding to a flat
     image; the paper's transposed convs print a pattern on it."""
-    from weights import lively_weights
+    from aegan_fast.testing import lively_weights
 
     spread = {}
     for kind in ("transposed", "resize_conv"):
@@ -331,7 +331,7 @@ def test_resize_conv_chain_folds_and_exports():
     that ONNX Runtime runs to the same images."""
     from aegan_fast.export import fold_chain
     from aegan_fast.export.fold import uses_custom_ops
-    from weights import FP32_CHAIN, lively_weights, reference_chain
+    from aegan_fast.testing import FP32_CHAIN, lively_weights, reference_chain
 
     nets = lively_weights(build_nets(ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32,
                                                  max_channels=32, upsample="resize_conv"))).eval()

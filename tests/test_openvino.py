@@ -16,7 +16,7 @@ from aegan_fast.metrics.recon import psnr
 from aegan_fast.models import ModelConfig, build_nets, sample_z
 from aegan_fast.sample import main as sample_main
 from aegan_fast.sampling import Sampler, auto_backend, sampler_backends
-from weights import lively_weights, reference_chain
+from aegan_fast.testing import lively_weights, reference_chain
 
 if ovx.openvino_unavailable():
     pytest.skip(f"OpenVINO: {ovx.openvino_unavailable()}", allow_module_level=True)

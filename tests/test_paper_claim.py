@@ -4,14 +4,8 @@ RESULTS.md's statements of the paper's claims are this rule's output."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import paper_claim  # noqa: E402
+from bench import paper_claim
 
 
 def runs(variant, swd, fid, msssim):

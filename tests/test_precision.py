@@ -133,9 +133,8 @@ def test_bf16_steps_keep_weights_moments_statistics_losses_and_ema_in_fp32(tmp_p
 
 
 REORDER_PROBE = textwrap.dedent("""
-    import sys, torch
-    sys.path.insert(0, {bench!r})
-    import bench_train_step as b
+    import torch
+    from bench import bench_train_step as b
     from aegan_fast.models import ModelConfig
     b.SHAPES[64] = (ModelConfig(resolution=64, ae_channels=16, ge_base_channels=32, embed_max_channels=32,
                                 max_channels=32), 5, 1)
@@ -150,9 +149,10 @@ def _activation_reorders(stage: str, variant: str) -> tuple[int, int]:
     """(reorders of batch-sized tensors, all reorders) oneDNN ran in one training step, from its
     verbose log. The probe's batch is 5, which no weight dimension is: a reorder whose tensor starts
     with 5 moves an activation between layouts."""
-    code = REORDER_PROBE.format(bench=str(Path(__file__).resolve().parents[1] / "bench"), stage=stage, variant=variant)
+    code = REORDER_PROBE.format(stage=stage, variant=variant)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, ONEDNN_VERBOSE="1"), check=True).stdout
+                         cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, ONEDNN_VERBOSE="1"),
+                         check=True).stdout
     lines = [ln for ln in out.split("=== measured step", 1)[1].splitlines() if ",exec,cpu,reorder," in ln]
     return sum(ln.split(",")[-2].startswith("5x") for ln in lines), len(lines)
 

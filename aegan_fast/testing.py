@@ -1,5 +1,6 @@
-"""Test and bench helpers for the sampling chain: weights that make its images vary, and a reference
-forward that shares no code with aegan_fast.ops or the fold."""
+"""Helpers for the tests and the benchmarks of the sampling chain: weights that make its images vary,
+and a reference forward that shares no code with aegan_fast.ops or the fold. In the package so that
+tests/ and bench/ both import it without either importing the other; nothing in the library uses it."""
 from __future__ import annotations
 
 import copy
