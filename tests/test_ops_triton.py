@@ -7,6 +7,7 @@ triton_interp_worker.py and run in one child process: interp_harness.py says why
 """
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,24 @@ def test_backend_refuses_without_cuda():
         with ops.use_backend("triton"):
             pass
 
+
+
+@needs_triton
+def test_kernel_activation_codes_are_the_ops_codes():
+    """The kernels take the activation as the ops contract passes it, its code: host.ACTIVATIONS
+    (what _common.activate interprets) must name the codes of aegan_fast.ops.activations."""
+    from aegan_fast.kernels import host
+    from aegan_fast.ops import activations
+    assert {name: code for code, name in host.ACTIVATIONS.items()} == activations.CODES
+
+
+def test_kernels_import_nothing_from_ops():
+    """One-way flow: aegan_fast.ops uses the kernels, the kernels never import aegan_fast.ops."""
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    found = []
+    for path in sorted(kernels.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith("aegan_fast.ops") or n == "aegan_fast"]
+    assert len(list(kernels.glob("*.py"))) >= 5 and not found, found
