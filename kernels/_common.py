@@ -1,6 +1,8 @@
-"""Pieces shared by the BatchNorm Triton ops: layout, block sizes, activations, and the statistics pass.
+"""Device-side pieces shared by the Triton kernels (activations, the BatchNorm affine, tile offsets, the
+Welford merge) and the BatchNorm statistics pass; the host side is kernels/host.py.
 
-Every 4-D tensor is addressed as ``x[o, c, i] = base + o*sO + c*sC + i*sI``:
+The BatchNorm kernels address every (N, C, *spatial) tensor (host.Layout) as
+``x[o, c, i] = base + o*sO + c*sC + i*sI``:
 
     NCHW contiguous:   o = n (sO = C*HW), sC = HW, i = h*W + w (NI = HW,   sI = 1)
     channels_last:     o = 0 (NO = 1),    sC = 1,  i = n*HW + h*W + w (NI = N*HW, sI = C)
@@ -16,123 +18,11 @@ kernel. This avoids the catastrophic cancellation of E[x^2] - E[x]^2 when |mean|
 """
 from __future__ import annotations
 
-import functools
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from aegan_fast.ops import activations
-
-TILE_OVERRIDE: int | None = None  # tests only: elements per tile (a power of two)
-
-
-def act_code(activation: str) -> int:
-    """The constexpr ACT of the kernels: the code of aegan_fast.ops.activations (= aegan_fast::Act)."""
-    return activations.code(activation)
-
-
-# ----------------------------------------------------------------------------------------------
-# launching: wrap_triton when tracing through torch.library.triton_op needs it
-# ----------------------------------------------------------------------------------------------
-
-def launch(kernel):
-    """``kernel`` as torch.library.wrap_triton sees it (so triton_op / torch.compile can trace it),
-    or the plain kernel where wrap_triton does not exist or cannot take it (the interpreter's
-    InterpretedFunction under TRITON_INTERPRET=1)."""
-    try:
-        from torch.library import wrap_triton
-        from triton.runtime.jit import JITFunction
-    except ImportError:
-        return kernel
-    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
-
-
-# ----------------------------------------------------------------------------------------------
-# layout and block sizes (host side)
-# ----------------------------------------------------------------------------------------------
-
-class Layout:
-    """How a (N, C, *spatial) tensor is walked: see the module docstring."""
-
-    def __init__(self, x: torch.Tensor):
-        if x.dim() < 2:
-            raise ValueError(f"expected a (N, C, ...) tensor, got shape {tuple(x.shape)}")
-        N, C = x.shape[0], x.shape[1]
-        HW = math.prod(x.shape[2:])
-        self.C, self.count = C, N * HW
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            self.memory_format = torch.channels_last
-            self.NO, self.sO, self.sC, self.NI, self.sI = 1, 0, 1, N * HW, C
-        else:
-            self.memory_format = torch.contiguous_format
-            self.NO, self.sO, self.sC, self.NI, self.sI = N, C * HW, HW, HW, 1
-        self.int64 = x.numel() >= 2 ** 31 - 1
-        # Tiles of ~tile elements; the unit-stride axis gets the wide side of the tile. Large tiles
-        # under the interpreter (it runs one program at a time); TILE_OVERRIDE lets the tests force
-        # small tiles so the multi-tile loops and cross-program merges run on small tensors.
-        tile = TILE_OVERRIDE or (4096 if interpreting() else 2048)
-        max_block_i = 1024 if tile == 2048 else tile  # on a GPU: at most 1024 contiguous values a row
-        if self.sC == 1:  # channels_last: rows of channels
-            self.BLOCK_C = min(triton.next_power_of_2(C), 256)
-            self.BLOCK_I = max(1, min(tile // self.BLOCK_C, triton.next_power_of_2(self.NI)))
-        else:
-            self.BLOCK_I = min(triton.next_power_of_2(self.NI), max_block_i)
-            self.BLOCK_C = max(1, min(tile // self.BLOCK_I, triton.next_power_of_2(C)))
-        self.n_tiles_i = triton.cdiv(self.NI, self.BLOCK_I)
-        self.n_tiles = self.NO * self.n_tiles_i
-        self.n_cblocks = triton.cdiv(C, self.BLOCK_C)
-
-    def like(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` in this layout (a no-op when it already is)."""
-        return t.contiguous(memory_format=self.memory_format)
-
-    def strides(self):
-        return (self.C, self.NI, self.sO, self.sC, self.sI, self.n_tiles_i)
-
-    def splits(self, device: torch.device) -> int:
-        """How many programs share one channel block in a reduction: enough to fill the device,
-        never more than there are tiles."""
-        target = 4 * _num_sms(device)
-        return max(1, min(self.n_tiles, triton.cdiv(target, self.n_cblocks)))
-
-
-def contiguous_input(x: torch.Tensor) -> torch.Tensor:
-    """x in NCHW or channels_last, whichever it is closest to."""
-    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return x
-    if x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
-    return x.contiguous()
-
-
-@functools.cache
-def interpreting() -> bool:
-    """Whether triton runs its interpreter (TRITON_INTERPRET=1): kernels then run on CPU tensors."""
-    try:
-        from triton import knobs
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # triton before the knobs module read the variable directly
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 1  # CPU tensors only run under the interpreter: few programs keep it fast
-
-
-def or_dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel tensor as a kernel argument; a dummy fp32 scalar when absent (the kernel's
-    HAS_* flag keeps it from being read)."""
-    return t if t is not None else torch.empty(1, device=like.device, dtype=torch.float32)
+from .host import Layout, launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,8 +30,9 @@ def or_dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def tile_offsets(t, c, n_tiles_i, NI, sO, sC, sI, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
-    """Offsets [BLOCK_C, BLOCK_I] of tile t for channels c, and the mask along i."""
+def tile_offsets(t, c, cmask, n_tiles_i, NI, sO, sC, sI, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
+    """Offsets [BLOCK_C, BLOCK_I] of tile t for channels c (valid where cmask), the tile's mask, and
+    its mask along i."""
     o = t // n_tiles_i
     i = (t % n_tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < NI
@@ -149,26 +40,24 @@ def tile_offsets(t, c, n_tiles_i, NI, sO, sC, sI, BLOCK_I: tl.constexpr, INT64: 
         offs = o.to(tl.int64) * sO + c.to(tl.int64)[:, None] * sC + i.to(tl.int64)[None, :] * sI
     else:
         offs = o * sO + c[:, None] * sC + i[None, :] * sI
-    return offs, imask
-
-
-@triton.jit
-def activate(z, ACT: tl.constexpr, slope):
-    if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
-        z = tl.where(z > 0, z, z * slope)
-    return z
+    return offs, cmask[:, None] & imask[None, :], imask
 
 
 @triton.jit
 def activation_grad(dy, z, ACT: tl.constexpr, slope):
-    """d act(z)/dz * dy with PyTorch's convention at z == 0 (the negative side)."""
+    """d act(z)/dz * dy for the codes of host.ACTIVATIONS (0 identity, 1 relu, 2 leaky_relu(slope)),
+    with PyTorch's convention at z == 0 (the negative side)."""
     if ACT == 1:
         dy = tl.where(z > 0, dy, 0.0)
     elif ACT == 2:
         dy = tl.where(z > 0, dy, dy * slope)
     return dy
+
+
+@triton.jit
+def activate(z, ACT: tl.constexpr, slope):
+    """act(z): every activation is linear on each side of 0, so act(z) = act'(z) * z."""
+    return activation_grad(z, z, ACT, slope)
 
 
 @triton.jit
@@ -188,8 +77,37 @@ def channel_affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W: tl.con
     return mean, invstd, w, b
 
 
+@triton.jit
+def dz_xhat(dy, x, mean, invstd, w, b, slope, ACT: tl.constexpr):
+    """The gradient at the pre-activation z = BN(x) and the normalised input xhat, from x
+    (per-channel arguments already broadcast to the tile)."""
+    xhat = (x - mean) * invstd
+    if ACT == 0:
+        dz = dy
+    else:
+        scale = w * invstd
+        z = x * scale + (b - mean * scale)  # exactly the forward's z, so the sign test agrees
+        dz = activation_grad(dy, z, ACT, slope)
+    return dz, xhat
+
+
+@triton.jit
+def chan_merge(cnt, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.: (count, mean, M2) merged with another part's (n_b, mean_b, m2_b)."""
+    n_ab = cnt + n_b
+    delta = mean_b - mean
+    return n_ab, mean + delta * (n_b / n_ab), m2 + m2_b + delta * delta * (cnt * (n_b / n_ab))
+
+
+@triton.jit
+def channel_block(pid, C, BLOCK_C: tl.constexpr):
+    """The channels of channel block ``pid`` and their mask."""
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
 # ----------------------------------------------------------------------------------------------
-# statistics pass (training forward), shared by bn_act and bn_add_act
+# statistics pass (the training forward of bn_act, with or without a residual)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -197,27 +115,18 @@ def _stats_partial_kernel(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr,
                           C, NI, sO, sC, sI, n_tiles_i, n_tiles, S,
                           BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
     """Program (cb, s) reduces tiles s, s+S, s+2S, ... of channel block cb to (count, mean, M2)."""
-    pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(tl.program_id(0), C, BLOCK_C)
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for t in range(pid_s, n_tiles, S):
-        offs, imask = tile_offsets(t, c, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
-        mask = cmask[:, None] & imask[None, :]
+        offs, mask, imask = tile_offsets(t, c, cmask, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         n_b = tl.sum(imask.to(tl.float32), axis=0)
         mean_b = tl.sum(x, axis=1) / n_b
         d = tl.where(mask, x - mean_b[:, None], 0.0)
-        m2_b = tl.sum(d * d, axis=1)
-        # Chan et al.: merge (cnt, mean, m2) with the tile's (n_b, mean_b, m2_b)
-        n_ab = cnt + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / n_ab)
-        m2 = m2 + m2_b + delta * delta * (cnt * (n_b / n_ab))
-        cnt = n_ab
+        cnt, mean, m2 = chan_merge(cnt, mean, m2, n_b, mean_b, tl.sum(d * d, axis=1))
     out = pid_s * C + c
     tl.store(pcount_ptr + out, cnt, mask=cmask)
     tl.store(pmean_ptr + out, mean, mask=cmask)
@@ -227,8 +136,7 @@ def _stats_partial_kernel(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr,
 @triton.jit
 def _stats_finalize_kernel(pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, S, BLOCK_C: tl.constexpr):
     """Merge the S partials of each channel in a fixed order; write mean and biased variance."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(tl.program_id(0), C, BLOCK_C)
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -236,11 +144,7 @@ def _stats_finalize_kernel(pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C,
         n_b = tl.load(pcount_ptr + s * C + c, mask=cmask, other=1.0)
         mean_b = tl.load(pmean_ptr + s * C + c, mask=cmask, other=0.0)
         m2_b = tl.load(pm2_ptr + s * C + c, mask=cmask, other=0.0)
-        n_ab = cnt + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / n_ab)
-        m2 = m2 + m2_b + delta * delta * (cnt * (n_b / n_ab))
-        cnt = n_ab
+        cnt, mean, m2 = chan_merge(cnt, mean, m2, n_b, mean_b, m2_b)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(var_ptr + c, m2 / cnt, mask=cmask)
 
@@ -248,8 +152,7 @@ def _stats_finalize_kernel(pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C,
 @triton.jit
 def _sum_partials_kernel(pa_ptr, pb_ptr, a_ptr, b_ptr, C, S, BLOCK_C: tl.constexpr):
     """a[c] = sum_s pa[s, c]; b[c] = sum_s pb[s, c] (fixed order: deterministic)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(tl.program_id(0), C, BLOCK_C)
     a = tl.zeros([BLOCK_C], tl.float32)
     b = tl.zeros([BLOCK_C], tl.float32)
     for s in range(0, S):
@@ -264,13 +167,11 @@ FINALIZE_BLOCK = 128
 
 def batch_stats(x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var) per channel, fp32, in one read of x."""
-    S = lay.splits(x.device)
-    C = lay.C
-    part = torch.empty((3, S, C), device=x.device, dtype=torch.float32)
-    launch(_stats_partial_kernel)[(lay.n_cblocks, S)](
-        x, part[0], part[1], part[2], *lay.strides(), lay.n_tiles, S,
-        BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
-    return finalize_stats(part, C, S)
+    grid = lay.reduce_grid(x.device)
+    S = grid[1]
+    part = torch.empty((3, S, lay.C), device=x.device, dtype=torch.float32)
+    launch(_stats_partial_kernel)[grid](x, part[0], part[1], part[2], *lay.strides(), lay.n_tiles, S, **lay.blocks())
+    return finalize_stats(part, lay.C, S)
 
 
 def finalize_stats(part: torch.Tensor, C: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:

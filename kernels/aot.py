@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import _common, bn_act, bn_add_act, conv3x3, convt4x4
+from . import _common, bn_act, conv3x3, convt4x4
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 # Pointer arguments that carry activations (the input dtype); every other pointer is fp32.
@@ -27,16 +27,18 @@ def kernels():
         "stats_finalize": (_common._stats_finalize_kernel, dict(BLOCK_C=_common.FINALIZE_BLOCK)),
         "sum_partials": (_common._sum_partials_kernel, dict(BLOCK_C=_common.FINALIZE_BLOCK)),
         "bn_act_fwd": (bn_act._bn_act_fwd_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=False)),
-        "bn_act_bwd_reduce": (bn_act._bn_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
-        "bn_act_bwd": (bn_act._bn_act_bwd_kernel, dict(tile, HAS_W=True, HAS_B=True, TRAINING=True)),
+        "bn_act_bwd_reduce": (bn_act._bn_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=False)),
+        "bn_act_bwd": (bn_act._bn_bwd_kernel, dict(tile, HAS_W=True, HAS_B=True, TRAINING=True)),
         "bn_add_act_fwd": (bn_act._bn_act_fwd_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=True)),
-        "bn_add_act_bwd_reduce": (bn_add_act._bn_add_act_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True)),
-        "bn_add_act_bwd": (bn_add_act._bn_add_act_bwd_kernel, dict(tile, HAS_W=True, TRAINING=True)),
-        "conv3x3_fwd": (conv3x3._conv3x3_fwd_kernel, dict(conv3x3.GPU_BLOCKS, HAS_PRO=True, STATS=True)),
+        "bn_add_act_bwd_reduce": (bn_act._bn_bwd_reduce_kernel, dict(tile, HAS_W=True, HAS_B=True, HAS_RES=True)),
+        # bn_add_act's apply pass: bn_act's, reading the dz its reduction wrote (the identity's dz = dy)
+        "bn_add_act_bwd": (bn_act._bn_bwd_kernel, dict(tile, HAS_W=True, HAS_B=False, TRAINING=True, ACT=0)),
+        "conv3x3_fwd": (conv3x3._conv3x3_fwd_kernel, dict(conv3x3.GPU_BLOCKS, HAS_PRO=True, STATS=True,
+                                                           INT64=False)),
         # the BatchNorm-reduce variant: the plain dgrad's code plus its epilogue (one long compile, not two)
         "conv3x3_dgrad": (conv3x3._conv3x3_dgrad_kernel,
-                          dict(conv3x3.GPU_BLOCKS, BN_REDUCE=True, HAS_W=True, HAS_B=True)),
-        "conv3x3_wgrad": (conv3x3._conv3x3_wgrad_kernel, dict(conv3x3.GPU_WGRAD_BLOCKS, HAS_PRO=True)),
+                          dict(conv3x3.GPU_BLOCKS, BN_REDUCE=True, HAS_W=True, HAS_B=True, INT64=False)),
+        "conv3x3_wgrad": (conv3x3._conv3x3_wgrad_kernel, dict(conv3x3.GPU_WGRAD_BLOCKS, HAS_PRO=True, INT64=False)),
         "convt4x4_fwd": (convt4x4._convt_fwd_kernel, dict(convt4x4.FWD_BLOCKS, HAS_AFFINE=True, STATS=True,
                                                            INT64=False)),
         "convt4x4_dgrad": (convt4x4._convt_dgrad_kernel, dict(convt4x4.DGRAD_BLOCKS, INT64=False)),

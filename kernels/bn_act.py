@@ -1,8 +1,18 @@
-"""act(BatchNorm2d(x)) in Triton: forward apply kernel, backward reduction + apply kernels and their
-host functions (``aegan_fast.ops._triton`` puts them behind the fused ops' one contract).
+"""act(BatchNorm2d(x) (+ residual)) in Triton: the kernels of both fused BatchNorm ops (bn_act, and
+bn_add_act = bn_act with a residual) and their host functions, which speak the ops' one contract
+(aegan_fast/ops/library.py's Adapter) so ``aegan_fast.ops._triton`` passes them on as they are:
 
-Forward (training): statistics pass (``_common.batch_stats``) -> apply pass -> running-stat update.
-Backward: one reduction pass (sum dz, sum dz*xhat per channel) -> one apply pass (dx).
+    forward(x, residual?, weight?, bias?, running_mean?, running_var?, training, eps, act, slope)
+        -> (y, mean, var)
+    backward(grad_out, x, residual?, weight?, bias?, mean, var, training, eps, act, slope, want_dres)
+        -> (grad_x, grad_residual, grad_weight, grad_bias)
+    backward_apply(grad_z, x, mean, var, weight?, bias?, sum_dz, sum_dz_xhat, training, eps, act, slope)
+        -> grad_x   (backward's apply pass alone, its reductions done elsewhere: the fused blocks)
+
+Forward (training): statistics pass (``_common.batch_stats``) -> apply pass (reads x and the residual).
+Backward: one reduction pass (sum dz, sum dz*xhat per channel; with a residual and a non-identity
+activation it recomputes z = x*scale + shift + residual and writes dz, which *is* grad_residual)
+-> one apply pass (dx, from dz recomputed, or read back when the reduction wrote it).
 """
 from __future__ import annotations
 
@@ -10,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Layout, act_code, activate, activation_grad, batch_stats, channel_affine, contiguous_input,
-                      launch, or_dummy, sum_partials, tile_offsets)
+from . import host
+from ._common import (activate, activation_grad, batch_stats, channel_affine, channel_block, dz_xhat, sum_partials,
+                      tile_offsets)
+from .host import Layout, launch, or_dummy
 
 
 @triton.jit
@@ -21,13 +33,11 @@ def _bn_act_fwd_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                        BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
     """y = act(x * scale + shift (+ residual)), scale = w * invstd, shift = b - mean * scale; one tile
     per program. The forward of bn_act and of bn_add_act (HAS_RES)."""
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(tl.program_id(1), C, BLOCK_C)
     mean, invstd, w, b = channel_affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B)
     scale = w * invstd
     shift = b - mean * scale
-    offs, imask = tile_offsets(tl.program_id(0), c, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
-    mask = cmask[:, None] & imask[None, :]
+    offs, mask, _ = tile_offsets(tl.program_id(0), c, cmask, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = x * scale[:, None] + shift[:, None]
     if HAS_RES:
@@ -37,38 +47,31 @@ def _bn_act_fwd_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
 
 
 @triton.jit
-def _dz_xhat(dy, x, mean, invstd, w, b, slope, ACT: tl.constexpr):
-    """The gradient at the pre-activation z and the normalised input xhat, from x (per-channel
-    arguments already broadcast to the tile)."""
-    xhat = (x - mean) * invstd
-    if ACT == 0:
-        dz = dy
-    else:
-        scale = w * invstd
-        z = x * scale + (b - mean * scale)  # exactly the forward's z, so the sign test agrees
-        dz = activation_grad(dy, z, ACT, slope)
-    return dz, xhat
-
-
-@triton.jit
-def _bn_act_bwd_reduce_kernel(dy_ptr, src_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pdz_ptr, pdzx_ptr,
-                              C, NI, sO, sC, sI, n_tiles_i, n_tiles, S, eps, slope,
-                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
-    """Partial per-channel sums of dz and dz * xhat over tiles s, s+S, ... (grad bias, grad weight)."""
-    pid_c = tl.program_id(0)
+def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, r_ptr, dz_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pdz_ptr, pdzx_ptr,
+                          C, NI, sO, sC, sI, n_tiles_i, n_tiles, S, eps, slope,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
+    """Partial per-channel sums of dz and dz * xhat over tiles s, s+S, ... (grad bias, grad weight).
+    With HAS_RES (a non-identity activation after the residual) z = x*scale + shift + residual, and
+    dz, the residual's gradient, is written to dz_ptr for the apply pass."""
     pid_s = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(tl.program_id(0), C, BLOCK_C)
     mean, invstd, w, b = channel_affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B)
+    mean, invstd, w, b = mean[:, None], invstd[:, None], w[:, None], b[:, None]
     acc_dz = tl.zeros([BLOCK_C], tl.float32)
     acc_dzx = tl.zeros([BLOCK_C], tl.float32)
     for t in range(pid_s, n_tiles, S):
-        offs, imask = tile_offsets(t, c, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
-        mask = cmask[:, None] & imask[None, :]
+        offs, mask, _ = tile_offsets(t, c, cmask, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        src = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dz, xhat = _dz_xhat(dy, src, mean[:, None], invstd[:, None], w[:, None], b[:, None], slope, ACT)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            scale = w * invstd
+            z = x * scale + (b - mean * scale) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dz = activation_grad(dy, z, ACT, slope)  # exactly the forward's z, so the sign test agrees
+            xhat = (x - mean) * invstd
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        else:
+            dz, xhat = dz_xhat(dy, x, mean, invstd, w, b, slope, ACT)
         dz = tl.where(mask, dz, 0.0)
         acc_dz += tl.sum(dz, axis=1)
         acc_dzx += tl.sum(dz * xhat, axis=1)
@@ -77,20 +80,18 @@ def _bn_act_bwd_reduce_kernel(dy_ptr, src_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, 
 
 
 @triton.jit
-def _bn_act_bwd_kernel(dy_ptr, src_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sdz_ptr, sdzx_ptr,
-                       C, NI, sO, sC, sI, n_tiles_i, inv_count, eps, slope,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                       TRAINING: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
-    """dx = w*invstd * (dz - mean(dz) - xhat * mean(dz*xhat)) in training, w*invstd*dz in eval."""
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+def _bn_bwd_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sdz_ptr, sdzx_ptr,
+                   C, NI, sO, sC, sI, n_tiles_i, inv_count, eps, slope,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr):
+    """dx = w*invstd * (dz - mean(dz) - xhat * mean(dz*xhat)) in training, w*invstd*dz in eval; dz
+    recomputed from dy and x (ACT = 0 where dy already is dz)."""
+    c, cmask = channel_block(tl.program_id(1), C, BLOCK_C)
     mean, invstd, w, b = channel_affine(c, cmask, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B)
-    offs, imask = tile_offsets(tl.program_id(0), c, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
-    mask = cmask[:, None] & imask[None, :]
+    offs, mask, _ = tile_offsets(tl.program_id(0), c, cmask, n_tiles_i, NI, sO, sC, sI, BLOCK_I, INT64)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    src = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dz, xhat = _dz_xhat(dy, src, mean[:, None], invstd[:, None], w[:, None], b[:, None], slope, ACT)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz, xhat = dz_xhat(dy, x, mean[:, None], invstd[:, None], w[:, None], b[:, None], slope, ACT)
     k = (w * invstd)[:, None]
     if TRAINING:
         mdz = tl.load(sdz_ptr + c, mask=cmask, other=0.0) * inv_count
@@ -102,66 +103,97 @@ def _bn_act_bwd_kernel(dy_ptr, src_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
 
 
 # ----------------------------------------------------------------------------------------------
-# host functions
+# host functions: the ops contract
 # ----------------------------------------------------------------------------------------------
 
-def check_inputs(x, weight, bias, running_mean, running_var, training):
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("eval mode needs running_mean and running_var")
-    C = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (t.dim() != 1 or t.numel() != C or t.device != x.device or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous 1-D tensor of {C} elements on {x.device}")
-    if training and x.numel() // C <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+def _check_per_channel(x: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            host.check_tensor(name, t, shape=(x.shape[1],), dtypes=None, like=("x", x), contiguous=True,
+                              hint="one per channel")
 
 
-def bn_act_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                   eps: float, activation: str, negative_slope: float, residual: torch.Tensor | None = None):
+def forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, eps: float,
+            act: int, slope: float):
     """y = act(BatchNorm(x) (+ residual)). Returns (y, mean, var): the batch mean and biased batch
     variance in fp32 when training; empty tensors in eval mode (the running statistics are used)."""
-    check_inputs(x, weight, bias, running_mean, running_var, training)
-    x = contiguous_input(x)
+    host.check_tensor("x", x)
+    act = host.check_act(act)
+    if residual is not None:
+        host.check_tensor("residual", residual, shape=tuple(x.shape), like=("x", x))
+    _check_per_channel(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("eval mode needs running_mean and running_var")
+    if training and x.numel() // x.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    x = host.contiguous_input(x)
     lay = Layout(x)
-    if training:
-        mean, var = batch_stats(x, lay)
-    else:
-        mean, var = running_mean, running_var
+    mean, var = batch_stats(x, lay) if training else (running_mean, running_var)
     if residual is None:
         y = torch.empty_like(x)
     else:
         residual = lay.like(residual)
         y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
-    launch(_bn_act_fwd_kernel)[(lay.n_tiles, lay.n_cblocks)](
-        x, or_dummy(residual, x), y, mean, var, or_dummy(weight, x), or_dummy(bias, x), *lay.strides(), float(eps),
-        float(negative_slope), HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-        ACT=act_code(activation), BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
+    launch(_bn_act_fwd_kernel)[lay.apply_grid](
+        x, residual if residual is not None else x, y, mean, var, or_dummy(weight, x), or_dummy(bias, x),
+        *lay.strides(), float(eps), float(slope), HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_RES=residual is not None, ACT=act, **lay.blocks())
     if not training:
         mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
     return y, mean, var
 
 
-def bn_act_backward(grad_y: torch.Tensor, saved: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                    weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool, eps: float,
-                    activation: str, negative_slope: float):
-    """(grad_x, grad_weight, grad_bias); grad_weight/grad_bias are fp32 per-channel sums.
-    ``saved`` is the forward's x; ``mean``/``var`` are the batch statistics (biased variance) in
-    training and the running ones in eval."""
-    saved = contiguous_input(saved)
-    lay = Layout(saved)
-    grad_y = lay.like(grad_y)
-    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_code(activation),
-                  BLOCK_C=lay.BLOCK_C, BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
-    w, b = or_dummy(weight, saved), or_dummy(bias, saved)
-    S = lay.splits(saved.device)
-    part = torch.empty((2, S, lay.C), device=saved.device, dtype=torch.float32)
-    launch(_bn_act_bwd_reduce_kernel)[(lay.n_cblocks, S)](
-        grad_y, saved, mean, var, w, b, part[0], part[1], *lay.strides(), lay.n_tiles, S,
-        float(eps), float(negative_slope), **common)
+def backward(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float, act: int,
+             slope: float, want_dres: bool = False):
+    """(grad_x, grad_residual, grad_weight, grad_bias); grad_weight/grad_bias are fp32 per-channel
+    sums. ``x`` (and ``residual``, which the ops save only for a non-identity activation) are the
+    forward's; ``mean``/``var`` the batch statistics (biased variance) in training and the running
+    ones in eval. grad_residual is empty without a residual or for the identity, where it is grad_out
+    (the caller passes grad_out on); ``want_dres`` changes nothing here."""
+    host.check_tensor("x", x)
+    host.check_tensor("grad_out", grad_out, shape=tuple(x.shape), like=("x", x))
+    act = host.check_act(act)
+    if residual is not None:
+        host.check_tensor("residual", residual, shape=tuple(x.shape), like=("x", x))
+    x = host.contiguous_input(x)
+    lay = Layout(x)
+    grad_out = lay.like(grad_out)
+    has_res = residual is not None and act != host.IDENTITY
+    grad_r = torch.empty_like(x, dtype=residual.dtype) if has_res else x.new_empty(0)
+    grid = lay.reduce_grid(x.device)
+    S = grid[1]
+    part = torch.empty((2, S, lay.C), device=x.device, dtype=torch.float32)
+    launch(_bn_bwd_reduce_kernel)[grid](
+        grad_out, x, lay.like(residual) if has_res else x, grad_r if has_res else grad_out, mean, var,
+        or_dummy(weight, x), or_dummy(bias, x), part[0], part[1], *lay.strides(), lay.n_tiles, S, float(eps),
+        float(slope), HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=has_res, ACT=act, **lay.blocks())
     sum_dz, sum_dzx = sum_partials(part[0], part[1])
-    grad_x = torch.empty_like(saved)
-    launch(_bn_act_bwd_kernel)[(lay.n_tiles, lay.n_cblocks)](
-        grad_y, saved, grad_x, mean, var, w, b, sum_dz, sum_dzx, *lay.strides(), 1.0 / lay.count,
-        float(eps), float(negative_slope), TRAINING=training, **common)
-    return grad_x, sum_dzx, sum_dz
+    # with a residual the reduction wrote dz: the apply pass reads it as is (the identity's dz = dy)
+    dz, apply_act = (grad_r, host.IDENTITY) if has_res else (grad_out, act)
+    grad_x = _apply(lay, dz, x, mean, var, weight, bias, sum_dz, sum_dzx, training, eps, apply_act, slope)
+    return grad_x, grad_r, sum_dzx, sum_dz
+
+
+def _apply(lay, dy, x, mean, var, weight, bias, sum_dz, sum_dzx, training, eps, act, slope):
+    grad_x = torch.empty_like(x)
+    launch(_bn_bwd_kernel)[lay.apply_grid](
+        dy, x, grad_x, mean, var, or_dummy(weight, x), or_dummy(bias, x), sum_dz, sum_dzx, *lay.strides(),
+        1.0 / lay.count, float(eps), float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
+        TRAINING=bool(training), **lay.blocks())
+    return grad_x
+
+
+def backward_apply(grad_z: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, sum_dz: torch.Tensor,
+                   sum_dzx: torch.Tensor, training: bool, eps: float, act: int, slope: float) -> torch.Tensor:
+    """backward's apply pass alone, its reductions (sum dz, sum dz*xhat per channel, fp32) done
+    elsewhere: the gradient w.r.t. x in x's dtype and layout, grad_z being the gradient at act's output."""
+    host.check_tensor("x", x)
+    host.check_tensor("grad_z", grad_z, shape=tuple(x.shape), like=("x", x))
+    _check_per_channel(x, mean=mean, var=var, weight=weight, bias=bias, sum_dz=sum_dz, sum_dzx=sum_dzx)
+    x = host.contiguous_input(x)
+    lay = Layout(x)
+    return _apply(lay, lay.like(grad_z), x, mean, var, weight, bias, sum_dz, sum_dzx, training, eps,
+                  host.check_act(act), slope)

@@ -2,9 +2,9 @@
 BatchNorm+activation applied to the input while it is loaded (prologue) and the BatchNorm statistics of the
 output gathered while it is written (epilogue), so the next BatchNorm needs no statistics pass.
 
-    conv_transpose4x4s2_bnact(x, weight, scale, shift, activation) -> (y, mean, var)   forward
-    conv_transpose4x4s2_dgrad(grad_y, weight)                      -> grad_a           d loss / d act(x*scale+shift)
-    conv_transpose4x4s2_wgrad(grad_y, x, scale, shift, activation) -> grad_weight      fp32, (Ci, Co, 4, 4)
+    conv_transpose4x4s2_bnact(x, weight, scale, shift, act) -> (y, mean, var)   forward
+    conv_transpose4x4s2_dgrad(grad_y, weight)               -> grad_a           d loss / d act(x*scale+shift)
+    conv_transpose4x4s2_wgrad(grad_y, x, scale, shift, act) -> grad_weight      fp32, (Ci, Co, 4, 4)
 
 Forward, sub-pixel decomposition: output pixel (2i+ph, 2j+pw) receives exactly the taps
 kh = 1 + ph - 2*dh of input row i + dh, dh in {0, 2*ph - 1} (and the same along w), so each of the four output
@@ -14,10 +14,11 @@ dgrad is the strided 4x4 conv of grad_y, an implicit GEMM [input pixels x 16*Co]
 per tap, [Ci x pixels] @ [pixels x Co]; see its kernel for the reduction order.
 
 Every tensor is addressed through its four strides, so NCHW and channels_last (and any other strides) run the
-same kernels; outputs take x's (grad_y's) memory format. Activations and weights share one dtype (fp32, bf16 or
-fp16); the products accumulate in fp32, fp32 dots in IEEE precision (no TF32), so fp32 matches PyTorch to
-~1e-6 of scale. Block sizes on a GPU are untuned defaults (no GPU was available to tune them); under the
-interpreter they are large, so few programs run.
+same kernels; outputs take x's (grad_y's) memory format. ``act`` is an activation code of host.ACTIVATIONS;
+the arguments are checked by the host layer (kernels/host.py: ValueError; activations and weights share one
+dtype, fp32, bf16 or fp16; int64 offsets where host.needs_int64 says so). The products accumulate in fp32,
+fp32 dots in IEEE precision (no TF32), so fp32 matches PyTorch to ~1e-6 of scale. Block sizes on a GPU are
+untuned defaults (no GPU was available to tune them); under the interpreter they are large, so few programs run.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _num_sms, act_code, activate, finalize_stats, interpreting, launch
+from . import host
+from ._common import activate, finalize_stats
+from .host import block, interpreting, launch, memory_format, needs_int64, or_dummy
 
 # tests only: force small pixel blocks / several wgrad splits so multi-program paths run on small tensors
 BLOCK_P_OVERRIDE: int | None = None
@@ -211,87 +214,24 @@ def _convt_wgrad_kernel(x_ptr, dy_ptr, scale_ptr, shift_ptr, pdw_ptr, P, H, W, C
 # host side
 # ----------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # GPU blocks: untuned defaults (no GPU was available to tune them); the host shrinks them for small C.
 FWD_BLOCKS = dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_K=32)
 DGRAD_BLOCKS = dict(BLOCK_P=64, BLOCK_CI=64, BLOCK_K=32)
 WGRAD_BLOCKS = dict(BLOCK_CI=64, BLOCK_CO=64, BLOCK_P=32)
 
 
-def _np2(v: int, lo: int, hi: int) -> int:
-    """A power-of-two block for an axis of v, within [lo, hi] (tl.dot needs every dim >= 16)."""
-    return max(lo, min(triton.next_power_of_2(max(v, 1)), hi))
-
-
 def _block_p(P: int, gpu_default: int) -> int:
     if BLOCK_P_OVERRIDE is not None:
         return BLOCK_P_OVERRIDE
-    return _np2(P, 16, 1024) if interpreting() else gpu_default
+    return block(P, 1024) if interpreting() else gpu_default
 
 
-def _out_format(t: torch.Tensor):
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def _block_k(C: int, gpu_default: int) -> int:
+    return block(C, 64 if interpreting() else gpu_default)
 
 
-def _int64(*ts: torch.Tensor) -> bool:
-    """Whether any offset can pass int32 (offsets reach at most the sum of |stride| * (size - 1))."""
-    return any(sum(abs(s) * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2 ** 31 - 1 for t in ts)
-
-
-def _check_device(name: str, t: torch.Tensor):
-    if t.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{name} is on {t.device}: the Triton conv kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 for CPU tensors)")
-
-
-def _check_4d(name: str, t: torch.Tensor):
-    if not isinstance(t, torch.Tensor) or t.dim() != 4:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {shape}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-
-
-def _check_weight(weight: torch.Tensor, x: torch.Tensor, x_name: str, ci: int):
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (4, 4):
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a (Ci, Co, 4, 4) ConvTranspose2d weight, got {shape}")
-    if weight.shape[0] != ci:
-        raise ValueError(f"weight has {weight.shape[0]} input channels, {x_name} has {ci}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight is {weight.dtype} but {x_name} is {x.dtype}: they must share one dtype")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but {x_name} is on {x.device}")
-
-
-def _check_prologue(x: torch.Tensor, scale, shift, activation: str) -> int:
-    """ACT for the kernels; validates scale/shift (both fp32 (Ci,) on x's device, or both None)."""
-    act = act_code(activation)
-    if (scale is None) != (shift is None):
-        raise ValueError("scale and shift must be given together (or both None)")
-    if scale is None:
-        if act != 0:
-            raise ValueError(f"activation {activation!r} needs scale and shift (the prologue); "
-                             "without them the input is used as is")
-        return act
-    ci = x.shape[1]
-    for name, t in (("scale", scale), ("shift", shift)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != ci:
-            raise ValueError(f"{name} must be a 1-D tensor of {ci} elements (one per input channel), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    return act
-
-
-def _dummy(like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(1, device=like.device, dtype=torch.float32)
+def _check_weight(weight: torch.Tensor, shape: tuple, like: tuple[str, torch.Tensor]) -> None:
+    host.check_tensor("weight", weight, shape=shape, like=like, same_dtype=True, hint="a ConvTranspose2d weight")
 
 
 def _forward_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -301,34 +241,30 @@ def _forward_weight(weight: torch.Tensor) -> torch.Tensor:
     return w.permute(2, 4, 3, 5, 0, 1).contiguous()
 
 
-def conv_transpose4x4s2_bnact(x, weight, scale=None, shift=None, activation="identity", negative_slope=0.2,
-                              stats=True):
+def conv_transpose4x4s2_bnact(x, weight, scale=None, shift=None, act=0, negative_slope=0.2, stats=True):
     """y = conv_transpose2d(act(x*scale[c] + shift[c]), weight, stride=2, padding=1), no bias, output (N, Co, 2H, 2W).
     x (N, Ci, H, W) NCHW- or channels_last-contiguous; weight (Ci, Co, 4, 4) (ConvTranspose2d's layout).
-    scale/shift fp32 (Ci,) or both None (no prologue; activation must then be "identity").
+    scale/shift fp32 (Ci,) or both None (no prologue; act must then be the identity).
     Returns y in x's dtype and memory format and (when stats) per-output-channel batch mean and *biased* variance of y,
     fp32, from the fp32 accumulator."""
-    _check_4d("x", x)
-    _check_device("x", x)
+    host.check_tensor("x", x, dim=4, hint="N, C, H, W")
     N, Ci, H, W = x.shape
-    _check_weight(weight, x, "x", Ci)
-    act = _check_prologue(x, scale, shift, activation)
+    _check_weight(weight, (Ci, None, 4, 4), ("x", x))
+    act = host.check_prologue(x, scale, shift, act)
     Co = weight.shape[1]
-    y = torch.empty((N, Co, 2 * H, 2 * W), device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+    y = torch.empty((N, Co, 2 * H, 2 * W), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     P = N * H * W
     BLOCK_P = _block_p(P, FWD_BLOCKS["BLOCK_P"])
-    BLOCK_CO = _np2(Co, 16, FWD_BLOCKS["BLOCK_CO"])
-    BLOCK_K = _np2(Ci, 16, 64 if interpreting() else FWD_BLOCKS["BLOCK_K"])
+    BLOCK_CO = block(Co, FWD_BLOCKS["BLOCK_CO"])
     n_pblocks = triton.cdiv(P, BLOCK_P)
     S = 4 * n_pblocks
     part = torch.empty((3, S, Co), device=x.device, dtype=torch.float32) if stats else None
-    p0, p1, p2 = (part[0], part[1], part[2]) if stats else (_dummy(x),) * 3
+    p0, p1, p2 = (part[0], part[1], part[2]) if stats else (or_dummy(None, x),) * 3
     launch(_convt_fwd_kernel)[(n_pblocks, triton.cdiv(Co, BLOCK_CO), 4)](
-        x, _forward_weight(weight), scale if scale is not None else _dummy(x),
-        shift if shift is not None else _dummy(x), y, p0, p1, p2,
+        x, _forward_weight(weight), or_dummy(scale, x), or_dummy(shift, x), y, p0, p1, p2,
         P, H, W, Ci, Co, *x.stride(), *y.stride(), n_pblocks, float(negative_slope),
         HAS_AFFINE=scale is not None, ACT=act, STATS=bool(stats), BLOCK_P=BLOCK_P, BLOCK_CO=BLOCK_CO,
-        BLOCK_K=BLOCK_K, INT64=_int64(x, y))
+        BLOCK_K=_block_k(Ci, FWD_BLOCKS["BLOCK_K"]), INT64=needs_int64(x, y))
     if not stats:
         return y, None, None
     return (y, *finalize_stats(part, Co, S))
@@ -336,60 +272,46 @@ def conv_transpose4x4s2_bnact(x, weight, scale=None, shift=None, activation="ide
 
 def conv_transpose4x4s2_dgrad(grad_y, weight, out_dtype=None):
     """d loss / d a (the conv's activated input), (N, Ci, H, W) = conv2d(grad_y, weight, stride=2, padding=1)."""
-    _check_4d("grad_y", grad_y)
-    _check_device("grad_y", grad_y)
+    host.check_tensor("grad_y", grad_y, dim=4, hint="N, C, H, W")
     N, Co, Ho, Wo = grad_y.shape
     if Ho % 2 or Wo % 2:
         raise ValueError(f"grad_y's spatial size {Ho}x{Wo} is not the (2H, 2W) of a 4x4 stride-2 ConvTranspose2d")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != Co:
-        raise ValueError(f"weight must be a (Ci, {Co}, 4, 4) ConvTranspose2d weight for grad_y's {Co} channels, "
-                         f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    _check_weight(weight, (None, Co, 4, 4), ("grad_y", grad_y))
     Ci = weight.shape[0]
-    _check_weight(weight, grad_y, "grad_y", Ci)
     out_dtype = grad_y.dtype if out_dtype is None else out_dtype
-    if out_dtype not in _DTYPES:
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    host.check_dtype("out_dtype", out_dtype)
     H, W = Ho // 2, Wo // 2
-    dx = torch.empty((N, Ci, H, W), device=grad_y.device, dtype=out_dtype, memory_format=_out_format(grad_y))
+    dx = torch.empty((N, Ci, H, W), device=grad_y.device, dtype=out_dtype, memory_format=memory_format(grad_y))
     P = N * H * W
     BLOCK_P = _block_p(P, DGRAD_BLOCKS["BLOCK_P"])
-    BLOCK_CI = _np2(Ci, 16, DGRAD_BLOCKS["BLOCK_CI"])
-    BLOCK_K = _np2(Co, 16, 64 if interpreting() else DGRAD_BLOCKS["BLOCK_K"])
+    BLOCK_CI = block(Ci, DGRAD_BLOCKS["BLOCK_CI"])
     launch(_convt_dgrad_kernel)[(triton.cdiv(P, BLOCK_P), triton.cdiv(Ci, BLOCK_CI))](
         grad_y, weight.permute(2, 3, 1, 0).contiguous(), dx, P, H, W, Ci, Co, *grad_y.stride(), *dx.stride(),
-        BLOCK_P=BLOCK_P, BLOCK_CI=BLOCK_CI, BLOCK_K=BLOCK_K, INT64=_int64(grad_y, dx))
+        BLOCK_P=BLOCK_P, BLOCK_CI=BLOCK_CI, BLOCK_K=_block_k(Co, DGRAD_BLOCKS["BLOCK_K"]),
+        INT64=needs_int64(grad_y, dx))
     return dx
 
 
-def conv_transpose4x4s2_wgrad(grad_y, x, scale=None, shift=None, activation="identity", negative_slope=0.2):
+def conv_transpose4x4s2_wgrad(grad_y, x, scale=None, shift=None, act=0, negative_slope=0.2):
     """d loss / d weight, fp32 (Ci, Co, 4, 4); a = act(x*scale+shift) RECOMPUTED in the load prologue."""
-    _check_4d("x", x)
-    _check_4d("grad_y", grad_y)
-    _check_device("x", x)
+    host.check_tensor("x", x, dim=4, hint="N, C, H, W")
     N, Ci, H, W = x.shape
+    host.check_tensor("grad_y", grad_y, shape=(N, None, 2 * H, 2 * W), like=("x", x), same_dtype=True,
+                      hint="the ConvTranspose2d 4x4 s2 output (N, Co, 2H, 2W)")
+    act = host.check_prologue(x, scale, shift, act)
     Co = grad_y.shape[1]
-    if grad_y.shape[0] != N or tuple(grad_y.shape[2:]) != (2 * H, 2 * W):
-        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}; for x of shape {tuple(x.shape)} the "
-                         f"ConvTranspose2d 4x4 s2 output is (N, Co, 2H, 2W) = ({N}, Co, {2 * H}, {2 * W})")
-    if grad_y.dtype != x.dtype:
-        raise ValueError(f"grad_y is {grad_y.dtype} but x is {x.dtype}: they must share one dtype")
-    if grad_y.device != x.device:
-        raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
-    act = _check_prologue(x, scale, shift, activation)
     P = N * H * W
     BLOCK_P = _block_p(P, WGRAD_BLOCKS["BLOCK_P"])
-    BLOCK_CI = _np2(Ci, 16, WGRAD_BLOCKS["BLOCK_CI"])
-    BLOCK_CO = _np2(Co, 16, WGRAD_BLOCKS["BLOCK_CO"])
+    BLOCK_CI = block(Ci, WGRAD_BLOCKS["BLOCK_CI"])
+    BLOCK_CO = block(Co, WGRAD_BLOCKS["BLOCK_CO"])
     n_pblocks = triton.cdiv(P, BLOCK_P)
     n_coblocks = triton.cdiv(Co, BLOCK_CO)
     n_blocks = triton.cdiv(Ci, BLOCK_CI) * n_coblocks
-    # splits of the pixel reduction: enough programs to fill the device, never more than there are blocks
-    S = SPLITS_OVERRIDE or max(1, min(n_pblocks, triton.cdiv(4 * _num_sms(x.device), 16 * n_blocks)))
-    S = min(S, n_pblocks)
+    S = min(SPLITS_OVERRIDE or host.splits(x.device, n_pblocks, 16 * n_blocks), n_pblocks)
     part = torch.empty((S, Ci, Co, 4, 4), device=x.device, dtype=torch.float32)
     launch(_convt_wgrad_kernel)[(16, n_blocks, S)](
-        x, grad_y, scale if scale is not None else _dummy(x), shift if shift is not None else _dummy(x), part,
+        x, grad_y, or_dummy(scale, x), or_dummy(shift, x), part,
         P, H, W, Ci, Co, *x.stride(), *grad_y.stride(), n_pblocks, n_coblocks, S, float(negative_slope),
         HAS_AFFINE=scale is not None, ACT=act, BLOCK_CI=BLOCK_CI, BLOCK_CO=BLOCK_CO, BLOCK_P=BLOCK_P,
-        INT64=_int64(x, grad_y))
+        INT64=needs_int64(x, grad_y))
     return part[0] if S == 1 else part.sum(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from interp_harness import close as _close, worker_main
+from interp_harness import close as _close, expect_errors, worker_main
 
 SHAPES = {  # (N, Ci, Co, H, W): odd on purpose; H or W of 2 and 3 are the reflect edge cases
     "N3C5x7x9": (3, 5, 5, 7, 9),
@@ -43,6 +43,15 @@ def _cases():
                                ("N3C5x7x9", "none", "channels_last")):
         cases[f"conv-{sname}-{pro}-{layout}-bfloat16"] = dict(shape=SHAPES[sname], pro=pro, layout=layout,
                                                                dtype="bfloat16")
+    # int64 offsets (host.needs_int64's path for tensors past 2**31 elements), forced on small tensors
+    for layout in ("nchw", "channels_last"):
+        cases[f"conv-N3Ci5Co6x7x9-leaky_relu-{layout}-int64"] = dict(shape=SHAPES["N3Ci5Co6x7x9"], pro="leaky_relu",
+                                                                    layout=layout, int64=True)
+    cases["bnreduce-N3Ci5Co6x7x9-leaky_relu-nchw-int64"] = dict(bn_reduce=True, shape=SHAPES["N3Ci5Co6x7x9"],
+                                                                act="leaky_relu", layout="nchw", affine=True, int64=True)
+    # fp16: the host layer's one dtype set holds it for every kernel
+    cases["conv-N3Ci5Co6x7x9-leaky_relu-channels_last-float16"] = dict(shape=SHAPES["N3Ci5Co6x7x9"], pro="leaky_relu",
+                                                                      layout="channels_last", dtype="float16")
     # dgrad with the previous BatchNorm's backward reductions fused (conv3x3_reflect_dgrad_bn_reduce)
     for (sname, act, layout, affine) in (("N3Ci5Co6x7x9", "leaky_relu", "nchw", True),
                                          ("N3Ci5Co6x7x9", "relu", "channels_last", False),
@@ -68,6 +77,12 @@ CASES = _cases()
 # ----------------------------------------------------------------------------------------------
 # the worker (runs with TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------------------
+
+def _code(activation):
+    """The kernels take the activation as the ops contract passes it: its code."""
+    from aegan_fast.ops import activations
+    return activations.code(activation)
+
 
 def _prologue_args(pro):
     if pro == "none":
@@ -130,11 +145,13 @@ def _run_case(case):
     import torch
 
     from aegan_fast.kernels import conv3x3 as K
+    from aegan_fast.kernels import host
 
     if "special" in case:
         return globals()["_special_" + case["special"]]()
     dtype = getattr(torch, case.get("dtype", "float32"))
     K.BLOCK_OVERRIDE = case.get("blocks")
+    host.FORCE_INT64 = case.get("int64", False)
     if case.get("bn_reduce"):
         return _run_bn_reduce(case, dtype)
     pro, act = _prologue_args(case["pro"])
@@ -147,9 +164,9 @@ def _run_case(case):
     gy = torch.randn(N, Co, H, W, generator=torch.Generator().manual_seed(1)).to(dtype)
     gy = _layout(gy, case.get("grad_layout", case["layout"]))
     stats = case.get("stats", True)
-    y, mean, var = K.conv3x3_reflect_bnact(x, w, scale, shift, act, slope, stats=stats)
+    y, mean, var = K.conv3x3_reflect_bnact(x, w, scale, shift, _code(act), slope, stats=stats)
     da = K.conv3x3_reflect_dgrad(gy, w)
-    dw = K.conv3x3_reflect_wgrad(gy, x, scale, shift, act, slope)
+    dw = K.conv3x3_reflect_wgrad(gy, x, scale, shift, _code(act), slope)
     ref = _reference(x, w, scale, shift, act, slope, gy)
 
     fmt = lambda layout: torch.channels_last if layout == "channels_last" else torch.contiguous_format  # noqa: E731
@@ -170,7 +187,7 @@ def _run_case(case):
             _close("mean", mean, ref["mean"])
             _close("var", var, ref["var"])
     else:
-        # bf16: truth is fp64 on the same bf16 inputs. The kernel rounds its operands to bf16 (the
+        # bf16 (fp16 is closer): truth is fp64 on the same rounded inputs. The kernel rounds its operands to bf16 (the
         # prologue's a, the border sums of dgrad) and y, grad_a to bf16 on output: each a relative
         # 2**-8 of its own element, so 1e-2 of the output's scale bounds them with room.
         _close("y", y, ref["y"], 1e-2)
@@ -209,7 +226,7 @@ def _run_bn_reduce(case, dtype):
     yp = yp.to(dtype)
     yp_l = _layout(yp, case.get("prev_layout", case["layout"]))
     gy = _layout(gy, case["layout"])
-    da, sdz, sdzx = K.conv3x3_reflect_dgrad_bn_reduce(gy, w, yp_l, mean, var, bw, bb, eps, act, slope)
+    da, sdz, sdzx = K.conv3x3_reflect_dgrad_bn_reduce(gy, w, yp_l, mean, var, bw, bb, eps, _code(act), slope)
     wl, bl = wl.requires_grad_(), bl.requires_grad_()
     a = activations.get(act).fn((yp.double() - mean.double().view(1, -1, 1, 1)) * invstd * wl + bl, slope)
     a_leaf = a.detach().requires_grad_()
@@ -243,7 +260,7 @@ def _special_stats_large_mean():
     for layout, blocks in (("nchw", dict(BLOCK_M=16)), ("channels_last", None)):
         K.BLOCK_OVERRIDE = blocks
         xl = _layout(x, layout)
-        y, mean, var = K.conv3x3_reflect_bnact(xl, w, scale, shift, "identity")
+        y, mean, var = K.conv3x3_reflect_bnact(xl, w, scale, shift, _code("identity"))
         ref = _reference(xl, w, scale, shift, "identity", 0.2)
         kappa = (ref["mean"].abs() / ref["var"].sqrt()).min().item()
         if kappa < 1000:
@@ -268,7 +285,7 @@ def _special_stats_bf16_from_accumulator():
     w = (torch.randn(Co, Ci, 3, 3, generator=g) * 0.3).bfloat16()
     scale = torch.tensor([0.5, 1.0, 2.0, 4.0, 0.25])
     shift = torch.zeros(Ci)
-    y, mean, var = K.conv3x3_reflect_bnact(x, w, scale, shift, "relu")
+    y, mean, var = K.conv3x3_reflect_bnact(x, w, scale, shift, _code("relu"))
     ref = _reference(x, w, scale, shift, "relu", 0.0)
     _close("mean", mean, ref["mean"], 1e-5)
     _close("var", var, ref["var"], 1e-5)
@@ -314,47 +331,41 @@ def _special_bad_inputs():
     w = torch.randn(4, 5, 3, 3)
     s = torch.ones(5)
     gy = torch.randn(2, 4, 6, 7)
-    checks = [
-        (lambda: K.conv3x3_reflect_bnact(x[0], w), ValueError, "4-D"),
-        (lambda: K.conv3x3_reflect_bnact(x, torch.randn(4, 5, 5, 5)), ValueError, "(Co, Ci, 3, 3)"),
-        (lambda: K.conv3x3_reflect_bnact(x, torch.randn(4, 6, 3, 3)), ValueError, "does not match"),
-        (lambda: K.conv3x3_reflect_bnact(torch.randn(2, 5, 1, 7), w), ValueError, "reflect padding 1 needs H and W"),
-        (lambda: K.conv3x3_reflect_bnact(torch.randn(2, 5, 6, 1), w), ValueError, "reflect padding 1 needs H and W"),
-        (lambda: K.conv3x3_reflect_bnact(x, w.bfloat16()), TypeError, "differs"),
-        (lambda: K.conv3x3_reflect_bnact(x.double(), w.double()), TypeError, "float32 or bfloat16"),
-        (lambda: K.conv3x3_reflect_bnact(x, w, s, None), ValueError, "together"),
-        (lambda: K.conv3x3_reflect_bnact(x, w, torch.ones(4), torch.ones(4)), ValueError, "one per input channel"),
-        (lambda: K.conv3x3_reflect_bnact(x, w, s.double(), s.double()), TypeError, "scale must be float32"),
-        (lambda: K.conv3x3_reflect_bnact(x, w, None, None, "relu"), ValueError, "needs scale and shift"),
-        (lambda: K.conv3x3_reflect_bnact(x, w, s, s, "gelu"), ValueError, "unknown activation"),
-        (lambda: K.conv3x3_reflect_bnact(x.to("meta"), w.to("meta")), ValueError, "need CUDA tensors"),
-        (lambda: K.conv3x3_reflect_bnact(x, w.to("meta")), ValueError, "one device"),
-        (lambda: K.conv3x3_reflect_dgrad(gy, torch.randn(5, 5, 3, 3)), ValueError, "does not match"),
-        (lambda: K.conv3x3_reflect_dgrad(gy, w, out_dtype=torch.float64), TypeError, "out_dtype"),
-        (lambda: K.conv3x3_reflect_dgrad(gy[:, :, :1], w), ValueError, "reflect padding 1 needs H and W"),
-        (lambda: K.conv3x3_reflect_wgrad(gy[:1], x), ValueError, "same N, H, W"),
-        (lambda: K.conv3x3_reflect_wgrad(gy.bfloat16(), x), TypeError, "differs"),
-        (lambda: K.conv3x3_reflect_wgrad(gy, x, None, s), ValueError, "together"),
-        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x[:, :4], s, s), ValueError, "y_prev must be"),
-        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s[:4], s), ValueError, "mean must be 1-D"),
-        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s, s.double()), TypeError, "var must be float32"),
-        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s, s, activation="tanh"), ValueError, "unknown"),
-    ]
-    for i, (fn, exc, msg) in enumerate(checks):
-        try:
-            fn()
-        except exc as e:
-            if msg not in str(e):
-                raise AssertionError(f"check {i}: {exc.__name__} without {msg!r}: {e}") from None
-        else:
-            raise AssertionError(f"check {i}: no {exc.__name__} ({msg!r})")
-    return "ok"
+    relu = _code("relu")
+    return expect_errors([
+        (lambda: K.conv3x3_reflect_bnact(x[0], w), "x must be 4-D"),
+        (lambda: K.conv3x3_reflect_bnact(x, torch.randn(4, 5, 5, 5)), "weight must be of shape (_, 5, 3, 3)"),
+        (lambda: K.conv3x3_reflect_bnact(x, torch.randn(4, 6, 3, 3)), "weight must be of shape (_, 5, 3, 3)"),
+        (lambda: K.conv3x3_reflect_bnact(torch.randn(2, 5, 1, 7), w), "reflect padding 1 needs H and W"),
+        (lambda: K.conv3x3_reflect_bnact(torch.randn(2, 5, 6, 1), w), "reflect padding 1 needs H and W"),
+        (lambda: K.conv3x3_reflect_bnact(x, w.bfloat16()), "must share one dtype"),
+        (lambda: K.conv3x3_reflect_bnact(x.double(), w.double()), "float32, bfloat16 or float16"),
+        (lambda: K.conv3x3_reflect_bnact(x, w, s, None), "together"),
+        (lambda: K.conv3x3_reflect_bnact(x, w, torch.ones(4), torch.ones(4)), "scale must be of shape (5,)"),
+        (lambda: K.conv3x3_reflect_bnact(x, w, s.double(), s.double()), "scale must be float32"),
+        (lambda: K.conv3x3_reflect_bnact(x, w, None, None, relu), "needs scale and shift"),
+        (lambda: K.conv3x3_reflect_bnact(x, w, s, s, 7), "unknown activation code 7"),
+        (lambda: K.conv3x3_reflect_bnact(x, w, s, s, "relu"), "unknown activation code 'relu'"),
+        (lambda: K.conv3x3_reflect_bnact(x.to("meta"), w.to("meta")), "need CUDA tensors"),
+        (lambda: K.conv3x3_reflect_bnact(x, w.to("meta")), "must share one device"),
+        (lambda: K.conv3x3_reflect_dgrad(gy, torch.randn(5, 5, 3, 3)), "weight must be of shape (4, _, 3, 3)"),
+        (lambda: K.conv3x3_reflect_dgrad(gy, w, out_dtype=torch.float64), "out_dtype"),
+        (lambda: K.conv3x3_reflect_dgrad(gy[:, :, :1], w), "reflect padding 1 needs H and W"),
+        (lambda: K.conv3x3_reflect_wgrad(gy[:1], x), "the same N, H, W as x"),
+        (lambda: K.conv3x3_reflect_wgrad(gy.bfloat16(), x), "must share one dtype"),
+        (lambda: K.conv3x3_reflect_wgrad(gy, x, None, s), "together"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x[:, :4], s, s), "y_prev must be of shape"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s[:4], s), "mean must be of shape (5,)"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s, s.double()), "var must be float32"),
+        (lambda: K.conv3x3_reflect_dgrad_bn_reduce(gy, w, x, s, s, act=3), "unknown activation code"),
+    ])
 
 
 def _reset():
-    """A case may shrink the blocks; the next one starts from the defaults."""
-    from aegan_fast.kernels import conv3x3
+    """A case may shrink the blocks or force int64 offsets; the next one starts from the defaults."""
+    from aegan_fast.kernels import conv3x3, host
     conv3x3.BLOCK_OVERRIDE = None
+    host.FORCE_INT64 = False
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from interp_harness import close as _close, worker_main
+from interp_harness import close as _close, expect_errors, worker_main
 
 # (N, Ci, Co, H, W): odd on purpose (no size a power of two or a multiple of a block), 1x1 and 1x5 inputs
 # (every output pixel touches the zero padding), and the models' 64 channels.
@@ -30,6 +30,8 @@ def _cases():
         cases[f"odd-{layout}-{pro}-block16"] = dict(shape="odd", layout=layout, pro=pro, block_p=16, splits=3)
     cases["odd-channels_last-relu-grad_nchw"] = dict(shape="odd", layout="channels_last", pro="relu",
                                                      grad_layout="nchw")
+    for layout in ("nchw", "channels_last"):  # int64 offsets (tensors past 2**31 elements), forced on small ones
+        cases[f"odd-{layout}-leaky_relu-int64"] = dict(shape="odd", layout=layout, pro="leaky_relu", int64=True)
     cases["odd-nchw-leaky_relu-slope-0.5"] = dict(shape="odd", layout="nchw", pro="leaky_relu", slope=-0.5)
     for name in ("stats_large_mean", "bad_inputs"):
         cases[f"special-{name}"] = dict(special=name)
@@ -62,6 +64,12 @@ def _inputs(case):
         scale = shift = None
     act = "identity" if case["pro"] == "none" else case["pro"]
     return x, w, scale, shift, act, case.get("slope", 0.2), dy
+
+
+def _code(activation):
+    """The kernels take the activation as the ops contract passes it: its code."""
+    from aegan_fast.ops import activations
+    return activations.code(activation)
 
 
 def _truth(x, w, scale, shift, act, slope, dy):
@@ -104,19 +112,21 @@ def _run_case(case):
     import torch
     import torch.nn.functional as F
     from aegan_fast.kernels import convt4x4 as K
+    from aegan_fast.kernels import host
 
     if "special" in case:
         return globals()["_special_" + case["special"]]()
     K.BLOCK_P_OVERRIDE = case.get("block_p")
     K.SPLITS_OVERRIDE = case.get("splits")
+    host.FORCE_INT64 = case.get("int64", False)
     x, w, scale, shift, act, slope, dy = _inputs(case)
-    y, mean, var = K.conv_transpose4x4s2_bnact(x, w, scale, shift, act, slope)
+    y, mean, var = K.conv_transpose4x4s2_bnact(x, w, scale, shift, _code(act), slope)
     a, ty, tmean, tvar, tga, tgw = _truth(x, w, scale, shift, act, slope, dy)
     if y.dtype != x.dtype or y.shape != ty.shape:
         raise AssertionError(f"y is {y.dtype} {tuple(y.shape)}, want {x.dtype} {tuple(ty.shape)}")
     _same_format("y", y, x)
     ga = K.conv_transpose4x4s2_dgrad(dy, w)
-    gw = K.conv_transpose4x4s2_wgrad(dy, x, scale, shift, act, slope)
+    gw = K.conv_transpose4x4s2_wgrad(dy, x, scale, shift, _code(act), slope)
     if ga.dtype != dy.dtype or ga.shape != x.shape or gw.dtype != torch.float32 or gw.shape != w.shape:
         raise AssertionError(f"grad_a {ga.dtype} {tuple(ga.shape)}, grad_w {gw.dtype} {tuple(gw.shape)}")
     _same_format("grad_a", ga, dy)
@@ -147,7 +157,7 @@ def _run_case(case):
         wz = torch.zeros_like(wf, requires_grad=True)
         (gw_err,) = torch.autograd.grad(F.conv_transpose2d(u, wz, stride=2, padding=1), wz, dy.float().abs())
         _within("grad_w", gw, tgw, gw_err + 1e-5 * tgw.abs().max())
-    y2, m2, v2 = K.conv_transpose4x4s2_bnact(x, w, scale, shift, act, slope, stats=False)
+    y2, m2, v2 = K.conv_transpose4x4s2_bnact(x, w, scale, shift, _code(act), slope, stats=False)
     if m2 is not None or v2 is not None or not torch.equal(y2, y):
         raise AssertionError("stats=False must give the same y and (None, None)")
     return "ok"
@@ -189,55 +199,46 @@ def _special_bad_inputs():
     x, w = torch.randn(2, 5, 3, 3), torch.randn(5, 6, 4, 4)
     s, b = torch.ones(5), torch.zeros(5)
     fwd = K.conv_transpose4x4s2_bnact
-    bad = [
-        ("4-D", lambda: fwd(x[0], w)),
-        ("float32, bfloat16 or float16", lambda: fwd(x.int(), w)),
-        ("(Ci, Co, 4, 4)", lambda: fwd(x, torch.randn(5, 6, 3, 3))),
-        ("(Ci, Co, 4, 4)", lambda: fwd(x, torch.randn(5, 6, 4))),
-        ("input channels", lambda: fwd(x, torch.randn(4, 6, 4, 4))),
-        ("share one dtype", lambda: fwd(x, w.bfloat16())),
-        ("weight is on meta", lambda: fwd(x, w.to("meta"))),
-        ("together", lambda: fwd(x, w, s, None)),
-        ("together", lambda: fwd(x, w, None, b)),
-        ("5 elements", lambda: fwd(x, w, torch.ones(4), b)),
-        ("5 elements", lambda: fwd(x, w, s, torch.zeros(5, 1))),
-        ("float32", lambda: fwd(x, w, s.bfloat16(), b)),
-        ("needs scale and shift", lambda: fwd(x, w, activation="relu")),
-        ("unknown activation", lambda: fwd(x, w, s, b, "gelu")),
-        ("empty", lambda: fwd(x[:0], w)),
-    ]
+    relu = _code("relu")
     dgrad, wgrad = K.conv_transpose4x4s2_dgrad, K.conv_transpose4x4s2_wgrad
     dy = torch.randn(2, 6, 6, 6)
-    bad += [
-        ("4-D", lambda: dgrad(dy[0], w)),
-        ("(2H, 2W)", lambda: dgrad(dy[..., :5], w)),
-        ("grad_y's 6 channels", lambda: dgrad(dy, torch.randn(5, 7, 4, 4))),
-        ("(Ci, Co, 4, 4)", lambda: dgrad(dy, torch.randn(5, 6, 3, 3))),
-        ("share one dtype", lambda: dgrad(dy, w.bfloat16())),
-        ("out_dtype", lambda: dgrad(dy, w, out_dtype=torch.int32)),
-        ("(N, Co, 2H, 2W)", lambda: wgrad(dy[..., :4], x)),
-        ("(N, Co, 2H, 2W)", lambda: wgrad(dy[:1], x)),
-        ("share one dtype", lambda: wgrad(dy.bfloat16(), x)),
-        ("grad_y is on meta", lambda: wgrad(dy.to("meta"), x)),
-        ("together", lambda: wgrad(dy, x, s)),
-        ("5 elements", lambda: wgrad(dy, x, torch.ones(6), b)),
-        ("needs scale and shift", lambda: wgrad(dy, x, activation="leaky_relu")),
-    ]
-    for want, call in bad:
-        try:
-            call()
-        except ValueError as e:
-            if want not in str(e):
-                raise AssertionError(f"expected an error about {want!r}, got {e}") from None
-        else:
-            raise AssertionError(f"no error for a bad input (expected {want!r})")
-    return "ok"
+    return expect_errors([
+        (lambda: fwd(x[0], w), "x must be 4-D"),
+        (lambda: fwd(x.int(), w), "float32, bfloat16 or float16"),
+        (lambda: fwd(x, torch.randn(5, 6, 3, 3)), "weight must be of shape (5, _, 4, 4)"),
+        (lambda: fwd(x, torch.randn(5, 6, 4)), "weight must be of shape (5, _, 4, 4)"),
+        (lambda: fwd(x, torch.randn(4, 6, 4, 4)), "weight must be of shape (5, _, 4, 4)"),
+        (lambda: fwd(x, w.bfloat16()), "share one dtype"),
+        (lambda: fwd(x, w.to("meta")), "weight is on meta"),
+        (lambda: fwd(x, w, s, None), "together"),
+        (lambda: fwd(x, w, None, b), "together"),
+        (lambda: fwd(x, w, torch.ones(4), b), "scale must be of shape (5,)"),
+        (lambda: fwd(x, w, s, torch.zeros(5, 1)), "shift must be of shape (5,)"),
+        (lambda: fwd(x, w, s.bfloat16(), b), "float32"),
+        (lambda: fwd(x, w, act=relu), "needs scale and shift"),
+        (lambda: fwd(x, w, s, b, 9), "unknown activation code"),
+        (lambda: fwd(x[:0], w), "empty"),
+        (lambda: dgrad(dy[0], w), "grad_y must be 4-D"),
+        (lambda: dgrad(dy[..., :5], w), "(2H, 2W)"),
+        (lambda: dgrad(dy, torch.randn(5, 7, 4, 4)), "weight must be of shape (_, 6, 4, 4)"),
+        (lambda: dgrad(dy, torch.randn(5, 6, 3, 3)), "weight must be of shape (_, 6, 4, 4)"),
+        (lambda: dgrad(dy, w.bfloat16()), "share one dtype"),
+        (lambda: dgrad(dy, w, out_dtype=torch.int32), "out_dtype"),
+        (lambda: wgrad(dy[..., :4], x), "(N, Co, 2H, 2W)"),
+        (lambda: wgrad(dy[:1], x), "(N, Co, 2H, 2W)"),
+        (lambda: wgrad(dy.bfloat16(), x), "share one dtype"),
+        (lambda: wgrad(dy.to("meta"), x), "grad_y is on meta"),
+        (lambda: wgrad(dy, x, s), "together"),
+        (lambda: wgrad(dy, x, torch.ones(6), b), "scale must be of shape (5,)"),
+        (lambda: wgrad(dy, x, act=_code("leaky_relu")), "needs scale and shift"),
+    ])
 
 
 def _reset():
-    """A case may shrink the blocks; the next one starts from the defaults."""
-    from aegan_fast.kernels import convt4x4
+    """A case may shrink the blocks or force int64 offsets; the next one starts from the defaults."""
+    from aegan_fast.kernels import convt4x4, host
     convt4x4.BLOCK_P_OVERRIDE = convt4x4.SPLITS_OVERRIDE = None
+    host.FORCE_INT64 = False
 
 
 if __name__ == "__main__":

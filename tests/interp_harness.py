@@ -88,6 +88,27 @@ def worker_main(argv, cases, run_case, reset=lambda: None):
     print(json.dumps(out))
 
 
+def expect_error(call, exc, msg):
+    """"ok" when ``call()`` raises ``exc`` with ``msg`` in its text; AssertionError saying what happened otherwise."""
+    try:
+        call()
+    except exc as e:
+        if msg not in str(e):
+            raise AssertionError(f"{exc.__name__} without {msg!r}: {e}") from None
+        return "ok"
+    raise AssertionError(f"no {exc.__name__} ({msg!r})")
+
+
+def expect_errors(checks, exc=ValueError):
+    """expect_error for each (call, msg) of ``checks``, the failing one named by its index."""
+    for i, (call, msg) in enumerate(checks):
+        try:
+            expect_error(call, exc, msg)
+        except AssertionError as e:
+            raise AssertionError(f"check {i}: {e}") from None
+    return "ok"
+
+
 def close(name, got, ref, rtol=1e-5):
     """ops_parity.close with the name first (how the workers call it); imported late, as it imports torch."""
     from ops_parity import close as _close

@@ -25,16 +25,43 @@ WORKER = Path(__file__).resolve().parent / "blocks_interp_worker.py"
 interp_results, test_blocks_interpreter = parity_tests(WORKER)
 
 
+def _eligible():
+    """An input and conv weight the block op takes (fp32, 4-D, H and W >= 2)."""
+    return torch.randn(2, 5, 6, 7), torch.randn(5, 5, 3, 3)
+
+
 def test_auto_takes_the_per_op_path():
-    """No GPU measurement of the blocks yet: auto never names a block kernel, on any device."""
-    x = torch.randn(2, 5, 6, 7)
+    """No GPU measurement of the blocks yet: auto never names a block kernel, on any device, even
+    for an input the block op takes; the ResBlock then runs its modules."""
+    x, w = _eligible()
     for dev in ("cpu", "meta"):
         with ops.use_backend("auto"):
-            assert ops.block_kernel(x.to(dev), "relu") is None
+            assert ops.block_kernel(x.to(dev), "relu", w.to(dev)) is None
     block = models.ResBlock(5, "relu")
     with ops.use_backend("auto"):
         y = block(x)
     assert y.shape == x.shape
+
+
+def test_block_kernel_rules(monkeypatch):
+    """An explicit block kernel runs the block op on an input it takes and hands every other input
+    to the per-op path (None), one rule at a time. The backend's own availability is stubbed out
+    (it needs a GPU or the interpreter): these are the rules that look at the input."""
+    from aegan_fast.ops import dispatch, sync_bn
+    monkeypatch.setattr(dispatch, "resolve", lambda *args, **kwargs: "triton")
+    x, w = _eligible()
+    assert ops.block_kernel(x, "relu", w, backend="triton") == "triton"
+    assert ops.block_kernel(x.bfloat16(), "leaky_relu", w.bfloat16(), backend="triton") == "triton"
+    for why, args in (("3-D input", (x[0], "relu", w)), ("H = 1", (x[:, :, :1], "relu", w)),
+                      ("W = 1", (x[..., :1], "relu", w)), ("unknown activation", (x, "gelu", w)),
+                      ("fp64", (x.double(), "relu", w.double())),
+                      ("weight in another dtype", (x, "relu", w.bfloat16())),
+                      ("weight on another device", (x, "relu", w.to("meta")))):
+        assert ops.block_kernel(*args, backend="triton") is None, why
+    with torch.autocast("cpu"):
+        assert ops.block_kernel(x, "relu", w, backend="triton") is None, "autocast"
+    monkeypatch.setattr(sync_bn, "enabled", lambda: True)
+    assert ops.block_kernel(x, "relu", w, backend="triton") is None, "sync_batchnorm with several ranks"
 
 
 @needs_triton

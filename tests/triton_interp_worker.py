@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from interp_harness import close as _close, worker_main
+from interp_harness import close as _close, expect_error, worker_main
 
 SHAPE = (3, 5, 7, 9)  # odd on purpose: no dimension is a power of two or a multiple of a block
 
@@ -26,6 +26,10 @@ def _cases():
     for op, layout in itertools.product(("bn_act", "bn_add_act"), ("nchw", "channels_last")):
         cases[f"op-{op}-leaky_relu-train-{layout}-tile64"] = dict(
             op=op, act="leaky_relu", training=True, layout=layout, tile=64, shape=(4, 6, 11, 13))
+    # int64 offsets (tensors past 2**31 elements), forced on small ones, with a residual and without
+    for op, layout in (("bn_act", "nchw"), ("bn_add_act", "channels_last")):
+        cases[f"op-{op}-leaky_relu-train-{layout}-int64"] = dict(op=op, act="leaky_relu", training=True,
+                                                                layout=layout, int64=True)
     cases["op-bn_act-noaffine-norunning-train"] = dict(op="bn_act", act="relu", training=True, layout="nchw",
                                                        affine=False, running=False)
     cases["op-bn_add_act-noaffine-eval-channels_last"] = dict(
@@ -78,14 +82,15 @@ def _triton(op):
 
 def _run_case(case):
     import torch
-    from aegan_fast.kernels import _common
+    from aegan_fast.kernels import host
     from aegan_fast.ops import reference as R
 
     if "special" in case:
         return globals()["_special_" + case["special"]]()
     dtype = getattr(torch, case.get("dtype", "float32"))
     N, C, H, W = case.get("shape", SHAPE)
-    _common.TILE_OVERRIDE = case.get("tile")
+    host.TILE_OVERRIDE = case.get("tile")
+    host.FORCE_INT64 = case.get("int64", False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, C, H, W, generator=g) * 2 + 0.5
     r = torch.randn(N, C, H, W, generator=g)
@@ -174,12 +179,12 @@ def _special_running_stats_cumulative():
 def _special_stats_large_mean():
     """|mean| >> std: the chunked Welford statistics stay accurate where E[x^2]-E[x]^2 would not."""
     import torch
-    from aegan_fast.kernels import _common, bn_act
-    _common.TILE_OVERRIDE = 64
+    from aegan_fast.kernels import bn_act, host
+    host.TILE_OVERRIDE = 64
     g = torch.Generator().manual_seed(3)
     x64 = torch.randn(4, 3, 17, 19, generator=g, dtype=torch.float64) * 1e-2 + 1e3
     x = x64.float()
-    _, mean, var = bn_act.bn_act_forward(x, None, None, None, None, True, 1e-5, "identity", 0.0)
+    _, mean, var = bn_act.forward(x, None, None, None, None, None, True, 1e-5, 0, 0.0)
     xd = x.double()
     ref_mean, ref_var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
     rel = ((var.double() - ref_var).abs() / ref_var).max().item()
@@ -236,19 +241,15 @@ def _special_modules_under_use_backend():
 
 def _special_rejects_single_value_per_channel():
     import torch
-    try:
-        _triton("bn_act")(torch.randn(1, 5, 1, 1), None, None, None, None, True, 0.1, 1e-5, "relu", 0.0)
-    except ValueError as e:
-        if "more than 1 value per channel" in str(e):
-            return "ok"
-        raise
-    raise AssertionError("no error for one value per channel in training")
+    return expect_error(lambda: _triton("bn_act")(torch.randn(1, 5, 1, 1), None, None, None, None, True, 0.1, 1e-5,
+                                                  "relu", 0.0), ValueError, "more than 1 value per channel")
 
 
 def _reset():
-    """A case may shrink the tile; the next one starts from the default."""
-    from aegan_fast.kernels import _common
-    _common.TILE_OVERRIDE = None
+    """A case may shrink the tile or force int64 offsets; the next one starts from the defaults."""
+    from aegan_fast.kernels import host
+    host.TILE_OVERRIDE = None
+    host.FORCE_INT64 = False
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ The contract, the same for every kernel:
 
 The running statistics are not part of the ops (register_autograd takes functional ops only):
 ``run_resblock`` / ``run_up_block`` update them with ``library.update_running_stats``, num_batches_tracked
-through the modules' own ``_mode()``, exactly as the per-op path does.
+through the modules' own ``forward_mode()``, exactly as the per-op path does.
 
 Kernels: only "triton" (on CUDA, and on CPU tensors under TRITON_INTERPRET=1). It runs the convs of
 aegan_fast.kernels.conv3x3 / convt4x4 and the BatchNorm apply/backward of kernels.bn_act: in the
@@ -123,15 +123,19 @@ def _affine(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float)
     return scale, bias.float() - mean.float() * scale
 
 
+_IDENTITY, _RELU = activations.code("identity"), activations.code("relu")
+
+
 def _triton_resblock(x, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, training, eps, activation, slope):
     from aegan_fast.kernels import bn_act, conv3x3
+    act = activations.code(activation)
     y1, m1, v1 = conv3x3.conv3x3_reflect_bnact(x, w1, stats=training)
     mean1, var1 = (m1, v1) if training else (rm1, rv1)
     scale1, shift1 = _affine(g1, b1, mean1, var1, eps)
-    y2, m2, v2 = conv3x3.conv3x3_reflect_bnact(y1, w2, scale1, shift1, activation, slope, stats=training)
+    y2, m2, v2 = conv3x3.conv3x3_reflect_bnact(y1, w2, scale1, shift1, act, slope, stats=training)
     mean2, var2 = (m2, v2) if training else (rm2, rv2)
     # BN2 with statistics already known: the BN op's eval-mode apply, with the residual added
-    out, _, _ = bn_act.bn_act_forward(y2, g2, b2, mean2, var2, False, eps, "identity", 0.0, residual=x)
+    out, _, _ = bn_act.forward(y2, x, g2, b2, mean2, var2, False, eps, _IDENTITY, 0.0)
     if not training:
         m1, v1, m2, v2 = (_stats(x, False) for _ in range(4))
     return out, y1, y2, m1, v1, m2, v2
@@ -140,38 +144,26 @@ def _triton_resblock(x, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, training, ep
 def _triton_resblock_backward(grad, x, y1, y2, w1, w2, g1, b1, g2, b2, mean1, var1, mean2, var2, training, eps,
                               activation, slope):
     from aegan_fast.kernels import bn_act, conv3x3
-    dy2, dg2, db2 = bn_act.bn_act_backward(grad, y2, mean2, var2, g2, b2, training, eps, "identity", 0.0)
+    act = activations.code(activation)
+    dy2, _, dg2, db2 = bn_act.backward(grad, y2, None, g2, b2, mean2, var2, training, eps, _IDENTITY, 0.0)
     scale1, shift1 = _affine(g1, b1, mean1, var1, eps)
-    dw2 = conv3x3.conv3x3_reflect_wgrad(dy2, y1, scale1, shift1, activation, slope)
+    dw2 = conv3x3.conv3x3_reflect_wgrad(dy2, y1, scale1, shift1, act, slope)
     # BN1's backward reductions (its grad bias / grad weight) in conv2's dgrad epilogue; da1 in fp32,
     # one rounding fewer for bf16 activations before BN1's apply pass reads it
-    da1, db1, dg1 = conv3x3.conv3x3_reflect_dgrad_bn_reduce(dy2, w2, y1, mean1, var1, g1, b1, eps, activation, slope,
+    da1, db1, dg1 = conv3x3.conv3x3_reflect_dgrad_bn_reduce(dy2, w2, y1, mean1, var1, g1, b1, eps, act, slope,
                                                             out_dtype=torch.float32)
-    dy1 = _bn_apply_backward(da1, y1, mean1, var1, g1, b1, db1, dg1, training, eps, activation, slope)
+    # BN1's apply pass alone (its reductions are done): grad wrt y1, in y1's dtype and layout
+    dy1 = bn_act.backward_apply(da1, y1, mean1, var1, g1, b1, db1, dg1, training, eps, act, slope)
     dw1 = conv3x3.conv3x3_reflect_wgrad(dy1, x)
     dx = conv3x3.conv3x3_reflect_dgrad(dy1, w1).add_(grad)
     return dx, dw1, dw2, dg1, db1, dg2, db2
-
-
-def _bn_apply_backward(dy, y, mean, var, g, b, sum_dz, sum_dzx, training, eps, activation, slope):
-    """BatchNorm+act's backward apply pass alone, the reductions already done (kernels/bn_act.py's
-    bn_act_backward without its reduction pass): grad wrt y, in y's dtype and layout."""
-    from aegan_fast.kernels import _common, bn_act
-    lay = _common.Layout(y)
-    dy = lay.like(dy)
-    dx = torch.empty_like(y)
-    _common.launch(bn_act._bn_act_bwd_kernel)[(lay.n_tiles, lay.n_cblocks)](
-        dy, y, dx, mean, var, g, b, sum_dz, sum_dzx, *lay.strides(), 1.0 / lay.count, float(eps), float(slope),
-        HAS_W=True, HAS_B=True, ACT=activations.code(activation), TRAINING=bool(training), BLOCK_C=lay.BLOCK_C,
-        BLOCK_I=lay.BLOCK_I, INT64=lay.int64)
-    return dx
 
 
 def _triton_up_block(x, w, g, b, running_mean, running_var, training, eps):
     from aegan_fast.kernels import bn_act, convt4x4
     y, m, v = convt4x4.conv_transpose4x4s2_bnact(x, w, stats=training)
     mean, var = (m, v) if training else (running_mean, running_var)
-    out, _, _ = bn_act.bn_act_forward(y, g, b, mean, var, False, eps, "relu", 0.0)
+    out, _, _ = bn_act.forward(y, None, g, b, mean, var, False, eps, _RELU, 0.0)
     if not training:
         m, v = _stats(y, False), _stats(y, False)
     return out, y, m, v
@@ -179,7 +171,7 @@ def _triton_up_block(x, w, g, b, running_mean, running_var, training, eps):
 
 def _triton_up_block_backward(grad, x, y, w, g, b, mean, var, training, eps):
     from aegan_fast.kernels import bn_act, convt4x4
-    dy, dg, db = bn_act.bn_act_backward(grad, y, mean, var, g, b, training, eps, "relu", 0.0)
+    dy, _, dg, db = bn_act.backward(grad, y, None, g, b, mean, var, training, eps, _RELU, 0.0)
     return convt4x4.conv_transpose4x4s2_dgrad(dy, w), convt4x4.conv_transpose4x4s2_wgrad(dy, x), dg, db
 
 
@@ -192,7 +184,7 @@ _IMPLS: dict[str, tuple[Callable, Callable, Callable, Callable]] = {
 def _impl(kernel: str, device: str, i: int) -> Callable:
     if kernel not in _IMPLS:
         raise RuntimeError(f"aegan_fast block ops: no kernel {kernel!r} (block kernels: {', '.join(_IMPLS)})")
-    library._adapter(kernel, device)  # a clear error when the backend cannot run on this device
+    library.adapter(kernel, device)  # a clear error when the backend cannot run on this device
     return _IMPLS[kernel][i]
 
 
@@ -283,9 +275,9 @@ def _check_conv(name: str, x: Tensor, w: Tensor, shape: tuple[int, ...]) -> None
 
 def _bn_args(bn) -> tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
     """(use batch statistics, running-average factor, running mean, running var) for one of the
-    fused BatchNorm modules, through its own ``_mode()`` (which counts num_batches_tracked)."""
-    use_batch_stats, factor = bn._mode()
-    mean, var = bn._running()
+    fused BatchNorm modules, through its own ``forward_mode()`` (which counts num_batches_tracked)."""
+    use_batch_stats, factor = bn.forward_mode()
+    mean, var = bn.running_stats()
     return use_batch_stats, factor, mean, var
 
 

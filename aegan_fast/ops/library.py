@@ -82,7 +82,9 @@ def load(name: str) -> Adapter | str:
     return _adapters[name]
 
 
-def _adapter(kernel: str, device: str) -> Adapter:
+def adapter(kernel: str, device: str) -> Adapter:
+    """The Adapter of ``kernel`` for tensors of ``device``; RuntimeError / BackendUnavailable saying
+    why it cannot run there."""
     if kernel not in DEVICE_KERNELS.get(device, ()):
         raise RuntimeError(f"aegan_fast ops: kernel {kernel!r} does not run on {device} tensors "
                            f"(on {device}: {', '.join(DEVICE_KERNELS.get(device, ())) or 'none'})")
@@ -147,21 +149,21 @@ def bn_add_act_backward_op(grad_out: Tensor, x: Tensor, residual: Optional[Tenso
 
 def _register_device_kernels(device: str) -> None:
     def fwd(x, weight, bias, running_mean, running_var, training, eps, activation, negative_slope, kernel):
-        return _adapter(kernel, device).forward(x, None, weight, bias, running_mean, running_var, training, eps,
+        return adapter(kernel, device).forward(x, None, weight, bias, running_mean, running_var, training, eps,
                                                 activations.code(activation), negative_slope)
 
     def add_fwd(x, residual, weight, bias, running_mean, running_var, training, eps, activation, negative_slope,
                 kernel):
-        return _adapter(kernel, device).forward(x, residual, weight, bias, running_mean, running_var, training, eps,
+        return adapter(kernel, device).forward(x, residual, weight, bias, running_mean, running_var, training, eps,
                                                 activations.code(activation), negative_slope)
 
     def bwd(grad_out, x, weight, bias, mean, var, training, eps, activation, negative_slope, kernel):
-        dx, _, dw, db = _adapter(kernel, device).backward(grad_out, x, None, weight, bias, mean, var, training, eps,
+        dx, _, dw, db = adapter(kernel, device).backward(grad_out, x, None, weight, bias, mean, var, training, eps,
                                                           activations.code(activation), negative_slope, False)
         return dx, dw, db
 
     def add_bwd(grad_out, x, residual, weight, bias, mean, var, training, eps, activation, negative_slope, kernel):
-        return _adapter(kernel, device).backward(grad_out, x, residual, weight, bias, mean, var, training, eps,
+        return adapter(kernel, device).backward(grad_out, x, residual, weight, bias, mean, var, training, eps,
                                                  activations.code(activation), negative_slope, residual is not None)
 
     for op, fn in ((bn_act_op, fwd), (bn_add_act_op, add_fwd), (bn_act_backward_op, bwd),

@@ -33,8 +33,9 @@ class _FusedBatchNorm(nn.BatchNorm2d):
             kernel = self._kernels[key] = dispatch.resolve(key[0], n, key[1], x.dtype, cl)
         return kernel
 
-    def _mode(self) -> tuple[bool, float]:
-        """(use batch statistics, running-average factor), exactly as nn.BatchNorm2d decides them."""
+    def forward_mode(self) -> tuple[bool, float]:
+        """(use batch statistics, running-average factor), exactly as nn.BatchNorm2d decides them; in
+        training it counts the call in num_batches_tracked, as nn.BatchNorm2d's forward does."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -43,15 +44,16 @@ class _FusedBatchNorm(nn.BatchNorm2d):
         return use_batch_stats, factor
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        use_batch_stats, factor = self._mode()
-        mean, var = self._running()
+        use_batch_stats, factor = self.forward_mode()
+        mean, var = self.running_stats()
         if self.training and sync_bn.enabled():  # inside ops.sync_batchnorm() with world > 1; eval never syncs
             return sync_bn.run(self._kernel(x), x, residual, mean, var, self.weight, self.bias, factor, self.eps,
                                self.activation, self.negative_slope, sync_bn.current_group())
         return dispatch.run(self._kernel(x), x, residual, mean, var, self.weight, self.bias, use_batch_stats, factor,
                             self.eps, self.activation, self.negative_slope)
 
-    def _running(self):
+    def running_stats(self):
+        """(running_mean, running_var) as this forward uses them: None when training without tracking."""
         if not self.training or self.track_running_stats:
             return self.running_mean, self.running_var
         return None, None
