@@ -1,5 +1,5 @@
 """The divergence guard: an update whose loss or gradients are not finite is skipped, and a run that
-keeps producing them goes back to its last good checkpoint (train.py) instead of training on NaNs.
+keeps producing them goes back to its last good checkpoint (training/loop.py) instead of training on NaNs.
 
 Checked after every backward (``precision.backward_and_step`` calls ``after_backward``), with no
 host sync: the "bad" flag is a device tensor handed to torch's fused Adam as ``found_inf`` (the

@@ -22,9 +22,9 @@ The protocol (bench/RESULTS.md has it in words):
   aegan_fast.data), 1,000 samples of the EMA chain from a fixed seed, SWD / fid_efflite / MS-SSIM;
 - R=64 and R=128 (``--resolution``), the same protocol.
 
-    .venv/bin/python bench/paper_claim.py --resolution 64 --budget-min 3 --out runs/claim64
-    .venv/bin/python bench/paper_claim.py --resolution 128 --budget-min 4 --n 500 --out runs/claim128
-    .venv/bin/python bench/paper_claim.py --resolution 64 --budget-min 0.1 --seeds 0 --n 64 --out /tmp/pc  # smoke
+    .venv/bin/python -m bench.paper_claim --resolution 64 --budget-min 3 --out runs/claim64
+    .venv/bin/python -m bench.paper_claim --resolution 128 --budget-min 4 --n 500 --out runs/claim128
+    .venv/bin/python -m bench.paper_claim --resolution 64 --budget-min 0.1 --seeds 0 --n 64 --out /tmp/pc  # smoke
 
 Writes OUT/<variant>-s<seed>/ (run directory + result.json), OUT/results.json, OUT/table.md (the
 tables and the claims that hold) and OUT/grids.png (held-out real images and every variant on the

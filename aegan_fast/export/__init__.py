@@ -7,6 +7,7 @@
   removed, no custom ops (``fold_chain``);
 - ``onnx_export``: torch → ONNX (opset ≥ 17), onnx.checker, ONNX Runtime validation, and
   ``export_checkpoint`` (a run → a validated ONNX file);
+- ``openvino_export``: ONNX → OpenVINO IR (bf16 inference where the CPU has it) and its compiled model;
 - ``trt``: TensorRT engine build, JSON sidecar, runtime;
 - ``cli``: the command line only. Running any of them: ``aegan_fast.sampling.Sampler``.
 """
