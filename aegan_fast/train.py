@@ -29,13 +29,14 @@ from pathlib import Path
 
 from . import distributed
 from .checkpoint import LATEST, latest_checkpoint
-from .config import RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides, config_overrides, dict_fields, preset
+from .config import (RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides, config_overrides,
+                     dict_fields, preset)
 from .device import pick_device
 from .distributed import World
 from .errors import UserError, cli
 from .training import check_world, train, validate
-from .training.run_log import sampling_summary
 from .training.loop import load_run_data
+from .training.run_log import sampling_summary
 from .training.run_state import saved_config
 
 log = logging.getLogger("aegan_fast.train")

@@ -27,7 +27,8 @@ import torch
 
 from .. import distributed
 from .. import precision as precisions
-from ..checkpoint import NonFiniteCheckpoint, config_mismatch, load_for_resume, load_for_sampling, load_state_strict, save_checkpoint
+from ..checkpoint import (NonFiniteCheckpoint, config_mismatch, load_for_resume, load_for_sampling, load_state_strict,
+                          save_checkpoint)
 from ..config import RESUMABLE, TrainConfig
 from ..data import ImageSet
 from ..distributed import SINGLE, World
