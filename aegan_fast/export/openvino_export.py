@@ -147,7 +147,7 @@ def _split_at_embedding(model):
 def _bf16_out(model):
     """The same model with a bf16 output tensor: OpenVINO's CPU plugin keeps the graph's tail after the
     last Convolution in fp32 unless the output is bf16 itself, which here was φ's whole ConvTranspose
-    decoder (658 of 1543 ms at 512², batch 8: 1500 → ~1070 ms with it in bf16, PSNR unchanged)."""
+    decoder: the largest part of a 512² sample's time (bench/RESULTS.md, "OpenVINO performance hints")."""
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
