@@ -60,6 +60,7 @@ def parity_tests(worker: Path):
     def interp_results():
         return run_worker(worker)
 
+    @pytest.mark.slow  # a child process that imports torch and triton and interprets every case
     @needs_triton
     @pytest.mark.parametrize("case", sorted(load_cases(worker)))
     def test(interp_results, case):
