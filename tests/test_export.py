@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import runpy
+import sys
 
 import pytest
 import torch
@@ -372,6 +374,14 @@ def test_export_cli_missing_inputs(tmp_path, lively_ckpt, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --format tensorrt:") and err.count("\n") == 1
     assert not (tmp_path / "x.plan").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_python_m_aegan_fast_export_runs_the_cli(tmp_path, monkeypatch, capsys):
+    """The package's __main__ is the export CLI, errors and exit codes included (in process: runpy)."""
+    monkeypatch.setattr(sys, "argv", ["aegan_fast.export", "--ckpt", str(tmp_path / "nope"), "--out", "x.onnx"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("aegan_fast.export", run_name="__main__")
+    assert e.value.code == 2 and "no run directory or checkpoint" in capsys.readouterr().err
 
 
 def test_tensorrt_sidecar_from_the_onnx_it_consumes(lively_ckpt, lively_onnx, tmp_path):
