@@ -250,6 +250,7 @@ def test_legacy_torchscript_exporter_fallback(lively_ckpt, tmp_path, monkeypatch
 
 # ---- Sampler -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sampler_torch_and_compile_backends(lively_ckpt, reference, monkeypatch):
     """Every torch-side backend against the stock-torch reference rebuilt from scratch (not the
     checkpoint's nets, not aegan_fast.ops, not the fold)."""

@@ -106,7 +106,8 @@ def _stopped(data, run: Path, steps: int, resume: bool = False) -> dict:
 # 5 and 8: inside embed (after one of its periodic checkpoints) and finetune (inside ae: the run
 # resumed twice below); 3 and 6: right after the last step of ae / embed, before the stage's end
 # (its evaluation, grid and stage-*.pt), so the resumed run finishes that stage and starts the next.
-@pytest.mark.parametrize("stop_at", [5, 8, 3, 6])
+# The fast tier keeps 5; the full suite runs them all.
+@pytest.mark.parametrize("stop_at", [5, *(pytest.param(s, marks=pytest.mark.slow) for s in (8, 3, 6))])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(resume_world, straight, tmp_path, stop_at):
     data, _ = resume_world
     mid = _stopped(data, tmp_path, stop_at)
@@ -117,6 +118,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(resume_world, straight,
     assert_identical(straight[0], load_checkpoint(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_run_resumed_twice_is_bit_identical(resume_world, straight, tmp_path):
     """Stopped in ae, then again in finetune (the second call crosses the embed stage whole), then
     finished."""

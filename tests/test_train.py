@@ -353,6 +353,7 @@ TINY_FLAGS = ["--model.ae-channels", "16", "--model.ge-base-channels", "32", "--
               "--model.max-channels", "32", "--grid-size", "16", "--eval-n", "16"]
 
 
+@pytest.mark.slow
 def test_no_denoiser_ablation_trains_and_samples_f_of_g_e(tmp_path, image_folder):
     run = tmp_path / "run"
     train_main(["--data", str(image_folder), "--run-dir", str(run), "--batch", "4", "--kimg-ae", "0.008",
