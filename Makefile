@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench doctor clean
+.PHONY: setup train test test-fast native-test bench doctor clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,25 @@ $(STAMP): requirements.txt constraints.txt setup.py pyproject.toml $(NATIVE_SRC)
 train: setup
 	$(PY) -m aegan_fast.train $(ARGS)
 
+# The full suite, what CI runs (.ci/run): every pytest tier, then the native build and its C++ tests.
 test: setup
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory native-test
+
+# The fast tier: every module in under 3 minutes on two cores (no slow, bench or build tests).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not bench and not build" tests
+
+# csrc as plain CMake libraries with the C++ kernel tests (ctest), and csrc/cuda/*.cu compiled by nvcc
+# for sm_80/sm_90 when a CUDA compiler is found (CMakeLists.txt).
+native-test:
+	@if command -v cmake >/dev/null; then \
+	  cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release && \
+	  cmake --build build/cmake -j2 && \
+	  ctest --test-dir build/cmake --output-on-failure; \
+	else \
+	  echo "cmake not found: skipping the CMake build and ctest" >&2; \
+	fi
 
 # The suite: one table, one bench/results/<date>-<host>.json (ARGS=--quick for ~2 minutes). Each
 # bench script also runs alone, timed by the same harness: $(PY) -m bench.bench_train_step --help

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models and synthetic image folders so every test runs in seconds on 2 cores."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +52,28 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Decoded-image caches go to a per-test folder; the real emoji cache is never touched."""
     monkeypatch.setenv("AEGAN_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run directory, its image folder): tiny_config() trained through its three stages once per
+    session (the run records its data, as a CLI run does), shared by the tests that only read it.
+    A test that must change a run copies it (shutil.copytree); one that writes here fails at the end."""
+    from aegan_fast.data import load_folder
+    from aegan_fast.training import train
+    root = tmp_path_factory.mktemp("tiny_run")
+    images = make_image_folder(root / "images")
+    run = root / "run"
+    run.mkdir()
+    with pytest.MonkeyPatch.context() as mp:  # before any test's own cache: session scope
+        mp.setenv("AEGAN_CACHE", str(root / "cache"))
+        torch.manual_seed(0)
+        train(tiny_config(data=str(images)), run, progress=False, data=load_folder(images, 64))
+    before = _tree(run)
+    yield run, images
+    assert _tree(run) == before, f"a test changed the shared run {run}: copy it with shutil.copytree first"

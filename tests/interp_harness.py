@@ -9,10 +9,11 @@ Each pair is a parent, tests/test_<x>_triton.py, and a worker, tests/<x>_interp_
 
     TRITON_INTERPRET=1 python tests/<x>_interp_worker.py [case-substring ...]
 
-runs the cases whose id contains any of the substrings (all without one) and prints one JSON
-object {case_id: "ok" | "FAIL: ..."} on its last line. A worker's ``CASES`` is importable without
-torch or triton, so the parent parametrises over it (``load_cases``) and looks each case up in the
-worker's output (``run_worker``, once per module): ``parity_tests`` is both.
+runs the cases named exactly, or whose id contains one of the other arguments (all without one), and
+prints one JSON object {case_id: "ok" | "FAIL: ..."} on its last line. A worker's ``CASES`` is
+importable without torch or triton, so the parent parametrises over it (``load_cases``) and looks
+each case up in the worker's output (``run_worker``, once per module and tier): ``parity_tests`` is
+both. A few cases may run in the fast tier (``fast``), in a worker of their own; the others are slow.
 
 The workers run as scripts, so tests/ (their directory) is sys.path[0] and ``import interp_harness``
 and ``import ops_parity`` work there as they do under pytest. This module imports neither torch
@@ -42,28 +43,52 @@ def load_cases(worker: Path) -> dict:
     return mod.CASES
 
 
-def run_worker(worker: Path, timeout=600) -> dict:
-    """Every case's verdict from one interpreter-mode run of the worker; fails with its stderr's tail if it dies."""
+def run_worker(worker: Path, cases=(), timeout=600) -> dict:
+    """The verdicts of one interpreter-mode run of the worker on ``cases`` (ids; all without any);
+    every case fails with its stderr's tail if the worker dies."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(worker), *cases], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=worker.parent)
     if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+        died = f"interpreter worker exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+        return {case: died for case in cases or load_cases(worker)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def parity_tests(worker: Path):
+class Verdicts:
+    """A module's verdicts, the worker run once per tier on first need: the ``fast`` cases together,
+    the others together (so the fast tier never waits for the slow ones, and the full suite runs
+    each case once)."""
+
+    def __init__(self, worker: Path, fast: tuple = ()):
+        self.worker, self.cases = worker, sorted(load_cases(worker))
+        self.fast = set(fast)
+        assert self.fast <= set(self.cases), sorted(self.fast - set(self.cases))
+        self.runs: dict[bool, dict] = {}
+
+    def __getitem__(self, case: str) -> str:
+        fast = case in self.fast
+        if fast not in self.runs:
+            self.runs[fast] = run_worker(self.worker, [c for c in self.cases if (c in self.fast) == fast])
+        return self.runs[fast].get(case, "missing from the worker's output")
+
+
+def parity_tests(worker: Path, fast: tuple = ()):
     """(fixture, test) for a parent: bind them as ``interp_results, test_<x>_interpreter_parity``; pytest
     names the tests after that binding, one per case id, each asserting its case's verdict is "ok".
-    The fixture is module-scoped so the worker runs once (and, if it dies, fails every case once)."""
+    The fixture is module-scoped so the worker runs once per tier (and, if it dies, fails each of
+    that run's cases once); the cases not in ``fast`` are marked slow."""
     @pytest.fixture(scope="module")
     def interp_results():
-        return run_worker(worker)
+        return Verdicts(worker, fast)
+
+    # a child process that imports torch and triton and interprets the cases
+    cases = [pytest.param(c, marks=() if c in fast else pytest.mark.slow) for c in sorted(load_cases(worker))]
 
     @needs_triton
-    @pytest.mark.parametrize("case", sorted(load_cases(worker)))
+    @pytest.mark.parametrize("case", cases)
     def test(interp_results, case):
-        result = interp_results.get(case, "missing from the worker's output")
+        result = interp_results[case]
         assert result == "ok", result
 
     return interp_results, test
@@ -76,7 +101,7 @@ def worker_main(argv, cases, run_case, reset=lambda: None):
         raise SystemExit("run with TRITON_INTERPRET=1")
     import torch
     torch.set_num_threads(1)
-    wanted = [c for c in cases if not argv or any(a in c for a in argv)]
+    wanted = [c for c in cases if not argv or c in argv or any(a not in cases and a in c for a in argv)]
     out = {}
     for cid in wanted:
         try:

@@ -101,6 +101,7 @@ def test_only_runs_the_chosen_sections_between_two_peak_measurements(tmp_path, m
     assert json.loads((tmp_path / "r.json").read_text())["sections"] == ["peaks", "ops", "steps"]
 
 
+@pytest.mark.bench
 def test_quick_suite_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,

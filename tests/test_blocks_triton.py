@@ -22,7 +22,10 @@ from aegan_fast import models, ops
 from interp_harness import needs_triton, parity_tests
 
 WORKER = Path(__file__).resolve().parent / "blocks_interp_worker.py"
-interp_results, test_blocks_interpreter = parity_tests(WORKER)
+# One block of each kind in the fast tier: between them they run every Triton kernel (conv3x3, convt4x4,
+# the BatchNorm passes) through the host layer, in a few seconds.
+interp_results, test_blocks_interpreter = parity_tests(WORKER, fast=("resblock-identity-nchw-fp32-momentum_none",
+                                                                     "up_block-nchw-fp32-momentum_none"))
 
 
 def _eligible():

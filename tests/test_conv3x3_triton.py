@@ -20,6 +20,7 @@ WORKER = Path(__file__).resolve().parent / "conv3x3_interp_worker.py"
 interp_results, test_conv3x3_interpreter_parity = parity_tests(WORKER)
 
 
+@pytest.mark.build
 @needs_triton
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 def test_dot_precision_in_ptx():

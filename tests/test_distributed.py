@@ -182,6 +182,7 @@ def helper_results(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_gradients_are_averaged_in_one_all_reduce_and_the_flag_summed(helper_results):
     for rank in helper_results:
         p_grad, q_grad, extra = rank["average_gradients"]
@@ -190,22 +191,26 @@ def test_gradients_are_averaged_in_one_all_reduce_and_the_flag_summed(helper_res
         assert torch.equal(extra, torch.tensor([1.0]))
 
 
+@pytest.mark.slow
 def test_consistency_check_names_the_first_tensor_that_differs_on_every_rank(helper_results):
     for rank in helper_results:
         assert "G.1.running_var differs from rank 0's" in rank["consistency"], rank["consistency"]
 
 
+@pytest.mark.slow
 def test_running_statistics_are_averaged_and_counts_kept(helper_results):
     for rank in helper_results:
         mean, count = rank["average_buffers"]
         assert torch.equal(mean, torch.full((2,), 0.5)) and int(count) == 5
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_collective_after_the_timeout(tmp_path):
     outcome, waited, _ = _spawn(tmp_path, "hung_rank")[0]
     assert outcome == "failed" and 4 < waited < 11.5
 
 
+@pytest.mark.slow
 def test_rank_0_only_work_publishes_its_outcome_to_every_rank(helper_results):
     (value0, ran0, errors0), (value1, ran1, errors1) = (r["main_only"] for r in helper_results)
     assert (value0, ran0, value1, ran1) == (42, [0], None, [])  # run on rank 0 alone, its value there
@@ -236,12 +241,14 @@ def _stage_end_case(tmp_path, images, mode):
                        run=str(run), mode=mode)
 
 
+@pytest.mark.slow
 def test_rank_0s_stage_end_error_stops_every_rank_with_its_message(tmp_path, images):
     _, (rank0, rank1) = _stage_end_case(tmp_path, images, "raise")
     assert rank0 == "UserError: the evaluation's disk is full"
     assert rank1 == "UserError: rank 0: the evaluation's disk is full"  # not the collective timeout
 
 
+@pytest.mark.slow
 def test_a_stage_end_evaluation_longer_than_the_collective_timeout_does_not_fail_the_others(tmp_path, images):
     run, results = _stage_end_case(tmp_path, images, "sleep")
     for outcome in results:
@@ -252,6 +259,7 @@ def test_a_stage_end_evaluation_longer_than_the_collective_timeout_does_not_fail
     assert (run / "samples" / "ae-final.png").is_file() and (run / "losses.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(dali_unavailable() is not None, reason=f"DALI not installed: {dali_unavailable()}")
 def test_two_rank_dali_runs_resume_exactly_from_each_ranks_reader_state(tmp_path, images):
     """2 ranks × 2 images a step over 12 images: DALI shards by rank (6 files each, 3 steps an epoch);
@@ -358,6 +366,7 @@ def _steps(run):
     return [json.loads(line) for line in path.read_text().splitlines() if '"losses"' in line]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_all_three_stages(tmp_path, images):
     run = tmp_path / "run"
     kimg = (0.032, 0.032, 0.032)
@@ -376,6 +385,7 @@ def test_two_ranks_train_all_three_stages(tmp_path, images):
     assert r.stdout.count("done in") == 1
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes(tmp_path, images):
     run = tmp_path / "run"
     kimg = (0.032, 0.4, 0.032)
@@ -401,6 +411,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes(tmp
     assert final["stage"] == "done" and final["total_img"] == _expected_images(kimg, 8)
 
 
+@pytest.mark.slow
 def test_an_elastic_restart_after_a_killed_worker_resumes_and_finishes(tmp_path, images):
     run = tmp_path / "run"
     kimg = (0.032, 0.4, 0.032)

@@ -1,6 +1,7 @@
 """The eval CLI on a tiny trained run: JSON out, a readable table, the real | samples | nearest
 sheet, clear errors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,20 +20,8 @@ from aegan_fast.viz import make_grid
 from conftest import make_image_folder, tiny_config
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    images = make_image_folder(root / "images")
-    run = root / "run"
-    run.mkdir()
-    # The run records its data, as a CLI run does: the sheet searches it for nearest neighbours.
-    train(tiny_config(eval_metrics=(), data=str(images)), run, progress=False,
-          data=load_folder(images, 64, cache=root / "cache"))
-    return run, images
-
-
-def test_eval_writes_json_and_table(trained, tmp_path, capsys):
-    run, images = trained
+def test_eval_writes_json_and_table(tiny_run, tmp_path, capsys):
+    run, images = tiny_run
     out = tmp_path / "eval.json"
     eval_main(["--ckpt", str(run), "--data", str(images), "--metrics", "swd,msssim,fid_efflite,kid_efflite,psnr,l1",
                "--n", "12", "--out", str(out)])
@@ -46,8 +35,8 @@ def test_eval_writes_json_and_table(trained, tmp_path, capsys):
     assert "fid_efflite" in table and "lower" in table and str(out) in table
 
 
-def test_eval_bad_metric_is_a_clear_error(trained, capsys):
-    run, images = trained
+def test_eval_bad_metric_is_a_clear_error(tiny_run, capsys):
+    run, images = tiny_run
     with pytest.raises(SystemExit) as e:
         eval_main(["--ckpt", str(run), "--data", str(images), "--metrics", "swd,fid"])
     assert e.value.code == 2 and "unknown metric" in capsys.readouterr().err
@@ -185,8 +174,9 @@ def test_write_sheet_blocks_are_real_samples_nearest(tmp_path, kind):
                                (ref.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
 
 
-def test_eval_writes_the_sheet(trained, capsys):
-    run, images = trained
+def test_eval_writes_the_sheet(tiny_run, tmp_path, capsys):
+    run, images = tmp_path / "run", tiny_run[1]
+    shutil.copytree(tiny_run[0], run)  # the sheet and its record land beside the checkpoint
     ckpt = resolve_checkpoint(run)
     eval_main(["--ckpt", str(run), "--metrics", "swd", "--n", "8", "--seed", "3"])  # default: 16 per block
     path = run / f"eval-{ckpt.stem}-sheet.png"
@@ -216,8 +206,8 @@ def test_eval_writes_the_sheet(trained, capsys):
     assert torch.equal(third[:, :, :gw], make_grid(nearest.float() / 127.5 - 1, pad_value=PAD_VALUE))
 
 
-def test_eval_sheet_against_held_out_images(trained, tmp_path, capsys):
-    run, _ = trained
+def test_eval_sheet_against_held_out_images(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
     other = make_image_folder(tmp_path / "other", n=6, seed=1)
     out = tmp_path / "e.json"
     eval_main(["--ckpt", str(run), "--data", str(other), "--metrics", "swd", "--n", "4", "--sheet-n", "2",
@@ -277,8 +267,8 @@ def test_eval_scores_against_the_held_out_split(trained_split, tmp_path, capsys,
     assert json.loads(out.read_text())["reference"] == f"3 held-out real images of {tmp_path / 'other'}"
 
 
-def test_eval_no_sheet_and_bad_sheet_n(trained, tmp_path, capsys):
-    run, images = trained
+def test_eval_no_sheet_and_bad_sheet_n(tiny_run, tmp_path, capsys):
+    run, images = tiny_run
     out = tmp_path / "e.json"
     eval_main(["--ckpt", str(run), "--metrics", "swd", "--n", "4", "--no-sheet", "--out", str(out)])
     assert "sheet" not in json.loads(out.read_text()) and not (tmp_path / "e-sheet.png").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import runpy
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import aegan_fast.sampling as sampling_mod
 from aegan_fast import ops
 from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.config import TrainConfig
-from aegan_fast.data import load_folder, to_uint8
+from aegan_fast.data import to_uint8
 from aegan_fast.errors import UserError
 from aegan_fast.export import fold_chain
 from aegan_fast.export.cli import main as export_main
@@ -27,8 +29,6 @@ from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z, 
 from aegan_fast.ops import BatchNormAct2d
 from aegan_fast.sample import main as sample_main
 from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends
-from aegan_fast.training import train
-from conftest import make_image_folder, tiny_config
 from aegan_fast.testing import FP32_CHAIN, lively_weights, plain_twin, reference_chain
 
 onnx = pytest.importorskip("onnx")
@@ -78,22 +78,6 @@ def lively_onnx(lively_ckpt, tmp_path_factory):
     with cpp_if_available():
         export_main(["--ckpt", str(lively_ckpt), "--out", str(out), "--dynamic-batch"])
     return out
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny model trained through all three stages (one step each)."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AEGAN_CACHE", str(root / "cache"))
-        torch.manual_seed(0)
-        images = make_image_folder(root / "images", n=8)
-        run = root / "run"
-        run.mkdir()
-        cfg = tiny_config(kimg={"ae": 0.004, "embed": 0.004, "finetune": 0.004}, sample_every_kimg=1.0,
-                          ckpt_every_kimg=1.0, grid_size=4)
-        train(cfg, run, progress=False, data=load_folder(images, 64))
-    return run
 
 
 # ---- folding -----------------------------------------------------------------------------------
@@ -186,7 +170,8 @@ def test_onnx_export_checks_and_matches_torch(lively_onnx, lively_ckpt):
         assert (got - want).abs().max().item() <= 1e-4
 
 
-def test_trained_run_exports_and_samples_like_torch(trained_run, tmp_path, capsys):
+def test_trained_run_exports_and_samples_like_torch(tiny_run, tmp_path, capsys):
+    trained_run = tiny_run[0]  # conftest.tiny_run: three stages of a tiny model
     """The issue's end-to-end check: a trained tiny model, exported, run in ONNX Runtime, same images."""
     out = tmp_path / "sampler.onnx"
     export_main(["--ckpt", str(trained_run), "--out", str(out)])
@@ -196,7 +181,7 @@ def test_trained_run_exports_and_samples_like_torch(trained_run, tmp_path, capsy
     got = Sampler.load(out).sample(6, seed=3, batch=4)
     err = (got - want).abs().max().item()
     assert err <= 1e-5 * max(1.0, want.abs().max().item()) and err <= 1e-2 * want.std().item()
-    assert uint8_agree(got, want)  # near-constant images after one step: the lively test below has the power
+    assert uint8_agree(got, want)  # near-constant images after a few steps: the lively test below has the power
 
     # The sample CLI takes the ONNX file (onnxruntime backend by default) and a --backend flag.
     sample_main(["--ckpt", str(out), "--n", "3", "--out", str(tmp_path / "onnx.png")])
@@ -265,6 +250,7 @@ def test_legacy_torchscript_exporter_fallback(lively_ckpt, tmp_path, monkeypatch
 
 # ---- Sampler -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sampler_torch_and_compile_backends(lively_ckpt, reference, monkeypatch):
     """Every torch-side backend against the stock-torch reference rebuilt from scratch (not the
     checkpoint's nets, not aegan_fast.ops, not the fold)."""
@@ -389,6 +375,14 @@ def test_export_cli_missing_inputs(tmp_path, lively_ckpt, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --format tensorrt:") and err.count("\n") == 1
     assert not (tmp_path / "x.plan").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_python_m_aegan_fast_export_runs_the_cli(tmp_path, monkeypatch, capsys):
+    """The package's __main__ is the export CLI, errors and exit codes included (in process: runpy)."""
+    monkeypatch.setattr(sys, "argv", ["aegan_fast.export", "--ckpt", str(tmp_path / "nope"), "--out", "x.onnx"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("aegan_fast.export", run_name="__main__")
+    assert e.value.code == 2 and "no run directory or checkpoint" in capsys.readouterr().err
 
 
 def test_tensorrt_sidecar_from_the_onnx_it_consumes(lively_ckpt, lively_onnx, tmp_path):

@@ -21,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 
+pytestmark = pytest.mark.build  # compiles: a build step of make test, left out of make test-fast
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 TARGETS = [(80, "fp32", "nchw"), (90, "bf16", "channels_last")]
 

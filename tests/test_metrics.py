@@ -148,6 +148,7 @@ def test_laplacian_pyramid_shapes_and_exact_reconstruction():
     torch.testing.assert_close(reconstruct_laplacian_pyramid(pyr), x, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_swd_halves_far_below_noise_and_other_sets(sets):
     ref = swd(sets["half_a"], sets["half_b"], seed=0)
     assert set(ref) == {"swd_64", "swd_32", "swd_16", "swd"}
@@ -161,6 +162,7 @@ def test_swd_halves_far_below_noise_and_other_sets(sets):
         assert all(ref[k] < d[k] for k in ref), (other, ref, d)
 
 
+@pytest.mark.slow
 def test_swd_ranks_synthetic_sets_offline(synthetic):
     ref = swd(synthetic["a"], synthetic["b"], seed=0)
     noise = swd(synthetic["a"], synthetic["noise"], seed=0)
@@ -252,6 +254,7 @@ def test_msssim_diversity_synthetic(synthetic):
     assert msssim_diversity(synthetic["a"], seed=5) == msssim_diversity(synthetic["a"], seed=5)
 
 
+@pytest.mark.slow
 def test_msssim_diversity(sets, emoji):
     div_emoji = msssim_diversity(emoji)
     div_noise = msssim_diversity(sets["noise"])
@@ -346,6 +349,7 @@ def efflite_feats(sets):
     return feats
 
 
+@pytest.mark.slow
 def test_fid_efflite_halves_far_below_noise_and_other_sets(efflite_feats):
     ref = fid_from_features(efflite_feats["half_a"], efflite_feats["half_b"])
     print(f"\nfid_efflite (N={N_FEAT} per set, {RES}x{RES} resized to 224)")
@@ -361,6 +365,7 @@ def test_fid_efflite_halves_far_below_noise_and_other_sets(efflite_feats):
     assert ref < d["shifted_blurred"], (ref, d)
 
 
+@pytest.mark.slow
 def test_fid_kid_efflite_rank_synthetic_sets_offline(synthetic):
     feats = {k: efflite_features(v[:64], batch_size=32) for k, v in synthetic.items()}
     fid_ref = fid_from_features(feats["a"], feats["b"])
@@ -372,6 +377,7 @@ def test_fid_kid_efflite_rank_synthetic_sets_offline(synthetic):
         assert kid_ref < 0.25 * kid, (other, kid_ref, kid)
 
 
+@pytest.mark.slow
 def test_kid_efflite_halves_far_below_noise_and_other_sets(efflite_feats):
     ref, ref_std = kid_from_features(efflite_feats["half_a"], efflite_feats["half_b"], subsets=25, subset_size=64)
     print(f"\nkid_efflite (N={N_FEAT} per set, subsets of 64)")

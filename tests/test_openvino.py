@@ -119,6 +119,7 @@ def test_precision_choice(monkeypatch):
     assert ovx.resolve_precision("auto") == "bf16"
 
 
+@pytest.mark.slow
 def test_checkpoint_is_exported_once_beside_it_and_the_compiled_model_cached(tmp_path, monkeypatch):
     ckpt = tmp_path / "run.pt"
     nets = save_lively(ckpt, seed=3)

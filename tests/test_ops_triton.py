@@ -87,3 +87,19 @@ def test_host_layer_raises_one_exception_type():
                       (lambda: host.check_dtype("out_dtype", torch.int32), "out_dtype must be")):
         with pytest.raises(ValueError, match=re.escape(msg)):
             call()
+
+
+@needs_triton
+def test_the_aot_build_lists_every_kernel_and_names_a_missing_constexpr():
+    """kernels/aot.py's list (what test_kernels_aot.py compiles for sm_80/sm_90, a build step) holds
+    every launched @triton.jit kernel (a *_kernel) of the kernel modules, and a specialisation left
+    without one of its constexprs is refused by name before anything compiles."""
+    import triton
+    from aegan_fast.kernels import _common, aot, bn_act, conv3x3, convt4x4
+    launched = {v for m in (_common, bn_act, conv3x3, convt4x4) for name, v in vars(m).items()
+                if name.endswith("_kernel") and isinstance(v, triton.runtime.jit.JITFunction)}
+    listed = {fn for fn, _ in aot.kernels().values()}
+    assert len(launched) >= 11 and launched == listed
+    fn, consts = aot.kernels()["conv3x3_wgrad"]
+    with pytest.raises(ValueError, match=r"_conv3x3_wgrad_kernel: no value for constexpr \[.*'HAS_PRO'"):
+        aot.compile_kernel(fn, 80, constexprs={k: v for k, v in consts.items() if k != "HAS_PRO"})

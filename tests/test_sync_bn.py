@@ -483,16 +483,19 @@ def _check(result):
     assert result == "ok", result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(GROUPS["world2"]["cases"]))
 def test_two_ranks(group_results, case):
     _check(group_results("world2", case))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(GROUPS["world3"]["cases"]))
 def test_three_ranks(group_results, case):
     _check(group_results("world3", case))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install -r requirements.txt)")
 @pytest.mark.parametrize("case", sorted(GROUPS["triton"]["cases"]))
 def test_triton_interpreter(group_results, case):

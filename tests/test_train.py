@@ -3,7 +3,6 @@ test_resume.py)."""
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from aegan_fast.config import preset
 from aegan_fast.checkpoint import atomic_write_bytes, load_checkpoint, resolve_checkpoint
 from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.data import load_folder, make_loader
+from aegan_fast.metrics import msssim_diversity, swd
 from aegan_fast.models import SamplingChain, build_nets, sample_z
 from aegan_fast.train import main as train_main
 from aegan_fast.training import new_state, restore, save_run, train
@@ -22,10 +22,20 @@ from aegan_fast.sample import main as sample_main
 from conftest import tiny_config
 
 
-def test_full_run_writes_every_artifact(tmp_path, image_folder):
-    run = tmp_path / "run"
-    run.mkdir()
-    train(tiny_config(), run, progress=False, data=load_folder(image_folder, 64))
+def _stage_nets(run, stage: str, cfg):
+    """Nets built from the seed-independent model config and loaded from checkpoints/stage-<stage>.pt
+    by hand: its live nets, with its EMA's over them (what the sampling chain's figures judge)."""
+    state = torch.load(run / "checkpoints" / f"stage-{stage}.pt", weights_only=True)
+    nets = build_nets(cfg.model)
+    nets.load_state_dict(state["nets"])
+    for name, sd in (state["ema"] or {}).items():
+        nets[name].load_state_dict(sd)
+    return nets.eval(), state
+
+
+def test_full_run_writes_every_artifact(tiny_run):
+    run, images = tiny_run
+    cfg = tiny_config()
     assert json.loads((run / "config.json").read_text())["model"]["resolution"] == 64
     assert (run / "losses.png").stat().st_size > 1000
     for stage in ("ae", "embed", "finetune"):
@@ -36,9 +46,26 @@ def test_full_run_writes_every_artifact(tmp_path, image_folder):
     assert {r["stage"] for r in steps} == {"ae", "embed", "finetune"}
     assert all(r["img_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in steps)
     evals = {r["stage"]: r["eval"] for r in rows if "eval" in r}
-    assert 0 < evals["ae"]["l1"] < 2 and 0 < evals["ae"]["psnr"] < 60
+
+    # The stage-end figures, recomputed from the stage's checkpoint: 12 images, none held out (fewer
+    # than 100), so the reference is all of them, in order (eval_n = 16 asks for more than there are).
+    real = load_folder(images, 64).images.float() / 127.5 - 1
+    assert len(real) == 12 and cfg.eval_n > 12
+    nets, state = _stage_nets(run, "ae", cfg)
+    assert state["ema"] is None  # the autoencoder's own H and F, as trained
+    with torch.no_grad():
+        recon = nets["F"](nets["H"](real)).double()
+    mse = (recon - real.double()).pow(2).mean(dim=(1, 2, 3))
+    assert set(evals["ae"]) == {"l1", "psnr"}
+    assert evals["ae"]["l1"] == pytest.approx((recon - real.double()).abs().mean().item(), rel=1e-5)
+    assert evals["ae"]["psnr"] == pytest.approx((10 * torch.log10(4 / mse)).mean().item(), abs=1e-4)  # [-1, 1]: range 2
     for stage in ("embed", "finetune"):
-        assert evals[stage]["swd"] > 0 and 0 <= evals[stage]["msssim"] <= 1
+        nets, state = _stage_nets(run, stage, cfg)
+        assert set(state["ema"]) == {"G_E", "F", "phi"}  # the chain's figures are its EMA's
+        fake = SamplingChain.of(nets).sample(12, seed=cfg.seed)
+        want = {**swd(real, fake, seed=cfg.seed), "msssim": msssim_diversity(fake, seed=cfg.seed)}
+        assert evals[stage] == pytest.approx(want, rel=1e-5), stage
+
     state = load_checkpoint(run)
     assert state["counters"]["stage"] == "done" and state["counters"]["total_img"] == 3 * 16
     assert state["ema"] is not None
@@ -98,12 +125,9 @@ def test_ema_off_keeps_no_ema(tmp_path, image_folder):
         assert torch.equal(v, sampled["nets"][f"G_E.{k}"])
 
 
-def test_sampler_reads_the_ema_weights(tmp_path, image_folder):
-    run = tmp_path / "run"
-    run.mkdir()
-    train(tiny_config(kimg={"ae": 0.004, "embed": 0.008, "finetune": 0.0}), run, progress=False,
-          data=load_folder(image_folder, 64))
-    state = load_checkpoint(run)
+def test_sampler_reads_the_ema_weights(tiny_run):
+    run, _ = tiny_run
+    state = torch.load(resolve_checkpoint(run), weights_only=True)  # the stage the run samples from
     _, nets = load_sampling_nets(run)
     for net in ("G_E", "F", "phi"):
         for k, v in nets[net].state_dict().items():
@@ -177,12 +201,6 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
-def _cli(args, **env):
-    """Run a CLI in a subprocess: what a user sees, exit code and all."""
-    e = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=e, timeout=300)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/folder"], "does not exist"),
     (["--resolution", "100"], "power of two"),
@@ -195,12 +213,15 @@ def _cli(args, **env):
     (["--stages", "direct"], "no length for stage 'direct'"),
     (["--loss", "wasserstein"], "--loss must be one of"),
 ])
-def test_train_cli_bad_input(args, message, tmp_path):
-    r = _cli(["aegan_fast.train", "--outdir", str(tmp_path), *args])
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert not any(tmp_path.iterdir())  # nothing half-made left behind
+def test_train_cli_bad_input(args, message, tmp_path, capsys):
+    """What a user sees: exit 2, one line naming the problem, nothing half-made left behind (the real
+    entry point's exit code and stderr: test_cli_train_resume_and_sample)."""
+    with pytest.raises(SystemExit) as e:
+        train_main(["--outdir", str(tmp_path), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -287,23 +308,32 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, image_folder):
     assert len(data) == 12 and data.skipped == 2
 
 
-def test_npm_missing_is_a_clear_error(tmp_path):
+def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     bare = tmp_path / "bin"
     bare.mkdir()
-    r = _cli(["aegan_fast.train", "--outdir", str(tmp_path / "runs")], PATH=str(bare),
-             AEGAN_CACHE=str(tmp_path / "cache"))
-    assert r.returncode == 2 and "needs npm" in r.stderr and "Traceback" not in r.stderr
+    monkeypatch.setenv("PATH", str(bare))
+    with pytest.raises(SystemExit) as e:
+        train_main(["--outdir", str(tmp_path / "runs")])
+    assert e.value.code == 2 and "needs npm" in capsys.readouterr().err
 
 
+def _cli(*args):
+    """``python -m aegan_fast.train`` in a subprocess: the real entry point, exit code and all."""
+    return subprocess.run([sys.executable, "-m", "aegan_fast.train", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
 def test_cli_train_resume_and_sample(tmp_path, image_folder):
     run = tmp_path / "run"
     args = ["--data", str(image_folder), "--run-dir", str(run), "--batch", "4", "--kimg-ae", "0.008",
             "--kimg-embed", "0.008", "--kimg-finetune", "0.008", "--no-progress", "--device", "cpu"]
-    r = _cli(["aegan_fast.train", *args])
+    r = _cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "done in" in r.stdout and str(run) in r.stdout
-    r = _cli(["aegan_fast.train", *args])  # the same run dir again: refused, not overwritten
-    assert r.returncode == 2 and "--resume" in r.stderr
+    r = _cli(*args)  # the same run dir again: refused, not overwritten, in one line without a traceback
+    assert r.returncode == 2 and "--resume" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     with pytest.raises(SystemExit) as e:  # what a run trains is its checkpoint's, not the command line's
         train_main(["--resume", str(run), "--batch", "8"])
     assert e.value.code == 2
@@ -318,12 +348,17 @@ def test_cli_train_resume_and_sample(tmp_path, image_folder):
     assert len(list((tmp_path / "imgs").glob("*.png"))) == 3
 
 
+# tiny_config's nets and evaluation sizes as flags
+TINY_FLAGS = ["--model.ae-channels", "16", "--model.ge-base-channels", "32", "--model.embed-max-channels", "32",
+              "--model.max-channels", "32", "--grid-size", "16", "--eval-n", "16"]
+
+
+@pytest.mark.slow
 def test_no_denoiser_ablation_trains_and_samples_f_of_g_e(tmp_path, image_folder):
     run = tmp_path / "run"
-    r = _cli(["aegan_fast.train", "--data", str(image_folder), "--run-dir", str(run), "--batch", "4",
-              "--kimg-ae", "0.008", "--kimg-embed", "0.008", "--kimg-finetune", "0.008", "--no-progress",
-              "--device", "cpu", "--no-denoiser"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    train_main(["--data", str(image_folder), "--run-dir", str(run), "--batch", "4", "--kimg-ae", "0.008",
+                "--kimg-embed", "0.008", "--kimg-finetune", "0.008", "--no-progress", "--device", "cpu",
+                "--no-denoiser", *TINY_FLAGS])
     state = load_checkpoint(run)
     assert state["config"]["model"]["denoiser"] is False
     assert not any(k.startswith("phi.") for k in state["nets"]) and "phi" not in state["opts"]
