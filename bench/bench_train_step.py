@@ -1,8 +1,10 @@
-"""Whole training steps of each stage: the eager fp32 reference path against the default fast path,
-in one run, rounds interleaved.
+"""Whole training steps of each stage: the default fast path against two plain baselines, in one
+run, rounds interleaved.
 
     reference  plain PyTorch: ops=reference (torch BatchNorm + activation), fp32 NCHW, torch's default
                (per-parameter) Adam, no compile: what a plain port of the authors' code runs
+    autocast   the same plain port as a savvy user would first speed it up: fp32 master weights and
+               inputs in channels_last, every step under one ``torch.autocast(bf16)``; plain Adam
     fast       what `python -m aegan_fast.train` runs by default: ops=auto, precision=auto (bf16 +
                channels_last where the device has native bf16), fused Adam, compile per --compile auto
     (plus any explicit variant: ops backend × precision × channels_last × fused, see ``Variant``)
@@ -20,6 +22,7 @@ torch.utils.flop_counter on the reference step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +51,19 @@ class Variant:
     fused_adam: bool = True
     guard: bool = True      # the trainer's divergence guard (aegan_fast/guard.py) sees every update
     r1_gamma: float = 0.0   # --r1-gamma D_E=γ D_R=γ: what the R1 penalty's double backward costs
+    autocast: bool = False  # the whole step under torch.autocast(bf16) (the plain port's speed-up)
 
 
 VARIANTS = {
     "reference": Variant(ops="reference", precision="fp32", channels_last=False, fused_adam=False, guard=False),
+    "autocast": Variant(ops="reference", precision="fp32", channels_last=True, fused_adam=False, guard=False,
+                        autocast=True),
     "fast": Variant(),
     "fast_r1": Variant(r1_gamma=1.0),  # not in the default comparison: --variants fast fast_r1
 }
-DEFAULT_VARIANTS = ["reference", "fast"]
+# The plain paths every other variant is compared with, when they are in the run.
+BASELINES = ("reference", "autocast")
+DEFAULT_VARIANTS = ["reference", "autocast", "fast"]
 
 
 def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast", batch: int | None = None):
@@ -79,30 +87,38 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
     batch = st.batch(data.gather(idx, mirror, "cpu"), idx, mirror)
     prec = st.precision
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if variant.autocast else contextlib.nullcontext()
+
     def step():
-        with ops.use_backend(cfg.ops):
+        with ops.use_backend(cfg.ops), autocast():
             return take_step(stage, st, batch, emb)
-    step.describe = (f"ops={variant.ops}, {prec.describe()}, {'fused' if variant.fused_adam else 'loop'} Adam"
+    step.describe = (f"ops={variant.ops}, {prec.describe()}" + (", torch.autocast(bf16)" if variant.autocast else "")
+                     + f", {'fused' if variant.fused_adam else 'loop'} Adam"
                      + (", guard" if variant.guard else "") + (f", R1 γ={variant.r1_gamma:g}" if variant.r1_gamma else ""))
     step.images = batch_size
+    step.state = st
     return step
 
 
 def step_rows(section: str, stage_name: str, resolution: int, variants, rounds: int,
               batch: int | None = None) -> list[Row]:
     """One row per variant: a training step of ``stage_name`` at ``resolution``, rounds interleaved
-    (bench/timing.py), each compared with the ``reference`` variant when it is among them. FLOPs are
-    counted once, on a reference step (torch.utils.flop_counter; R1's double backward not included)."""
+    (bench/timing.py), each compared with the plain baselines (BASELINES) among them: the fast path
+    with both, the autocast port with the fp32 one. FLOPs are counted once, on a reference step
+    (torch.utils.flop_counter; R1's double backward not included)."""
     progress(f"{section}: building {stage_name} R={resolution}")
     steps = {v: make_step(stage_name, resolution, v, batch=batch) for v in variants}
     counter = FlopCounterMode(display=False)
     with counter:  # the reference's warm-up when it is one of the variants
         (steps.get("reference") or make_step(stage_name, resolution, "reference", batch=batch))()
     flops = counter.get_total_flops()
-    base = f"{stage_name} R={resolution} reference"
+    def baselines(v: str) -> tuple:
+        plain = BASELINES[:BASELINES.index(v)] if v in BASELINES else BASELINES
+        return tuple(f"{stage_name} R={resolution} {b}" for b in plain if b in steps)
+
     rows = measure(section, [
-        Case(f"{stage_name} R={resolution} {v}", fn, flops, "FLOP",
-             (base,) if v != "reference" and "reference" in steps else (),
+        Case(f"{stage_name} R={resolution} {v}", fn, flops, "FLOP", baselines(v),
              f"batch {fn.images}, {flops / 1e9:.1f} GFLOP; {fn.describe}", warmed=v == "reference")
         for v, fn in steps.items()], rounds)
     for row, fn in zip(rows, steps.values()):

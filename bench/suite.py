@@ -138,7 +138,7 @@ def section_steps(ctx: Context) -> list[Row]:
     rows = []
     for R in resolutions:
         for stage in ("ae", "embed", "finetune"):
-            rows += bts.step_rows("steps", stage, R, ("reference", "fast"), ctx.rounds(3 if R < 256 else 2, 2), batch)
+            rows += bts.step_rows("steps", stage, R, bts.DEFAULT_VARIANTS, ctx.rounds(3 if R < 256 else 2, 2), batch)
     return rows
 
 

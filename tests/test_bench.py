@@ -138,7 +138,7 @@ def test_quick_suite_end_to_end(tmp_path):
             assert any(r["ratios"] for r in ok), section
     steps = {r["name"]: r for r in rows if r["section"] == "steps"}
     for stage in ("ae", "embed", "finetune"):
-        assert f"{stage} R=64 reference" in steps[f"{stage} R=64 fast"]["ratios"]
+        assert {f"{stage} R=64 reference", f"{stage} R=64 autocast"} <= set(steps[f"{stage} R=64 fast"]["ratios"])
     sampling = [r["name"] for r in rows if r["section"] == "sampling" and r["status"] == "ok"]
     assert any(n.endswith("b8 eager") for n in sampling) and any(n.endswith("b1 eager") for n in sampling)
     assert "| section | row | median |" in proc.stdout
@@ -192,3 +192,36 @@ def test_blocks_bench_skips_without_cuda(capsys):
     rows = suite.SECTIONS["blocks"](timing.Context(quick=True))
     assert [(r.section, r.status) for r in rows] == [("blocks", "skipped")]
     assert "needs a CUDA GPU" in rows[0].note
+
+
+def test_the_autocast_baseline_is_the_plain_port_under_one_autocast():
+    """bench_train_step's ``autocast`` variant is what a user would try first: the plain port (reference
+    ops, plain Adam, fp32 master weights) in channels_last under torch.autocast(bf16), so its convs
+    compute in bf16 from fp32 activations; the ``reference`` variant's convs stay fp32."""
+    from torch import nn
+    from bench import bench_train_step as bts
+
+    def conv_dtypes(variant):
+        step = bts.make_step("ae", 64, variant, batch=2)
+        st, seen = step.state, []
+        conv = next(m for m in st.nets["H"].modules() if isinstance(m, nn.Conv2d))
+        handle = conv.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+        step()
+        handle.remove()
+        assert conv.weight.dtype == torch.float32
+        assert not any(opt.defaults.get("fused") for opt in st.opts.values())
+        return seen, conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    seen, channels_last = conv_dtypes("autocast")
+    assert seen == [(torch.float32, torch.bfloat16)] and channels_last
+    seen, channels_last = conv_dtypes("reference")
+    assert seen == [(torch.float32, torch.float32)] and not channels_last
+
+
+def test_the_fast_step_is_compared_with_both_plain_baselines():
+    from bench import bench_train_step as bts
+    rows = bts.step_rows("steps", "ae", 64, bts.DEFAULT_VARIANTS, rounds=1, batch=2)
+    ratios = {row.name: set(row.ratios) for row in rows}
+    assert ratios == {"ae R=64 reference": set(), "ae R=64 autocast": {"ae R=64 reference"},
+                      "ae R=64 fast": {"ae R=64 reference", "ae R=64 autocast"}}
+    assert all(row.status == "ok" and row.median_s > 0 for row in rows)
