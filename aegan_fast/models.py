@@ -379,6 +379,12 @@ def seeded_z(n: int, z_dim: int, seed: int, device="cpu") -> torch.Tensor:
     return sample_z(n, z_dim, torch.Generator().manual_seed(seed), device)
 
 
+def per_seed_z(seeds, z_dim: int, device="cpu") -> torch.Tensor:
+    """One z per seed, each the first row of ``seeded_z`` for that seed: a seed names one image,
+    whatever list it stands in, its place there and the batch it lands in."""
+    return torch.cat([seeded_z(1, z_dim, s) for s in seeds]).to(device)
+
+
 @torch.no_grad()
 def run_in_chunks(run, z: torch.Tensor, batch: int = 64, progress: bool = False) -> torch.Tensor:
     """torch.cat of run(z chunk) over chunks of ``batch`` rows, each result moved to the CPU (so n

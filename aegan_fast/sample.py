@@ -2,6 +2,9 @@
 
 z ~ U(-1, 1) → G_E → F → φ, in eval mode, with the EMA weights when the run kept them. ``--out``
 ending in ``/`` (or naming an existing folder) writes one PNG per image instead of a grid.
+``--seeds 0-63`` (lists and ranges: ``3,7,100-110``) samples one image per seed, the same image for
+a seed on every backend, at any batch size and in any order of the list; ``--labels`` writes each
+seed into its grid cell, and a folder gets ``seedNNNNNN.png`` per seed.
 ``--ckpt`` also takes an exported ``.onnx``, an OpenVINO ``.xml`` or a TensorRT ``.plan``; every
 backend runs through ``aegan_fast.sampling.Sampler``, by default the fastest that runs here
 (``--backend auto``, which logs its choice).
@@ -16,7 +19,7 @@ from .checkpoint import resolve_checkpoint
 from .data import to_uint8
 from .errors import UserError, cli
 from .precision import PRECISIONS
-from .sampling import BACKENDS, Sampler, path_kind
+from .sampling import BACKENDS, Sampler, parse_seeds, path_kind
 from .viz import save_grid, save_png
 
 
@@ -27,8 +30,10 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", required=True,
                    help="run directory (its latest checkpoint), a checkpoint file, an exported .onnx, an OpenVINO "
                         ".xml or a TensorRT .plan")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, help="number of images, drawn from one --seed (default 64)")
+    p.add_argument("--seed", type=int, help="the seed the --n images are drawn from (default 0)")
+    p.add_argument("--seeds", help="one image per seed instead: a list with ranges, e.g. 0-63 or 3,7,100-110")
+    p.add_argument("--labels", action="store_true", help="write each image's seed into its grid cell")
     p.add_argument("--out", required=True, help="grid.png, or DIR/ for one PNG per image")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto")
@@ -42,7 +47,13 @@ def main(argv=None) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--no-denoise", action="store_true", help="skip φ: show F(G_E(z)) as the denoiser sees it")
     args = p.parse_args(argv)
-    if args.n < 1:
+    seeds = None
+    if args.seeds is not None:
+        if args.n is not None or args.seed is not None:
+            raise UserError("--seeds names every image; drop --n and --seed")
+        seeds = parse_seeds(args.seeds)
+    n, seed = (args.n or 64, args.seed or 0) if seeds is None else (len(seeds), None)
+    if n < 1:
         raise UserError("--n must be ≥ 1")
     if args.batch < 1:
         raise UserError("--batch must be ≥ 1")
@@ -57,17 +68,23 @@ def main(argv=None) -> None:
 
     sampler = Sampler.load(args.ckpt, backend=args.backend, device=args.device, use_ema=not args.no_ema,
                            denoise=not args.no_denoise, precision=args.precision)
-    images = sampler.sample(args.n, args.seed, args.batch, progress=True)
+    if seeds is None:
+        images = sampler.sample(n, seed, args.batch, progress=True)
+        names = [f"seed{seed}-{i:05d}" for i in range(n)]
+        labels = [f"{seed}:{i}" for i in range(n)]
+    else:
+        images = sampler.sample(batch=args.batch, progress=True, seeds=seeds)
+        names = [f"seed{s:06d}" for s in seeds]
+        labels = [str(s) for s in seeds]
     if as_folder:
         out.mkdir(parents=True, exist_ok=True)
-        pixels = to_uint8(images)
-        for i, img in enumerate(pixels):
-            save_png(img, out / f"seed{args.seed}-{i:05d}.png")
-        print(f"wrote {args.n} images to {out}/")
+        for name, img in zip(names, to_uint8(images)):
+            save_png(img, out / f"{name}.png")
+        print(f"wrote {n} images to {out}/")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, out)
-        print(f"wrote a grid of {args.n} images to {out}")
+        save_grid(images, out, labels=labels if args.labels else None)
+        print(f"wrote a grid of {n} images to {out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
                            options=SamplerOptions(channels_last=True))    # one backend's own knobs
     images = sampler(z)                                   # z: N × z_dim in [-1, 1]; any N
     images = sampler.sample(64, seed=0)                   # the z the sample CLI draws for seed 0
+    images = sampler.sample(seeds=parse_seeds("3,7,100-110"))   # one image per seed, in the list's order
 
 Backends (``sampler_backends()`` says which work here, and the doctor prints it):
 
@@ -53,7 +54,7 @@ from .training.run_state import load_sampling_nets
 from .device import pick_device
 from .errors import UserError
 from .export import path_kind
-from .models import SamplingChain, run_in_chunks, seeded_z
+from .models import SamplingChain, per_seed_z, run_in_chunks, seeded_z
 from .precision import DTYPES, PRECISIONS
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino", "tensorrt")
@@ -389,10 +390,43 @@ class Sampler:
             return torch.empty(0, 3, self.resolution, self.resolution, device=z.device)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def sample(self, n: int, seed: int = 0, batch: int = 64, progress: bool = False) -> torch.Tensor:
-        """n images (on the CPU) from the z every sampler draws for ``seed`` (``models.seeded_z``), the
-        same images SamplingChain.sample gives for the chain this sampler runs."""
-        return run_in_chunks(self, seeded_z(n, self.z_dim, seed), batch, progress)
+    def sample(self, n: int | None = None, seed: int = 0, batch: int = 64, progress: bool = False, *,
+               seeds=None) -> torch.Tensor:
+        """Images on the CPU. ``n`` images from the z every sampler draws for ``seed``
+        (``models.seeded_z``: the images SamplingChain.sample gives for this chain), or, with
+        ``seeds``, one image per seed (``models.per_seed_z``): seed 5 is the same image alone, inside
+        ``0-9``, at any batch size and on every backend."""
+        if seeds is not None:
+            if n is not None:
+                raise UserError("give n images of one seed, or a list of seeds, not both")
+            seeds = list(seeds)
+            if not seeds:
+                raise UserError("the seed list is empty")
+            return run_in_chunks(self, per_seed_z(seeds, self.z_dim), batch, progress)
+        return run_in_chunks(self, seeded_z(64 if n is None else n, self.z_dim, seed), batch, progress)
+
+
+SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed's range
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3,7,100-110"`` → [3, 7, 100, …, 110]: comma-separated seeds and inclusive ranges, in the
+    order given (repeats kept). A UserError naming the bad part otherwise."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        bounds = part.split("-")
+        if not part or len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+            raise UserError(f"--seeds {text!r}: {part!r} is not a seed or a range (write e.g. 3,7,100-110)")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if hi < lo:
+            raise UserError(f"--seeds {text!r}: the range {part!r} runs backwards (write {hi}-{lo})")
+        if hi > SEED_MAX:
+            raise UserError(f"--seeds {text!r}: {hi} is past the largest seed, {SEED_MAX}")
+        if hi - lo >= 1_000_000:
+            raise UserError(f"--seeds {text!r}: the range {part!r} names more than a million images")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
 
 
 class _ParityCheckedCompile:

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -12,18 +13,36 @@ from .data import to_uint8
 from .files import atomic_write_bytes
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> torch.Tensor:
-    """uint8 3×H×W grid of N×3×h×w images in [-1, 1], nrow images per row (default: square)."""
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 255,
+              labels: list[str] | None = None) -> torch.Tensor:
+    """uint8 3×H×W grid of N×3×h×w images in [-1, 1], nrow images per row (default: square);
+    ``labels`` (one per image, e.g. its seed) are written into each image's top-left corner."""
     n, c, h, w = images.shape
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} images")
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=torch.uint8)
     pixels = to_uint8(images.cpu())
+    corners = []
     for i in range(n):
         r, k = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + k * (w + pad)
         grid[:, top:top + h, left:left + w] = pixels[i]
-    return grid
+        corners.append((left, top))
+    return grid if labels is None else _label(grid, corners, labels)
+
+
+def _label(grid: torch.Tensor, corners: list, labels: list[str]) -> torch.Tensor:
+    """Each label in black on a white box at its corner (readable on any image)."""
+    from PIL import ImageDraw
+    im = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(im)
+    for (left, top), text in zip(corners, labels):
+        x0, y0, x1, y1 = draw.textbbox((left + 2, top + 1), str(text))
+        draw.rectangle((left, top, x1 + 2, y1 + 1), fill=(255, 255, 255))
+        draw.text((left + 2, top + 1), str(text), fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
 def save_png(image_chw_uint8: torch.Tensor, path: Path) -> None:
@@ -31,8 +50,8 @@ def save_png(image_chw_uint8: torch.Tensor, path: Path) -> None:
     atomic_write_bytes(Path(path), lambda f: im.save(f, format="PNG"))
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
-    save_png(make_grid(images, nrow), path)
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, labels: list[str] | None = None) -> None:
+    save_png(make_grid(images, nrow, labels=labels), path)
 
 
 # Stage-end metrics in the order people read them, with the direction that is better.

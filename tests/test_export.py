@@ -25,10 +25,10 @@ from aegan_fast.export.onnx_export import (TOLERANCE, export_checkpoint, export_
 from aegan_fast.export.trt import (check_profile, make_sidecar, read_sidecar, sidecar_path, tensorrt_unavailable,
                                    write_sidecar)
 from aegan_fast.files import sha256_file
-from aegan_fast.models import ModelConfig, build_nets, SamplingChain, sample_z, seeded_z
+from aegan_fast.models import ModelConfig, build_nets, SamplingChain, per_seed_z, sample_z, seeded_z
 from aegan_fast.ops import BatchNormAct2d
 from aegan_fast.sample import main as sample_main
-from aegan_fast.sampling import Sampler, SamplerOptions, sampler_backends
+from aegan_fast.sampling import Sampler, SamplerOptions, parse_seeds, sampler_backends
 from aegan_fast.testing import FP32_CHAIN, lively_weights, plain_twin, reference_chain
 
 onnx = pytest.importorskip("onnx")
@@ -439,3 +439,63 @@ def test_onnxruntime_cuda_provider(lively_onnx, lively_ckpt):
     with torch.no_grad():
         want = SamplingChain.of(nets)(z)
     assert (sampler(z.cuda()).cpu() - want).abs().max().item() <= 1e-3
+
+
+# ---- seeds -------------------------------------------------------------------------------------
+
+def test_parse_seeds_reads_lists_and_ranges_and_names_what_is_wrong():
+    assert parse_seeds("3,7,100-103") == [3, 7, 100, 101, 102, 103]
+    assert parse_seeds(" 5 ") == [5] and parse_seeds("2-2,1,1") == [2, 1, 1]
+    for bad, why in (("", "not a seed"), ("1,,2", "'' is not a seed"), ("a-3", "not a seed"), ("-3", "not a seed"),
+                     ("1-2-3", "not a seed"), ("5-2", "runs backwards"), (str(2 ** 63), "past the largest"),
+                     ("0-2000000", "more than a million")):
+        with pytest.raises(UserError, match=why):
+            parse_seeds(bad)
+
+
+def test_a_seed_is_one_image_alone_in_a_list_at_any_batch_and_on_two_backends(lively_ckpt, lively_onnx, reference):
+    """Seed 5 alone, seed 5 inside 0-9 and inside the reversed list, at batch sizes 1, 3 and 4, on the
+    torch and onnxruntime backends: the same image, each checked against the stock-torch reference
+    of the seed's own z (the first row of seeded_z for that seed)."""
+    z = torch.cat([seeded_z(1, 100, s) for s in range(10)])
+    assert torch.equal(per_seed_z(range(10), 100), z) and not torch.equal(z, seeded_z(10, 100, 0))
+    with torch.no_grad():
+        want = reference(z)
+    eager = Sampler.load(lively_ckpt, backend="torch", device="cpu")
+    torch.testing.assert_close(eager.sample(seeds=[5], batch=1)[0], want[5], rtol=0, atol=FP32_CHAIN)
+    torch.testing.assert_close(eager.sample(seeds=range(10), batch=3), want, rtol=0, atol=FP32_CHAIN)
+    torch.testing.assert_close(eager.sample(seeds=range(9, -1, -1), batch=4), want.flip(0), rtol=0, atol=FP32_CHAIN)
+    ort = Sampler.load(lively_onnx, backend="onnxruntime")
+    assert uint8_agree(ort.sample(seeds=[5])[0:1], want[5:6])
+    assert uint8_agree(ort.sample(seeds=range(10), batch=4), want)
+    for bad in ([], ()):
+        with pytest.raises(UserError, match="empty"):
+            eager.sample(seeds=bad)
+    with pytest.raises(UserError, match="not both"):
+        eager.sample(4, seeds=[1])
+
+
+def read_png(path) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+    return torch.from_numpy(np.array(Image.open(path)))
+
+
+def test_sample_cli_seeds_folder_names_labels_and_errors(lively_ckpt, tmp_path, capsys):
+    folder = tmp_path / "seeds"
+    sample_main(["--ckpt", str(lively_ckpt), "--backend", "torch", "--seeds", "7,3-4", "--out", f"{folder}/"])
+    assert sorted(p.name for p in folder.iterdir()) == ["seed000003.png", "seed000004.png", "seed000007.png"]
+    eager = Sampler.load(lively_ckpt, backend="torch", device="cpu")
+    png = read_png(folder / "seed000004.png").permute(2, 0, 1)
+    assert (png.int() - to_uint8(eager.sample(seeds=[4]))[0].int()).abs().max() <= 1  # batch 3 vs 1: rounding
+    plain, labelled = tmp_path / "plain.png", tmp_path / "labelled.png"
+    sample_main(["--ckpt", str(lively_ckpt), "--backend", "torch", "--seeds", "0-3", "--out", str(plain)])
+    sample_main(["--ckpt", str(lively_ckpt), "--backend", "torch", "--seeds", "0-3", "--labels", "--out", str(labelled)])
+    a, b = read_png(plain), read_png(labelled)
+    assert a.shape == b.shape and (a != b).any()  # the labels are drawn into the cells
+    assert (a != b).any(-1).nonzero()[:, 0].max() < a.shape[0] // 2 + 16  # ... at the top of each row of cells
+    capsys.readouterr()
+    for args, message in ((["--seeds", "1-x"], "not a seed"), (["--seeds", "3", "--n", "4"], "drop --n and --seed")):
+        with pytest.raises(SystemExit) as e:
+            sample_main(["--ckpt", str(lively_ckpt), "--out", str(tmp_path / "g.png"), *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
