@@ -499,3 +499,15 @@ def test_sample_cli_seeds_folder_names_labels_and_errors(lively_ckpt, tmp_path, 
         with pytest.raises(SystemExit) as e:
             sample_main(["--ckpt", str(lively_ckpt), "--out", str(tmp_path / "g.png"), *args])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_an_onnx_model_is_one_clear_line(tmp_path, capsys):
+    """A truncated or foreign .onnx gives exit 2 and one line naming it, not a protobuf traceback."""
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UserError, match="garbage.onnx is not a readable ONNX model"):
+        Sampler.load(bad, backend="onnxruntime")
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--ckpt", str(bad), "--n", "2", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a readable ONNX model" in err and "Traceback" not in err

@@ -109,19 +109,26 @@ def export_onnx(chain: SamplingChain, path: str | Path, dtype: str = "fp32",
     return path
 
 
-def onnx_metadata(path: str | Path) -> dict:
+def read_onnx(path: str | Path):
+    """The ModelProto of an ONNX file; a file that is not one (truncated, another format) is a
+    UserError naming it, not a protobuf traceback."""
     import onnx
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, onnx's own errors, OSError
+        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def onnx_metadata(path: str | Path) -> dict:
+    return {p.key: p.value for p in read_onnx(path).metadata_props}
 
 
 def onnx_io(path: str | Path) -> dict:
     """{'inputs': [...], 'outputs': [...]}, each {'name', 'shape' (ints, or strings for symbolic dims),
     'dtype' (numpy name)} as declared in the ONNX graph."""
-    import onnx
     from onnx import helper
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = read_onnx(path)
 
     def describe(values):
         out = []
@@ -149,7 +156,10 @@ def ort_session(path: str | Path, providers: list[str] | None = None, threads: i
     missing = [p for p in wanted if p not in available]
     if missing:
         raise RuntimeError(f"onnxruntime providers {missing} are not available here (available: {available})")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+    except Exception as e:  # onnxruntime's own error types: a graph it cannot load or run
+        raise UserError(f"onnxruntime cannot load {path} ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 @torch.no_grad()
