@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         if args.n is not None or args.seed is not None:
             raise UserError("--seeds names every image; drop --n and --seed")
         seeds = parse_seeds(args.seeds)
-    n, seed = (args.n or 64, args.seed or 0) if seeds is None else (len(seeds), None)
+    n, seed = (64 if args.n is None else args.n, args.seed or 0) if seeds is None else (len(seeds), None)
     if n < 1:
         raise UserError("--n must be ≥ 1")
     if args.batch < 1:

@@ -495,7 +495,8 @@ def test_sample_cli_seeds_folder_names_labels_and_errors(lively_ckpt, tmp_path, 
     assert a.shape == b.shape and (a != b).any()  # the labels are drawn into the cells
     assert (a != b).any(-1).nonzero()[:, 0].max() < a.shape[0] // 2 + 16  # ... at the top of each row of cells
     capsys.readouterr()
-    for args, message in ((["--seeds", "1-x"], "not a seed"), (["--seeds", "3", "--n", "4"], "drop --n and --seed")):
+    for args, message in ((["--seeds", "1-x"], "not a seed"), (["--seeds", "3", "--n", "4"], "drop --n and --seed"),
+                          (["--n", "0"], "--n must be ≥ 1")):
         with pytest.raises(SystemExit) as e:
             sample_main(["--ckpt", str(lively_ckpt), "--out", str(tmp_path / "g.png"), *args])
         assert e.value.code == 2 and message in capsys.readouterr().err
