@@ -26,6 +26,7 @@ from .device import pick_device
 from .errors import UserError, cli
 from .evaluation import evaluate_run, scoring_reference
 from .metrics import parse_metrics
+from .models import check_truncation
 from .sheet import write_sheet
 
 BETTER = {"swd": "lower", "fid_efflite": "lower", "kid_efflite": "lower", "fid_inception": "lower",
@@ -57,6 +58,8 @@ def main(argv=None) -> None:
                         "fid_inception, kid_inception, l1, psnr")
     p.add_argument("--n", type=int, default=1000, help="images per set (real and generated)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
+                   help="score samples drawn with z pulled toward its mean by PSI in [0, 1] (default 1: none)")
     p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file, for fid/kid_inception")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file (default: RUN_DIR/eval-<checkpoint>.json)")
@@ -69,6 +72,7 @@ def main(argv=None) -> None:
     if args.sheet and args.sheet_n < 1:
         raise UserError(f"--sheet-n must be ≥ 1, got {args.sheet_n}")
     metrics = parse_metrics(args.metrics)
+    check_truncation(args.truncation)
     ckpt = resolve_checkpoint(args.ckpt)
     device = pick_device(args.device)
     cfg, nets = load_sampling_nets(ckpt, device)
@@ -82,11 +86,13 @@ def main(argv=None) -> None:
     n = min(args.n, len(reference))
     print(f"scoring against {n} {what}", flush=True)
     started = time.time()
-    results = evaluate_run(nets, reference, metrics, args.n, args.seed, device, args.inception_weights)
+    results = evaluate_run(nets, reference, metrics, args.n, args.seed, device, args.inception_weights,
+                           truncation=args.truncation)
     seconds = round(time.time() - started, 1)
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval-{ckpt.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(ckpt), "data": data.origin, "reference": f"{n} {what}", "n": n, "seed": args.seed,
+              "truncation": args.truncation,
               "seconds": seconds, "metrics": {k: _json_safe(v) for k, v in results.items()}}
     sheet = None
     if args.sheet:

@@ -29,17 +29,18 @@ def reconstruct(nets, real: torch.Tensor, device, batch: int = 64) -> torch.Tens
 
 
 def evaluate_run(nets, reference: ImageSet, metrics, n: int, seed: int, device,
-                 inception_weights=None) -> dict[str, float]:
+                 inception_weights=None, truncation: float = 1.0) -> dict[str, float]:
     """The named metrics for nets (eval mode; a mapping with H, F, G_E, phi) against n real images
     spread through ``reference`` (``ImageSet.reference()``: the held-out images, never trained on):
-    generated images from their SamplingChain, reconstructions from F(H(x))."""
+    generated images from their SamplingChain (z truncated by ψ = ``truncation``, models.truncate),
+    reconstructions from F(H(x))."""
     names = parse_metrics(metrics)
     n = min(n, len(reference))
     real = reference.spread(n, "cpu")
     results: dict[str, float] = {}
     generative = [m for m in names if m not in RECONSTRUCTION]
     if generative:
-        fake = SamplingChain.of(nets).sample(n, seed)
+        fake = SamplingChain.of(nets).sample(n, seed, truncation=truncation)
         results.update(evaluate(real, fake, generative, seed=seed, inception_weights=inception_weights,
                                 device=device, kid_subset_size=min(1000, n)))
     recon = [m for m in names if m in RECONSTRUCTION]

@@ -385,6 +385,20 @@ def per_seed_z(seeds, z_dim: int, device="cpu") -> torch.Tensor:
     return torch.cat([seeded_z(1, z_dim, s) for s in seeds]).to(device)
 
 
+def truncate(z: torch.Tensor, psi: float) -> torch.Tensor:
+    """The truncation trick for AEGAN's z ~ U(-1, 1): z pulled toward its mean, 0, by ``psi`` (1: as
+    drawn; 0: every seed gives the mean image). A scaling, not a resampling: each seed keeps its
+    direction, so seed s at ψ = 0.6 is a calmer version of the same image, and every backend agrees
+    because they all take z. Trades diversity for typicality (bench/RESULTS.md has the measured curve)."""
+    check_truncation(psi)
+    return z if psi == 1 else z * psi
+
+
+def check_truncation(psi) -> None:
+    if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 <= psi <= 1:
+        raise UserError(f"truncation ψ must be a number in [0, 1] (1: no truncation), got {psi!r}")
+
+
 @torch.no_grad()
 def run_in_chunks(run, z: torch.Tensor, batch: int = 64, progress: bool = False) -> torch.Tensor:
     """torch.cat of run(z chunk) over chunks of ``batch`` rows, each result moved to the CPU (so n
@@ -424,10 +438,11 @@ class SamplingChain(nn.Module):
         return self.phi(x) if self.phi is not None else x
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, batch: int = 64, progress: bool = False) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, batch: int = 64, progress: bool = False,
+               truncation: float = 1.0) -> torch.Tensor:
         """n images in [-1, 1] (N×3×R×R, on the CPU) from z drawn for ``seed`` exactly as the sample
-        CLI draws it, run in chunks of ``batch`` on the chain's device."""
-        return run_in_chunks(self, seeded_z(n, self.z_dim, seed, self.device), batch, progress)
+        CLI draws it (``truncate``d by ψ = ``truncation``), run in chunks of ``batch`` on the chain's device."""
+        return run_in_chunks(self, truncate(seeded_z(n, self.z_dim, seed, self.device), truncation), batch, progress)
 
     @property
     def device(self) -> torch.device:

@@ -7,6 +7,7 @@
     images = sampler(z)                                   # z: N × z_dim in [-1, 1]; any N
     images = sampler.sample(64, seed=0)                   # the z the sample CLI draws for seed 0
     images = sampler.sample(seeds=parse_seeds("3,7,100-110"))   # one image per seed, in the list's order
+    images = sampler.sample(seeds=range(16), truncation=0.7)    # z pulled toward its mean (models.truncate)
 
 Backends (``sampler_backends()`` says which work here, and the doctor prints it):
 
@@ -54,7 +55,7 @@ from .training.run_state import load_sampling_nets
 from .device import pick_device
 from .errors import UserError
 from .export import path_kind
-from .models import SamplingChain, per_seed_z, run_in_chunks, seeded_z
+from .models import SamplingChain, per_seed_z, run_in_chunks, seeded_z, truncate
 from .precision import DTYPES, PRECISIONS
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino", "tensorrt")
@@ -391,19 +392,24 @@ class Sampler:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def sample(self, n: int | None = None, seed: int = 0, batch: int = 64, progress: bool = False, *,
-               seeds=None) -> torch.Tensor:
+               seeds=None, truncation: float = 1.0) -> torch.Tensor:
         """Images on the CPU. ``n`` images from the z every sampler draws for ``seed``
         (``models.seeded_z``: the images SamplingChain.sample gives for this chain), or, with
         ``seeds``, one image per seed (``models.per_seed_z``): seed 5 is the same image alone, inside
-        ``0-9``, at any batch size and on every backend."""
-        if seeds is not None:
-            if n is not None:
-                raise UserError("give n images of one seed, or a list of seeds, not both")
-            seeds = list(seeds)
-            if not seeds:
-                raise UserError("the seed list is empty")
-            return run_in_chunks(self, per_seed_z(seeds, self.z_dim), batch, progress)
-        return run_in_chunks(self, seeded_z(64 if n is None else n, self.z_dim, seed), batch, progress)
+        ``0-9``, at any batch size and on every backend. ``truncation``: ψ of ``models.truncate``
+        (1: none)."""
+        return run_in_chunks(self, truncate(self.seed_z(n, seed, seeds), truncation), batch, progress)
+
+    def seed_z(self, n: int | None = None, seed: int = 0, seeds=None) -> torch.Tensor:
+        """The z ``sample`` draws: n rows for ``seed``, or one row per seed of ``seeds``."""
+        if seeds is None:
+            return seeded_z(64 if n is None else n, self.z_dim, seed)
+        if n is not None:
+            raise UserError("give n images of one seed, or a list of seeds, not both")
+        seeds = list(seeds)
+        if not seeds:
+            raise UserError("the seed list is empty")
+        return per_seed_z(seeds, self.z_dim)
 
 
 SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed's range
