@@ -18,13 +18,14 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from .images import is_archive, list_source, listing_key
+from .images import IMAGE_SUFFIXES, Skip, decode, is_archive, list_source, listing_key
 from .prepare import is_prepared, prepare, read_manifest
 
 log = logging.getLogger("aegan_fast.data")
@@ -244,3 +245,47 @@ def load_dataset(data: str | None, resolution: int, cache: Path | None = None, c
                             f"prepare it again with --resolution {resolution} or pass the raw folder")
         return ds
     return load_folder(path, resolution, cache, cache_mb=cache_mb)
+
+
+@dataclass
+class ReadImages:
+    """``read_images``' answer: the images that decoded (uint8 N×3×R×R), their names, and every file
+    that did not with its one-line reason."""
+    images: torch.Tensor
+    names: list[str]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def failure_report(self) -> str:
+        return "; ".join(f"{name}: {why}" for name, why in self.failed)
+
+
+def read_images(paths, resolution: int, fit: str = "crop") -> ReadImages:
+    """Image files (or folders of them, their images in name order) prepared exactly as training
+    prepares a folder: images.decode with prepare's defaults (sRGB, EXIF orientation, transparency on
+    white, centre ``fit``, Lanczos to R×R). A file that cannot be used is listed in ``failed`` with the
+    reason, and the rest still load."""
+    files: list[Path] = []
+    failed: list[tuple[str, str]] = []
+    for p in map(Path, paths):
+        p = p.expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                failed.append((str(p), "a folder with no image files"))
+            files.extend(found)
+        elif not p.exists():
+            failed.append((str(p), "no such file"))
+        else:
+            files.append(p)
+    arrays, names = [], []
+    for f in files:
+        try:
+            arrays.append(decode(f.read_bytes(), resolution, fit))
+            names.append(str(f))
+        except Skip as e:
+            failed.append((str(f), str(e)))
+        except OSError as e:
+            failed.append((str(f), f"cannot read: {e.strerror or e}"))
+    images = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays
+              else torch.empty(0, 3, resolution, resolution, dtype=torch.uint8))
+    return ReadImages(images, names, failed)
