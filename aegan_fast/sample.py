@@ -4,7 +4,8 @@ z ~ U(-1, 1) → G_E → F → φ, in eval mode, with the EMA weights when the r
 ending in ``/`` (or naming an existing folder) writes one PNG per image instead of a grid.
 ``--seeds 0-63`` (lists and ranges: ``3,7,100-110``) samples one image per seed, the same image for
 a seed on every backend, at any batch size and in any order of the list; ``--labels`` writes each
-seed into its grid cell, and a folder gets ``seedNNNNNN.png`` per seed.
+seed into its grid cell, and a folder gets ``seedNNNNNN.png`` per seed. ``--truncation 0.7`` pulls
+every z toward the mean (``models.truncate``): more typical images, less variety.
 ``--ckpt`` also takes an exported ``.onnx``, an OpenVINO ``.xml`` or a TensorRT ``.plan``; every
 backend runs through ``aegan_fast.sampling.Sampler``, by default the fastest that runs here
 (``--backend auto``, which logs its choice).
@@ -16,11 +17,11 @@ import logging
 from pathlib import Path
 
 from .checkpoint import resolve_checkpoint
-from .data import to_uint8
 from .errors import UserError, cli
+from .model_cli import check_image_out, write_images
+from .models import check_truncation
 from .precision import PRECISIONS
 from .sampling import BACKENDS, Sampler, parse_seeds, path_kind
-from .viz import save_grid, save_png
 
 
 @cli
@@ -34,6 +35,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, help="the seed the --n images are drawn from (default 0)")
     p.add_argument("--seeds", help="one image per seed instead: a list with ranges, e.g. 0-63 or 3,7,100-110")
     p.add_argument("--labels", action="store_true", help="write each image's seed into its grid cell")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
+                   help="pull z toward its mean by PSI in [0, 1]: lower is more typical and less varied "
+                        "(default 1: none; a seed keeps its image's identity)")
     p.add_argument("--out", required=True, help="grid.png, or DIR/ for one PNG per image")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto")
@@ -57,10 +61,8 @@ def main(argv=None) -> None:
         raise UserError("--n must be ≥ 1")
     if args.batch < 1:
         raise UserError("--batch must be ≥ 1")
-    out = Path(args.out)
-    as_folder = args.out.endswith(("/", "\\")) or out.is_dir()
-    if not as_folder and out.suffix.lower() != ".png":
-        raise UserError(f"--out {args.out}: give a .png file for a grid, or a folder ending in / for one PNG per image")
+    check_truncation(args.truncation)
+    out, as_folder = check_image_out(args.out)
     if path_kind(Path(args.ckpt)) == "checkpoint":
         resolve_checkpoint(args.ckpt)  # a clear error for a missing run before any backend loads
     elif args.no_ema:
@@ -69,22 +71,14 @@ def main(argv=None) -> None:
     sampler = Sampler.load(args.ckpt, backend=args.backend, device=args.device, use_ema=not args.no_ema,
                            denoise=not args.no_denoise, precision=args.precision)
     if seeds is None:
-        images = sampler.sample(n, seed, args.batch, progress=True)
+        images = sampler.sample(n, seed, args.batch, progress=True, truncation=args.truncation)
         names = [f"seed{seed}-{i:05d}" for i in range(n)]
         labels = [f"{seed}:{i}" for i in range(n)]
     else:
-        images = sampler.sample(batch=args.batch, progress=True, seeds=seeds)
+        images = sampler.sample(batch=args.batch, progress=True, seeds=seeds, truncation=args.truncation)
         names = [f"seed{s:06d}" for s in seeds]
         labels = [str(s) for s in seeds]
-    if as_folder:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, img in zip(names, to_uint8(images)):
-            save_png(img, out / f"{name}.png")
-        print(f"wrote {n} images to {out}/")
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, out, labels=labels if args.labels else None)
-        print(f"wrote a grid of {n} images to {out}")
+    print(write_images(images, out, as_folder, names, labels if args.labels else None))
 
 
 if __name__ == "__main__":

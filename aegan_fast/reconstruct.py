@@ -1,0 +1,53 @@
+"""How well the autoencoder keeps real images: ``python -m aegan_fast.reconstruct --ckpt RUN IMAGES... --out sheet.png``.
+
+One row per image: the input x (prepared as training prepares a folder) | F(H(x)) | φ(F(H(x))) where
+the run has a denoiser, with each row's PSNR (dB, of the last column against x) written into its
+last cell and printed as a table. A file that cannot be used is one line on stderr naming it; the
+others still make the sheet, and the exit code is then 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import read_images, to_float
+from .errors import UserError, cli
+from .model_cli import load_model, parser, report_failures, write_images
+
+
+@cli
+def main(argv=None) -> None:
+    p = parser("aegan-reconstruct", __doc__)
+    p.add_argument("images", nargs="+", help="image files or folders of them")
+    p.add_argument("--out", required=True, help="the sheet, a .png")
+    p.add_argument("--fit", choices=("crop", "pad"), default="crop", help="as in encode")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: give a .png file")
+    model = load_model(args)
+    read = read_images(args.images, model.resolution, args.fit)
+    report_failures(read.failed)
+    if not read.names:
+        raise UserError("none of the images could be used")
+    rec = model.reconstruct(to_float(read.images))
+    columns = [rec.inputs, rec.decoded] + ([rec.denoised] if rec.denoised is not None else [])
+    cells = torch.stack(columns, 1).flatten(0, 1)
+    names = [Path(n).name for n in read.names]
+    labels = []
+    for name, db in zip(names, rec.psnr):
+        labels += [name[:14], "F(H(x))"] + ([] if rec.denoised is None else ["phi"])
+        labels[-1] += f" {db:.1f} dB"
+    print(write_images(cells, out, False, [], labels, nrow=len(columns)))
+    width = max(len(n) for n in names)
+    print(f"{'image':<{width}}  PSNR dB ({'phi(F(H(x)))' if rec.denoised is not None else 'F(H(x))'} vs x)")
+    for name, db in zip(names, rec.psnr):
+        print(f"{name:<{width}}  {db:7.2f}")
+    print(f"{'mean':<{width}}  {sum(rec.psnr) / len(rec.psnr):7.2f}")
+    if read.failed:
+        raise UserError(f"{len(read.failed)} of {len(read.failed) + len(read.names)} files could not be used (above)")
+
+
+if __name__ == "__main__":
+    main()
