@@ -475,6 +475,17 @@ def test_a_seed_is_one_image_alone_in_a_list_at_any_batch_and_on_two_backends(li
         eager.sample(4, seeds=[1])
 
 
+@pytest.mark.slow  # two torch.compile runs (batch 1 and 4)
+def test_a_seed_is_one_image_on_the_compile_backend(lively_ckpt, reference):
+    if sampler_backends("cpu")["compile"] is not None:
+        pytest.skip(f"compile backend unavailable: {sampler_backends('cpu')['compile']}")
+    with torch.no_grad():
+        want = reference(per_seed_z(range(8), 100))
+    compiled = Sampler.load(lively_ckpt, backend="compile", device="cpu")
+    torch.testing.assert_close(compiled.sample(seeds=[5], batch=1)[0], want[5], rtol=0, atol=1e-4)
+    torch.testing.assert_close(compiled.sample(seeds=range(7, -1, -1), batch=4), want.flip(0), rtol=0, atol=1e-4)
+
+
 def read_png(path) -> torch.Tensor:
     import numpy as np
     from PIL import Image

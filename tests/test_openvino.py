@@ -13,7 +13,7 @@ from aegan_fast.config import TrainConfig
 from aegan_fast.errors import UserError
 from aegan_fast.export.cli import main as export_main
 from aegan_fast.metrics.recon import psnr
-from aegan_fast.models import ModelConfig, build_nets, sample_z
+from aegan_fast.models import ModelConfig, build_nets, per_seed_z, sample_z
 from aegan_fast.sample import main as sample_main
 from aegan_fast.sampling import Sampler, auto_backend, sampler_backends
 from aegan_fast.testing import lively_weights, reference_chain
@@ -69,6 +69,16 @@ def test_export_cli_writes_an_fp32_ir_that_matches_the_reference(lively):
     keep = first.clone()
     sampler(z_of(2, 2))
     assert torch.equal(first, keep)  # the request's output buffer is not handed out
+
+
+def test_a_seed_is_one_image_on_openvino(lively):
+    """Seed 5 alone and inside 0-9 (batch 4, reversed) on the OpenVINO fp32 sampler: the reference's
+    image of seed 5's own z, within the backend's parity bound (issue 25, part 1)."""
+    _, xml, reference = lively
+    want = reference(per_seed_z(range(10), 100))
+    sampler = Sampler.load(xml, precision="fp32")
+    assert (sampler.sample(seeds=[5])[0] - want[5]).abs().max().item() <= OV_FP32
+    assert (sampler.sample(seeds=range(9, -1, -1), batch=4) - want.flip(0)).abs().max().item() <= OV_FP32
 
 
 def test_bf16_samples_against_fp32(lively):
