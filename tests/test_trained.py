@@ -347,3 +347,19 @@ def test_load_is_the_package_api(ckpt):
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     with pytest.raises(UserError, match="seeds"):
         m.sample()
+
+
+def test_the_readme_example_runs_as_written(ckpt, tmp_path, monkeypatch):
+    """The "From Python" block of README's "Using a trained model", run on the lively checkpoint (on
+    the torch sampler: auto would export to OpenVINO first, which test_openvino covers)."""
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Using a trained model", 1)[1].split("\n## ", 1)[0]
+    code = section.split("**From Python**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "aegan_fast.load(RUN)" in code
+    monkeypatch.chdir(tmp_path)
+    photo(tmp_path / "photo.png")
+    scope = {"RUN": str(ckpt)}
+    exec(compile(code.replace("aegan_fast.load(RUN)", "aegan_fast.load(RUN, backend='torch')"), "README", "exec"), scope)
+    assert scope["grid"].shape == (16, 3, 64, 64) and len(scope["to_seed"]) == 9
+    assert len(scope["fit"].loss) == 100 and scope["rec"].psnr
