@@ -36,7 +36,11 @@ def parser(prog: str, doc: str, *, sampler: bool = False) -> argparse.ArgumentPa
 
 def load_model(args):
     """The TrainedModel the flags name; a missing run or a file that is no checkpoint is a UserError."""
+    from .export import path_kind
     from .trained import TrainedModel
+    if path_kind(Path(args.ckpt)) != "checkpoint":
+        raise UserError(f"--ckpt {args.ckpt}: this needs a run directory or a training checkpoint; an exported "
+                        f"model holds only the sampling chain (no encoder H, no embedding)")
     resolve_checkpoint(args.ckpt)
     return TrainedModel(args.ckpt, args.device, use_ema=not args.no_ema,
                         backend=getattr(args, "backend", "auto"), precision=getattr(args, "precision", "auto"))

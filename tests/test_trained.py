@@ -312,6 +312,11 @@ def test_encode_then_decode_round_trips_and_bad_files_exit_2(ckpt, model, tmp_pa
     code, cap = run_cli(decode_main, ["--ckpt", str(ckpt), str(tmp_path / "bad.jpg"), "--out", str(tmp_path / "g.png")],
                         capsys)
     assert code == 2 and "not an .npz" in cap.err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "sampler.onnx").write_bytes(b"not a model")
+    for bad, message in (("garbage.pt", "corrupt"), ("sampler.onnx", "only the sampling chain"), ("none", "no run")):
+        code, cap = run_cli(encode_main, ["--ckpt", str(tmp_path / bad), str(a), "--out", str(tmp_path / "e.npz")], capsys)
+        assert code == 2 and message in cap.err and "Traceback" not in cap.err, (bad, cap.err)
 
 
 def test_reconstruct_cli_sheet_and_psnr_table(ckpt, model, tmp_path, capsys):
