@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-fast native-test bench doctor clean
+.PHONY: setup train test test-fast native-test bench doctor gpu-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ native-test:
 # bench script also runs alone, timed by the same harness: $(PY) -m bench.bench_train_step --help
 bench: setup
 	$(PY) -m bench $(ARGS)
+
+# One prepared check for a lent GPU machine (bench/gpu_check.py): it uses that machine's own torch and
+# installs nothing, so it does not depend on setup; the report lands in bench/results/.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 doctor: setup
 	$(PY) -m aegan_fast.doctor
