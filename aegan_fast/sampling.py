@@ -156,6 +156,11 @@ def _check_options(options: SamplerOptions, backend: str) -> None:
                         + "; ".join(f"{name}: {', '.join(OPTION_BACKENDS[name])}" for name in foreign) + ")")
 
 
+def _int8_note(meta: dict) -> str:
+    return f" (samples at {float(meta['int8_psnr_mean']):.1f} dB PSNR against fp32 at export)" \
+        if "int8_psnr_mean" in meta else ""
+
+
 def _file_precision(path: Path, own: str, precision: str) -> str:
     """An exported file's own precision; asking it for another is a UserError."""
     if precision not in ("auto", own):
@@ -282,7 +287,11 @@ class Sampler:
 
         if device.type != "cpu":
             raise UserError(f"backend 'openvino' runs on the CPU, not on {device}")
-        precision = resolve_precision(precision)  # before any export: a bad precision fails fast
+        int8 = kind == "xml" and read_ir(path)[1].get("precision") == "int8"
+        if int8:  # an INT8 IR is INT8 by construction (export --int8)
+            precision = _file_precision(path, "int8", precision)
+        else:
+            precision = resolve_precision(precision)  # before any export: a bad precision fails fast
         xml = cached_export(path, use_ema=use_ema, denoise=denoise) if kind == "checkpoint" else path
         model, meta = read_ir(xml)
         if (meta.get("denoise") == "True") != denoise:
@@ -300,7 +309,8 @@ class Sampler:
         from_cache = compiled.loaded_from_cache
         sampler = cls(run, backend="openvino", z_dim=int(meta["z_dim"]), resolution=int(meta["resolution"]),
                       device=device, precision=precision, denoise=denoise,
-                      description=f"{precision}{' (G_E in fp32)' if compiled.split else ''}, {xml.name}, "
+                      description=f"{precision}{' (G_E in fp32)' if compiled.split or int8 else ''}"
+                                  f"{_int8_note(meta) if int8 else ''}, {xml.name}, "
                                   f"compiled in {compile_s:.1f} s"
                                   f"{' (from the cache)' if from_cache else ''}, hint {compiled.get_property('PERFORMANCE_HINT')}, "
                                   f"{compiled.get_property('NUM_STREAMS')} stream, "

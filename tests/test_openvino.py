@@ -207,6 +207,59 @@ def test_export_cli_openvino_errors(lively, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.xml").exists()
 
 
+# ---- INT8 ----------------------------------------------------------------------------------------
+
+needs_nncf = pytest.mark.skipif(ovx.nncf_unavailable() is not None, reason=str(ovx.nncf_unavailable()))
+
+
+@pytest.mark.slow  # NNCF's calibration
+@needs_nncf
+def test_int8_export_quantizes_the_decoder_and_keeps_its_bound(lively, tmp_path, capsys):
+    ckpt, _, reference = lively
+    out = tmp_path / "int8.xml"
+    export_main(["--ckpt", str(ckpt), "--format", "openvino", "--int8", "--int8-min-psnr", "15",
+                 "--calibration-n", "32", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "INT8 decoder" in said and "dB PSNR on average" in said
+    model, meta = ovx.read_ir(out)
+    assert meta["precision"] == "int8" and float(meta["int8_psnr_mean"]) >= 15
+    kinds = {op.get_type_name() for op in model.get_ordered_ops()}
+    assert "FakeQuantize" in kinds  # NNCF really quantized
+    sampler = Sampler.load(out)
+    assert sampler.precision == "int8" and "dB PSNR" in sampler.description
+    z = per_seed_z(range(8), 100)
+    got, want = sampler(z), reference(z)
+    per_image = psnr(got, want, reduction="none")
+    assert per_image.mean().item() >= float(meta["int8_psnr_mean"]) - 3  # the export's figure holds on other z
+    assert per_image.max().item() < 60  # not the fp32 chain
+    assert (sampler.sample(seeds=[5])[0] - sampler.sample(seeds=range(8), batch=3)[5]).abs().max() < 0.05
+    with pytest.raises(UserError, match="fixed at export"):
+        Sampler.load(out, precision="bf16")
+    # An INT8 export under its bound is refused: exit 1, nothing written.
+    with pytest.raises(SystemExit) as e:
+        export_main(["--ckpt", str(ckpt), "--format", "openvino", "--int8", "--int8-min-psnr", "99",
+                     "--calibration-n", "8", "--out", str(tmp_path / "refused.xml")])
+    assert e.value.code == 1 and "under the 99 dB bound" in capsys.readouterr().err
+    assert not list(tmp_path.glob("refused*"))
+
+
+def test_int8_flag_errors(lively, tmp_path, monkeypatch, capsys):
+    ckpt, _, _ = lively
+    for args, message in ((["--format", "onnx", "--int8", "--out", str(tmp_path / "x.onnx")], "only apply to --format openvino"),
+                          (["--format", "openvino", "--int8-min-psnr", "20", "--out", str(tmp_path / "x.xml")],
+                           "only apply with --int8"),
+                          (["--format", "openvino", "--int8", "--calibration-n", "0", "--out", str(tmp_path / "x.xml")],
+                           "≥ 1")):
+        with pytest.raises(SystemExit) as e:
+            export_main(["--ckpt", str(ckpt), *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err, args
+    monkeypatch.setattr(ovx, "nncf_unavailable", lambda: "NNCF is not installed (simulated)")
+    with pytest.raises(SystemExit) as e:
+        export_main(["--ckpt", str(ckpt), "--format", "openvino", "--int8", "--out", str(tmp_path / "x.xml")])
+    assert e.value.code == 2 and "NNCF is not installed (simulated)" in capsys.readouterr().err
+    assert not (tmp_path / "x.xml").exists()
+
+
 def test_export_that_disagrees_with_torch_exits_1_and_leaves_nothing(lively, tmp_path, monkeypatch, capsys):
     ckpt, _, _ = lively
     monkeypatch.setattr(ovx, "FP32_TOLERANCE", -1.0)

@@ -3,7 +3,8 @@
 ``--format onnx`` writes the folded sampling chain (z → image) as ONNX, checks it with
 onnx.checker and validates it with ONNX Runtime against the torch nets on random z.
 ``--format openvino`` converts that fp32 ONNX to an OpenVINO IR (sampler.xml + sampler.bin, fp32
-weights; bf16 is chosen when the Sampler compiles it) and checks the IR against the torch nets.
+weights; bf16 is chosen when the Sampler compiles it) and checks the IR against the torch nets;
+with ``--int8`` the decoder F∘φ is quantized to INT8 by NNCF and its samples checked against fp32.
 ``--format tensorrt`` does the same in fp16, then builds a TensorRT engine from that ONNX with a
 batch profile, a workspace limit and a timing cache, and writes a JSON sidecar beside it.
 """
@@ -16,7 +17,7 @@ from ..checkpoint import resolve_checkpoint
 from ..errors import CheckFailed, UserError, cli
 from . import SUFFIXES, path_kind
 from .onnx_export import OPSET, export_checkpoint
-from .openvino_export import export_openvino, openvino_unavailable
+from .openvino_export import CALIBRATION_N, INT8_MIN_PSNR_DB, export_openvino, openvino_unavailable
 from .trt import build_engine, check_profile, make_sidecar, sidecar_path, tensorrt_unavailable, write_sidecar
 
 # The kind of file (export.SUFFIXES) each --format writes, and what it is called in messages.
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, ≥ 17 (default {OPSET})")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
     p.add_argument("--no-denoise", action="store_true", help="export G_E → F only, without φ")
+    ov = p.add_argument_group("openvino")
+    ov.add_argument("--int8", action="store_true",
+                    help="quantize the decoder F∘φ to INT8 with NNCF (G_E and the last conv stay fp32); refused "
+                         "when its samples fall under --int8-min-psnr against fp32")
+    ov.add_argument("--int8-min-psnr", type=float, default=None, metavar="DB",
+                    help="the least mean PSNR (dB) of INT8 samples against fp32 that an export accepts (default 30)")
+    ov.add_argument("--calibration-n", type=int, default=None, help="seeded z NNCF calibrates on (default 128)")
     trt = p.add_argument_group("tensorrt")
     trt.add_argument("--min-batch", type=int, default=None, help="profile minimum batch (default 1)")
     trt.add_argument("--opt-batch", type=int, default=None, help="profile batch to tune for (default 8)")
@@ -63,6 +71,13 @@ def check_args(args) -> None:
     kind, what = FORMATS[args.format]
     if path_kind(out) != kind:
         raise UserError(f"--out {args.out}: {what} ends in {', '.join(SUFFIXES[kind])}")
+    int8_flags = {"--int8": args.int8 or None, "--int8-min-psnr": args.int8_min_psnr, "--calibration-n": args.calibration_n}
+    if args.format != "openvino" and any(v is not None for v in int8_flags.values()):
+        raise UserError(f"{', '.join(f for f, v in int8_flags.items() if v is not None)} only apply to --format openvino")
+    if not args.int8 and (args.int8_min_psnr is not None or args.calibration_n is not None):
+        raise UserError("--int8-min-psnr and --calibration-n only apply with --int8")
+    if args.calibration_n is not None and args.calibration_n < 1:
+        raise UserError("--calibration-n must be ≥ 1")
     if args.format in ("onnx", "openvino"):
         given = [flag for flag, v in trt_flags.items() if v is not None]
         if given:
@@ -115,10 +130,17 @@ def main(argv=None) -> None:
             raise UserError(f"--format openvino: {reason} (pip install -r requirements.txt)")
     resolve_checkpoint(args.ckpt)
     if args.format == "openvino":
-        rep = export_openvino(args.ckpt, out, opset=args.opset, use_ema=not args.no_ema, denoise=not args.no_denoise)
-        print(f"wrote {out} + {out.with_suffix('.bin').name} (OpenVINO IR, fp32 weights, dynamic batch, "
+        int8 = {} if not args.int8 else {
+            "int8": True, "min_psnr_db": INT8_MIN_PSNR_DB if args.int8_min_psnr is None else args.int8_min_psnr,
+            "calibration_n": CALIBRATION_N if args.calibration_n is None else args.calibration_n}
+        rep = export_openvino(args.ckpt, out, opset=args.opset, use_ema=not args.no_ema, denoise=not args.no_denoise,
+                              **int8)  # an INT8 export under its bound is an ExportError: exit 1, nothing written
+        weights = "INT8 decoder, fp32 G_E" if args.int8 else "fp32 weights"
+        print(f"wrote {out} + {out.with_suffix('.bin').name} (OpenVINO IR, {weights}, dynamic batch, "
               f"{_size(out.with_suffix('.bin'))}); OpenVINO fp32 vs torch: max abs diff {rep['max_abs_diff']:.2e} "
-              f"(bound {rep['tolerance']:g}); ONNX Runtime vs torch {rep['onnx_max_abs_diff']:.2e}")
+              f"(bound {rep['tolerance']:g}); ONNX Runtime vs torch {rep['onnx_max_abs_diff']:.2e}"
+              + (f"; INT8 samples vs fp32: {rep['int8']['psnr_mean']:.1f} dB PSNR on average, "
+                 f"{rep['int8']['psnr_min']:.1f} at worst (bound {int8['min_psnr_db']:g})" if args.int8 else ""))
         return
 
     onnx_out = out if args.format == "onnx" else (Path(args.onnx) if args.onnx else out.with_suffix(".onnx"))

@@ -93,7 +93,8 @@ def read_ir(path: str | Path):
         raise UserError(f"{path.name} is not an aegan_fast sampler (no {RT_KEY} facts in its rt_info); "
                         f"write one with `python -m aegan_fast.export --format openvino`")
     meta = {}
-    for key in ("z_dim", "resolution", "denoise", "ema", "checkpoint", "checkpoint_sha256", "aegan_fast"):
+    for key in ("z_dim", "resolution", "denoise", "ema", "checkpoint", "checkpoint_sha256", "aegan_fast",
+                "precision", "int8_psnr_mean", "int8_psnr_min"):
         if model.has_rt_info([RT_KEY, key]):
             meta[key] = model.get_rt_info([RT_KEY, key]).astype(str)
     names_in, names_out = model.inputs[0].get_names(), model.outputs[0].get_names()
@@ -177,7 +178,13 @@ class CompiledChain:
             except OSError:
                 pass  # a read-only place: compile every time rather than fail
         core = _core()
-        if precision == "fp32":
+        if precision == "int8":
+            # The quantized convs run in INT8 whatever the hint; f32 keeps what NNCF left out (G_E, the
+            # last conv) in fp32.
+            self.parts = [core.compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                             {**config, "INFERENCE_PRECISION_HINT": "f32"})]
+            self.split = False
+        elif precision == "fp32":
             # From the IR's path a cached blob is found without reading the IR.
             self.parts = [core.compile_model(str(model) if isinstance(model, Path) else model, "CPU",
                                              {**config, "INFERENCE_PRECISION_HINT": "f32"})]
@@ -208,7 +215,7 @@ class CompiledChain:
 
 def compile_ir(model, precision: str, cache_dir: Path | None = None, threads: int | None = None) -> CompiledChain:
     """``model`` (an ov.Model or an IR's path) compiled for the CPU at ``precision`` ('bf16' | 'fp32',
-    already resolved), the blobs cached in ``cache_dir`` when given."""
+    already resolved; 'int8' for an INT8 IR), the blobs cached in ``cache_dir`` when given."""
     return CompiledChain(model, precision, cache_dir, threads)
 
 
@@ -242,14 +249,66 @@ def validate_ir(compiled, reference: SamplingChain, seed: int = 0, n: int = 3) -
     return float(np.abs(got - want).max())
 
 
-def export_openvino(ckpt, out, *, use_ema: bool = True, denoise: bool = True, opset: int = OPSET) -> dict:
+# INT8 (``export --format openvino --int8``): post-training quantization by NNCF of the decoder F∘φ, the
+# bulk of a sample's multiply-adds; G_E (cheap, and the one whose rounding the samples feel most: see
+# CompiledChain) and the last conv (it writes the pixels) stay in fp32. An export whose samples are not
+# within INT8_MIN_PSNR_DB of the fp32 IR's on average (per image, seeded z) is refused.
+INT8_MIN_PSNR_DB = 30.0
+INT8_CHECK_N = 16          # seeded samples compared with the fp32 IR at export
+CALIBRATION_N = 128        # seeded z for NNCF's statistics (random z is the sampler's whole input distribution)
+
+
+def nncf_unavailable() -> str | None:
+    import importlib.util
+    if importlib.util.find_spec("nncf") is None:
+        return "NNCF is not installed (pip install -r requirements.txt installs nncf)"
+    return None
+
+
+def quantize_int8(model, z_dim: int, calibration_n: int = CALIBRATION_N):
+    """``model`` (the fp32 chain IR) with F∘φ quantized to INT8 by NNCF, calibrated on seeded z;
+    G_E's ops and the last convolution are left out (kept in fp32)."""
+    import logging
+
+    import nncf
+
+    halves = _split_at_embedding(model)
+    if halves is None:
+        raise UserError("cannot find the embedding (G_E's tanh) in this IR: INT8 keeps G_E in fp32 and needs it")
+    head_ops = [op.get_friendly_name() for op in halves[0].get_ordered_ops()
+                if op.get_type_name() not in ("Parameter", "Result", "Constant")]
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops()
+             if op.get_type_name() in ("Convolution", "ConvolutionBackpropData")]
+    batches = [seeded_z(min(8, calibration_n - i), z_dim, 10_000 + i).numpy() for i in range(0, calibration_n, 8)]
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    return nncf.quantize(model, nncf.Dataset(batches), subset_size=calibration_n,
+                         preset=nncf.QuantizationPreset.MIXED,
+                         ignored_scope=nncf.IgnoredScope(names=head_ops + convs[-1:], validate=False))
+
+
+def int8_quality(quantized, fp32_model, z_dim: int, n: int = INT8_CHECK_N) -> dict:
+    """Per-image PSNR (dB, images in [-1, 1]) of the INT8 chain's samples against the fp32 IR's, on the
+    z drawn for seed 0."""
+    z = seeded_z(n, z_dim, 0).numpy()
+    want = compile_ir(fp32_model, "fp32").infer(z)
+    got = compile_ir(quantized, "int8").infer(z)
+    mse = ((got.astype(np.float64) - want) ** 2).reshape(n, -1).mean(1)
+    psnr = 10 * np.log10(4.0 / np.maximum(mse, 1e-20))
+    return {"psnr_mean": float(psnr.mean()), "psnr_min": float(psnr.min()), "n": n}
+
+
+def export_openvino(ckpt, out, *, use_ema: bool = True, denoise: bool = True, opset: int = OPSET,
+                    int8: bool = False, min_psnr_db: float = INT8_MIN_PSNR_DB,
+                    calibration_n: int = CALIBRATION_N) -> dict:
     """Export a run directory or checkpoint to an OpenVINO IR at ``out`` (a .xml; the .bin goes beside it):
     the validated fp32 ONNX export, converted, checked in fp32 against the torch nets. Returns
     export_checkpoint's report with 'path' (the .xml), 'onnx_max_abs_diff' and 'max_abs_diff' (OpenVINO's).
-    Raises UserError without openvino, ExportError (nothing written) when OpenVINO disagrees with torch."""
-    reason = openvino_unavailable()
+    Raises UserError without openvino, ExportError (nothing written) when OpenVINO disagrees with torch.
+    ``int8``: F∘φ quantized by NNCF (``quantize_int8``), refused (ExportError, nothing written) when its
+    samples' mean PSNR against the fp32 IR's is under ``min_psnr_db``; the report gains 'int8'."""
+    reason = openvino_unavailable() or (nncf_unavailable() if int8 else None)
     if reason:
-        raise UserError(f"cannot export to OpenVINO: {reason} (pip install -r requirements.txt)")
+        raise UserError(f"cannot export to OpenVINO{' INT8' if int8 else ''}: {reason} (pip install -r requirements.txt)")
     import openvino as ov
 
     out = Path(out)
@@ -267,9 +326,19 @@ def export_openvino(ckpt, out, *, use_ema: bool = True, denoise: bool = True, op
     if not np.isfinite(err) or err > FP32_TOLERANCE:
         raise ExportError(f"OpenVINO disagrees with torch: max abs diff {err:.3g} > {FP32_TOLERANCE} (fp32); "
                           f"nothing written")
+    extra = {}
+    if int8:
+        quantized = quantize_int8(model, int(rep["z_dim"]), calibration_n)
+        quality = int8_quality(quantized, model, int(rep["z_dim"]))
+        if not quality["psnr_mean"] >= min_psnr_db:
+            raise ExportError(f"INT8 samples are at {quality['psnr_mean']:.1f} dB PSNR against fp32 on average "
+                              f"(min {quality['psnr_min']:.1f}), under the {min_psnr_db:g} dB bound; nothing written")
+        for key, value in {**quality, "precision": "int8", "min_psnr_db": min_psnr_db}.items():
+            quantized.set_rt_info(str(value), [RT_KEY, f"int8_{key}" if key != "precision" else key])
+        model, extra = quantized, {"int8": quality}
     save_ir(model, out)
     return {**rep, "path": out, "onnx_max_abs_diff": rep["max_abs_diff"], "max_abs_diff": err,
-            "tolerance": FP32_TOLERANCE}
+            "tolerance": FP32_TOLERANCE, **extra}
 
 
 def cached_export(ckpt, *, use_ema: bool = True, denoise: bool = True) -> Path:
