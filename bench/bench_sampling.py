@@ -78,24 +78,64 @@ def _runnable(makers: dict, backend_of: dict, device: str, only: set[str] | None
     return out
 
 
+class AutocastSampler:
+    """The plain sampler a savvy user writes first: the nets as trained, channels_last, under one
+    ``torch.autocast(bf16)`` (fp32 weights re-cast per op). A baseline, not a backend."""
+
+    def __init__(self, ckpt: Path, device: str = "cpu"):
+        self.sampler = Sampler.load(ckpt, backend="torch", device=device,
+                                    options=SamplerOptions(fold=False, channels_last=True))
+        self.device = torch.device(device)
+        self.description = "the nets as trained, channels_last, under torch.autocast(bfloat16)"
+
+    def __call__(self, z):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self.sampler(z)
+
+
+def int8_sampler(ckpt: Path) -> Sampler:
+    """The INT8 IR of ``ckpt`` (export --int8), its quality bound off: the bench reports the PSNR itself."""
+    from aegan_fast.export.openvino_export import export_openvino
+    xml = ckpt.with_name(ckpt.stem + "-int8.xml")
+    if not xml.exists():
+        export_openvino(ckpt, xml, int8=True, min_psnr_db=0.0)
+    return Sampler.load(xml)
+
+
+# Every row is compared with the plain eager fp32 sampler and the plain autocast one; the INT8 sampler
+# also with the bf16 one it is meant to beat.
+BASELINES = ("eager", "eager-autocast")
+
+
+def baselines_of(name: str, present) -> tuple[str, ...]:
+    extra = ("openvino-bf16",) if name == "openvino-int8" else ()
+    return tuple(b for b in BASELINES + extra if b != name and b in present and name not in BASELINES[:1])
+
+
 def cpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
     """name → a function building that sampler, for the backends that run here."""
-    from aegan_fast.export.openvino_export import cpu_has_bf16, openvino_unavailable
+    from aegan_fast.export.openvino_export import cpu_has_bf16, nncf_unavailable, openvino_unavailable
 
     makers = {
         "eager": lambda: Sampler.load(ckpt, backend="torch", device="cpu", options=SamplerOptions(fold=False)),
+        "eager-autocast": lambda: AutocastSampler(ckpt),
         "eager-folded": lambda: Sampler.load(ckpt, backend="torch", device="cpu"),
         "compile": lambda: Sampler.load(ckpt, backend="compile", device="cpu"),
         "onnxruntime": lambda: Sampler.load(ckpt, backend="onnxruntime", device="cpu"),
         "openvino-fp32": lambda: Sampler.load(ckpt, backend="openvino", device="cpu", precision="fp32"),
         "openvino-bf16": lambda: Sampler.load(ckpt, backend="openvino", device="cpu", precision="bf16"),
+        "openvino-int8": lambda: int8_sampler(ckpt),
         "auto": lambda: Sampler.load(ckpt, backend="auto", device="cpu"),
     }
     if openvino_unavailable() is None and not cpu_has_bf16():
         print("  skip openvino-bf16: this CPU lists no BF16 in OpenVINO's OPTIMIZATION_CAPABILITIES")
         del makers["openvino-bf16"]
-    return _runnable(makers, {"eager": "torch", "eager-folded": "torch", "openvino-fp32": "openvino",
-                              "openvino-bf16": "openvino", "auto": "torch"}, "cpu", only)
+    if nncf_unavailable() is not None:
+        print(f"  skip openvino-int8: {nncf_unavailable()}")
+        del makers["openvino-int8"]
+    return _runnable(makers, {"eager": "torch", "eager-autocast": "torch", "eager-folded": "torch",
+                              "openvino-fp32": "openvino", "openvino-bf16": "openvino", "openvino-int8": "openvino",
+                              "auto": "torch"}, "cpu", only)
 
 
 def gpu_samplers(ckpt: Path, only: set[str] | None) -> dict[str, callable]:
@@ -131,7 +171,7 @@ def run(device: torch.device, makers: dict, batches, rounds: int, z_dim: int) ->
             t0 = time.perf_counter()
             outs[name] = sampler(z).float().cpu()  # warm-up: compile (and parity-check), allocate, first touch
             print(f"  warm-up {name} batch {n}: {time.perf_counter() - t0:.1f} s", flush=True)
-        timed = measure("sampling", [Case(name, lambda s=sampler: s(z), n, "img", () if name == "eager" else ("eager",),
+        timed = measure("sampling", [Case(name, lambda s=sampler: s(z), n, "img", baselines_of(name, samplers),
                                           warmed=True, device=device) for name, sampler in samplers.items()],
                         rounds, pause_s=1.0)  # the pause lets the previous backend's thread pool stop spinning
         reference = outs.get("eager")
@@ -143,7 +183,8 @@ def run(device: torch.device, makers: dict, batches, rounds: int, z_dim: int) ->
             rows.append({"device": device.type, "backend": name, "batch": n, "median_s": t.median_s,
                          "img_per_s": t.rate, "times_s": t.samples_s, "max_abs_diff_vs_eager": parity,
                          "psnr_vs_eager_db": db, "load_s": load_s[name], "description": samplers[name].description,
-                         "ratio_vs_eager": t.ratios.get("eager", 1.0 if name == "eager" else float("nan"))})
+                         "ratio_vs_eager": t.ratios.get("eager", 1.0 if name == "eager" else float("nan")),
+                         "ratios": dict(t.ratios)})
             print(f"  {name:<16} batch {n:>3}: median {t.median_s * 1e3:9.1f} ms  {t.rate:6.2f} img/s  "
                   f"|Δ eager| {parity:.2e}  PSNR {db:5.1f} dB  ({len(t.samples_s)} rounds)", flush=True)
     return rows
@@ -177,12 +218,14 @@ def sampler_cases(resolution: int = 512, batch: int = 8, *, device: str = "cpu",
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| device | backend | batch | median | img/s | × eager | max abs diff vs eager | PSNR vs eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| device | backend | batch | median | img/s | × eager | × eager-autocast | × openvino-bf16 | "
+             "max abs diff vs eager | PSNR vs eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        ratio = lambda b: f"{r['ratios'][b]:.2f}" if b in r.get("ratios", {}) else ""  # noqa: E731
         lines.append(f"| {r['device']} | {r['backend']} | {r['batch']} | {r['median_s'] * 1e3:.0f} ms | "
-                     f"{r['img_per_s']:.2f} | {r['ratio_vs_eager']:.2f} | {r['max_abs_diff_vs_eager']:.1e} | "
-                     f"{r['psnr_vs_eager_db']:.1f} dB |")
+                     f"{r['img_per_s']:.2f} | {r['ratio_vs_eager']:.2f} | {ratio('eager-autocast')} | "
+                     f"{ratio('openvino-bf16')} | {r['max_abs_diff_vs_eager']:.1e} | {r['psnr_vs_eager_db']:.1f} dB |")
     return "\n".join(lines)
 
 

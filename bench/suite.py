@@ -175,7 +175,7 @@ def section_sampling(ctx: Context) -> list[Row]:
             prefix = f"{device} {R}² b{batch}"
             measured = measure("sampling", [  # sampler_cases has warmed every sampler up at this batch
                 Case(f"{prefix} {name}", fn, flops_per_image * batch, "FLOP",
-                     () if name == "eager" else (f"{prefix} eager",), warmed=True, device=device)
+                     tuple(f"{prefix} {b}" for b in bsamp.baselines_of(name, cases)), warmed=True, device=device)
                 for name, fn in cases.items()], ctx.rounds(3, 2), pause_s=0.5)
             for row in measured:
                 if row.status == "ok":
