@@ -2,7 +2,7 @@
 
 One row per image: the input x (prepared as training prepares a folder) | F(H(x)) | φ(F(H(x))) where
 the run has a denoiser, with each row's PSNR (dB, of the last column against x) written into its
-last cell and printed as a table. A file that cannot be used is one line on stderr naming it; the
+last cell and printed as a table with the full names. A file that cannot be used is one line on stderr naming it; the
 others still make the sheet, and the exit code is then 2.
 """
 from __future__ import annotations
@@ -36,9 +36,8 @@ def main(argv=None) -> None:
     cells = torch.stack(columns, 1).flatten(0, 1)
     names = [Path(n).name for n in read.names]
     labels = []
-    for name, db in zip(names, rec.psnr):
-        labels += [name[:14], "F(H(x))"] + ([] if rec.denoised is None else ["phi"])
-        labels[-1] += f" {db:.1f} dB"
+    for name, db in zip(names, rec.psnr):  # a 64-pixel cell holds about 10 characters
+        labels += [name[:9]] + ([] if rec.denoised is None else ["F(H(x))"]) + [f"{db:.1f} dB"]
     print(write_images(cells, out, False, [], labels, nrow=len(columns)))
     width = max(len(n) for n in names)
     print(f"{'image':<{width}}  PSNR dB ({'phi(F(H(x)))' if rec.denoised is not None else 'F(H(x))'} vs x)")
