@@ -8,37 +8,26 @@ encoded and written, and the exit code is then 2.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
-from .data import read_images, to_float
-from .errors import UserError, cli
-from .model_cli import load_model, parser, report_failures, write_npz
+from .data import to_float
+from .errors import cli
+from .model_cli import check_failures, load_model, output, parser, read_user_images, write_npz
 
 
 @cli
 def main(argv=None) -> None:
-    p = parser("aegan-encode", __doc__)
-    p.add_argument("images", nargs="+", help="image files or folders of them")
+    p = parser("aegan-encode", __doc__, images=True)
     p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--fit", choices=("crop", "pad"), default="crop",
-                   help="make a non-square image square by a centre crop (default, as training) or by padding")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise UserError(f"--out {out}: give a .npz file")
+    out = output(args.out, ".npz")
     model = load_model(args)
-    read = read_images(args.images, model.resolution, args.fit)
-    report_failures(read.failed)
-    if not read.names:
-        raise UserError("none of the images could be used")
+    read = read_user_images(model, args.images, args.fit)
     embeddings = model.encode(to_float(read.images))
     write_npz(out, embeddings=embeddings.numpy(), names=np.array(read.names), resolution=model.resolution)
     print(f"wrote {len(read.names)} embeddings ({' × '.join(map(str, embeddings.shape[1:]))}) to {out}")
-    if read.failed:
-        raise UserError(f"{len(read.failed)} of {len(read.failed) + len(read.names)} files could not be used (above)")
-
+    check_failures(read)
 
 if __name__ == "__main__":
     main()

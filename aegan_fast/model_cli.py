@@ -19,14 +19,21 @@ from .precision import PRECISIONS
 from .sampling import BACKENDS
 
 
-def parser(prog: str, doc: str, *, sampler: bool = False) -> argparse.ArgumentParser:
-    """An argument parser with --ckpt, --device and --no-ema (and the Sampler's --backend and
-    --precision where the CLI samples z)."""
+FITS = ("crop", "pad")
+
+
+def parser(prog: str, doc: str, *, sampler: bool = False, images: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with --ckpt, --device and --no-ema (the Sampler's --backend and --precision
+    where the CLI samples z; the image arguments and --fit where it reads real images)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="run directory (its sampling default) or a checkpoint file")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    if images:
+        p.add_argument("images", nargs="+", help="image files or folders of them")
+        p.add_argument("--fit", choices=FITS, default="crop",
+                       help="make a non-square image square by a centre crop (default, as training) or by padding")
     if sampler:
         p.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="the Sampler that renders z (default auto: the fastest that runs here)")
@@ -46,10 +53,30 @@ def load_model(args):
                         backend=getattr(args, "backend", "auto"), precision=getattr(args, "precision", "auto"))
 
 
-def report_failures(failed: list[tuple[str, str]]) -> None:
-    """One line per file that could not be used, on stderr."""
-    for name, why in failed:
+def read_user_images(model, paths, fit: str):
+    """``data.read_images`` at the model's resolution; one stderr line per file that could not be used,
+    a UserError when none could. ``check_failures`` afterwards turns the failures into exit 2."""
+    from .data import read_images
+    read = read_images(paths, model.resolution, fit)
+    for name, why in read.failed:
         print(f"error: {name}: {why}", file=sys.stderr)
+    if not read.names:
+        raise UserError("none of the images could be used")
+    return read
+
+
+def check_failures(read) -> None:
+    """After the usable images were processed and written: exit 2 if any file could not be used."""
+    if read.failed:
+        raise UserError(f"{len(read.failed)} of {len(read.failed) + len(read.names)} files could not be used (above)")
+
+
+def output(out: str, suffix: str) -> Path:
+    """``--out`` as a Path, a UserError unless it ends in ``suffix``: checked before any work."""
+    path = Path(out)
+    if path.suffix.lower() != suffix:
+        raise UserError(f"--out {out}: give a {suffix} file")
+    return path
 
 
 def write_npz(path: Path, **arrays) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError, cli
-from .model_cli import load_model, parser, write_images, write_npz
+from .errors import cli
+from .model_cli import load_model, output, parser, write_images, write_npz
 
 
 @cli
@@ -26,9 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--restarts", type=int, default=8, help="seeded starts run at once; the best is kept (default 8)")
     p.add_argument("--seed", type=int, default=0, help="the first start's seed")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise UserError(f"--out {out}: give a .npz file")
+    out = output(args.out, ".npz")
     model = load_model(args)
     fit = model.project(args.image, steps=args.steps, lr=args.lr, restarts=args.restarts, seed=args.seed,
                         progress=True)

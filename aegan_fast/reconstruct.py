@@ -11,26 +11,19 @@ from pathlib import Path
 
 import torch
 
-from .data import read_images, to_float
-from .errors import UserError, cli
-from .model_cli import load_model, parser, report_failures, write_images
+from .data import to_float
+from .errors import cli
+from .model_cli import check_failures, load_model, output, parser, read_user_images, write_images
 
 
 @cli
 def main(argv=None) -> None:
-    p = parser("aegan-reconstruct", __doc__)
-    p.add_argument("images", nargs="+", help="image files or folders of them")
+    p = parser("aegan-reconstruct", __doc__, images=True)
     p.add_argument("--out", required=True, help="the sheet, a .png")
-    p.add_argument("--fit", choices=("crop", "pad"), default="crop", help="as in encode")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: give a .png file")
+    out = output(args.out, ".png")
     model = load_model(args)
-    read = read_images(args.images, model.resolution, args.fit)
-    report_failures(read.failed)
-    if not read.names:
-        raise UserError("none of the images could be used")
+    read = read_user_images(model, args.images, args.fit)
     rec = model.reconstruct(to_float(read.images))
     columns = [rec.inputs, rec.decoded] + ([rec.denoised] if rec.denoised is not None else [])
     cells = torch.stack(columns, 1).flatten(0, 1)
@@ -44,8 +37,7 @@ def main(argv=None) -> None:
     for name, db in zip(names, rec.psnr):
         print(f"{name:<{width}}  {db:7.2f}")
     print(f"{'mean':<{width}}  {sum(rec.psnr) / len(rec.psnr):7.2f}")
-    if read.failed:
-        raise UserError(f"{len(read.failed)} of {len(read.failed) + len(read.names)} files could not be used (above)")
+    check_failures(read)
 
 
 if __name__ == "__main__":
