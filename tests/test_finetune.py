@@ -131,8 +131,8 @@ def test_cli_takes_the_model_from_the_checkpoint_and_starts_at_the_chosen_stage(
     (["--init-from-stage", "direct"], ["--init-from-stage", "direct", "not one of"]),
 ])
 def test_cli_flags_that_contradict_the_checkpoint_are_refused(tiny_run, tmp_path, capsys, args, wanted):
-    with pytest.raises(SystemExit) as e:
-        train_main(["--init-from", str(tiny_run[0]), "--outdir", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as e:  # --dry-run: the checks come first, and a missed one trains nothing
+        train_main(["--init-from", str(tiny_run[0]), "--dry-run", "--outdir", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert all(w in err for w in wanted), err
@@ -166,8 +166,9 @@ def test_a_checkpoint_whose_tensors_do_not_fit_its_config_fails_before_a_run_exi
     torch.save(src, bad)
     name, theirs, ours = _first_mismatch(ModelConfig.from_dict(src["config"]["model"]), src["nets"])
     assert name.startswith("H.")
-    with pytest.raises(SystemExit) as e:
-        train_main(["--init-from", str(bad), "--outdir", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as e:  # tiny data and lengths: a missed check fails fast, not after a demo run
+        train_main(["--init-from", str(bad), "--data", str(_new_folder(tmp_path)), "--outdir", str(tmp_path / "runs"),
+                    "--kimg", "embed=0.004", "finetune=0.004", "--batch", "4", "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"{name} is {theirs}, this model's {ours}" in err, err
     assert not (tmp_path / "runs").exists()
@@ -197,7 +198,7 @@ def _not_a_run(tmp_path):
 def test_bad_init_paths_exit_2_in_one_line(tmp_path, capsys, make, wanted):
     path = make(tmp_path)
     with pytest.raises(SystemExit) as e:
-        train_main(["--init-from", str(path), "--outdir", str(tmp_path / "runs")])
+        train_main(["--init-from", str(path), "--dry-run", "--outdir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and wanted in err and str(path) in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
@@ -210,7 +211,7 @@ def test_bad_init_paths_exit_2_in_one_line(tmp_path, capsys, make, wanted):
 ])
 def test_bad_fine_tune_settings_exit_2(tiny_run, tmp_path, capsys, args, wanted):
     with pytest.raises(SystemExit) as e:
-        train_main(["--init-from", str(tiny_run[0]), "--outdir", str(tmp_path / "runs"), *args])
+        train_main(["--init-from", str(tiny_run[0]), "--dry-run", "--outdir", str(tmp_path / "runs"), *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and wanted in err, err
     assert not (tmp_path / "runs").exists()
