@@ -83,6 +83,16 @@ class TrainConfig:
     sync_bn: bool = False           # under torchrun: BatchNorm statistics over the global batch, not each rank's
     collective_timeout_s: float = 1800.0  # under torchrun: a rank that waits this long on the others fails
     data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
+    # Fine-tuning: a new run (its own counters, optimizers and held-out split) whose nets, and EMA nets
+    # when the source kept them, start from this checkpoint file or run directory (the checkpoint it
+    # samples from); the trainer records the file used here.
+    init_from: str | None = None
+    init_from_sha256: str | None = None  # the sha256 the init_from file must have (the trainer records it)
+    # Keep the first N blocks of D_E and of D_R as init_from loaded them (the stylegan2-ada transfer
+    # recipe): a block is one of a discriminator's convolutions before its logit conv, with the
+    # BatchNorm and activation after it, counted from the input (D_R: log2(R)-1 blocks; D_E: log2(R)-4,
+    # so 2 at R=64); their weights never change, their BatchNorms still normalise by batch statistics.
+    freeze_d: int = 0
     loader: str = "auto"             # auto | torch | dali (aegan_fast/data/loaders.py)
     loader_workers: int = 2          # loader threads (torch) or DALI CPU threads
     data_cache_mb: float = 4096      # read a prepared set into RAM up to this size, else memory-map it

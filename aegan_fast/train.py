@@ -14,6 +14,10 @@ from the latest checkpoint, in the middle of a stage too, with the checkpoint's 
 and how the run executes may change: config.RESUMABLE); Ctrl-C saves a checkpoint first.
 ``--dry-run`` prints the resolved config and exits.
 
+Fine-tuning: ``--init-from RUN_OR_CKPT --data NEW_FOLDER`` starts a new run from another run's nets
+(the model config is the checkpoint's; the training settings are --preset's and the flags'), at the
+stage ``--init-from-stage`` names, with ``--freeze-d N`` of each discriminator's first blocks kept.
+
 This module is the command line only: it parses, validates, chooses the run directory and calls
 ``aegan_fast.training.train``, the library's loop.
 """
@@ -34,10 +38,12 @@ from .config import (RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply
 from .device import pick_device
 from .distributed import World
 from .errors import UserError, cli
+from .training import STAGES as STAGE_RECORDS
 from .training import check_world, train, validate
 from .training.loop import load_run_data
 from .training.run_log import sampling_summary
-from .training.run_state import saved_config
+from .models import ModelConfig
+from .training.run_state import InitSource, read_init_source, saved_config
 
 log = logging.getLogger("aegan_fast.train")
 
@@ -68,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config (JSON) and exit")
+    run.add_argument("--init-from-stage", choices=list(STAGE_RECORDS), metavar="|".join(STAGES),
+                     help="with --init-from: the stage the new run starts at, the stages before it left out of "
+                          "--stages. Default embed: the autoencoder is reused as loaded, because retraining it "
+                          "moves the embedding space G_E and D_E learned and one trained on a set of images "
+                          "encodes others of its kind; ae retrains it first (for a folder unlike the source's; "
+                          "keep it short with --kimg ae=K or --minutes ae=M); finetune goes straight to stage 3")
     add_config_arguments(p)
     aliases = p.add_argument_group("aliases")
     for flag, _, _, kw in ALIASES:
@@ -94,14 +106,45 @@ def requested_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = apply_overrides(preset(args.preset), requested_overrides(args))
+def build_config(args: argparse.Namespace, source: InitSource | None = None) -> TrainConfig:
+    """The preset with the flags on top; with ``source`` (--init-from) the model is the source's."""
+    overrides = requested_overrides(args)
+    cfg = apply_overrides(preset(args.preset), overrides)
+    if source is not None:
+        cfg.model = source_model(source, overrides)
+        cfg.stages = starting_stages(cfg.stages, args.init_from_stage)
+        cfg.init_from, cfg.init_from_sha256 = str(source.path), source.sha256
+    elif args.init_from_stage:
+        raise UserError("--init-from-stage chooses where a run started from a checkpoint begins: it needs --init-from")
     validate(cfg)
     return cfg
 
 
+def source_model(source: InitSource, overrides: dict) -> ModelConfig:
+    """The source checkpoint's model config; an architecture flag that says otherwise is an error."""
+    model = source.config.model
+    for name, value in overrides.items():
+        if name.startswith("model.") and getattr(model, name.removeprefix("model.")) != value:
+            raise UserError(f"--{name.replace('_', '-')} {value} contradicts the --init-from checkpoint, whose "
+                            f"{name} is {getattr(model, name.removeprefix('model.'))} ({source.path}): a run "
+                            f"started from it keeps its architecture")
+    return model
+
+
+def starting_stages(stages: tuple[str, ...], first: str | None) -> tuple[str, ...]:
+    """The run's stages from ``first`` on (default: from embed, when the run has it)."""
+    if first is None:
+        first = "embed" if "embed" in stages else stages[0]
+    if first not in stages:
+        raise UserError(f"--init-from-stage {first} is not one of this run's stages ({' '.join(stages)})")
+    return stages[stages.index(first):]
+
+
 def resumed_config(args: argparse.Namespace, run_dir: Path) -> TrainConfig:
     """The checkpoint's config, with only the RESUMABLE fields taken from the command line."""
+    if args.init_from_stage:
+        raise UserError("--init-from-stage chooses where a new run from --init-from begins; --resume continues a run "
+                        "where it stopped")
     overrides = requested_overrides(args)
     fixed = sorted(set(overrides) - set(RESUMABLE))
     if fixed:
@@ -176,11 +219,14 @@ def main(argv=None) -> None:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s")
     resume = bool(args.resume)
+    source = None
     if resume:
         run_dir = Path(args.resume)
         cfg = resumed_config(args, run_dir)
     else:
-        cfg = build_config(args)
+        if getattr(args, "init_from", None):
+            source = read_init_source(args.init_from, getattr(args, "init_from_sha256", None))
+        cfg = build_config(args, source)
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return
@@ -196,7 +242,7 @@ def main(argv=None) -> None:
         started = time.time()
         if world.main:
             print(f"run directory: {run_dir}", flush=True)
-        train(cfg, run_dir, resume=resume, progress=not args.no_progress, data=data)
+        train(cfg, run_dir, resume=resume, progress=not args.no_progress, data=data, init=source)
     finally:
         distributed.shutdown()
     if world.main:

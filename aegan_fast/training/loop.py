@@ -7,6 +7,7 @@ run back to its latest good checkpoint with lower learning rates; SIGTERM/SIGINT
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from ..errors import Interrupted, UserError
 from ..models import sample_z
 from ..viz import plot_metrics
 from .run_log import MetricsLog, record_sampling_choice, sampling_choice, save_preview, stage_end_evaluation
-from .run_state import Diverged, loader_state_of, new_state, restore, save_run
+from .run_state import Diverged, InitSource, loader_state_of, new_state, read_init_source, restore, save_run
 from .stages import STAGES as STAGE_RECORDS
 from .stages import Stage, TrainState, run_stage
 from .validate import check_world, validate
@@ -172,16 +173,23 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None, data: ImageSet | None = None) -> Path:
+          stop_after_steps: int | None = None, data: ImageSet | None = None, init: InitSource | None = None) -> Path:
     """Run (or continue) the config's stages in run_dir. ``stop_after_steps`` ends the call after that
     many steps with a checkpoint, as an interrupted job would (the run then resumes with --resume).
-    Under torchrun (torch.distributed initialised) every rank calls it with the same arguments."""
+    A new run with cfg.init_from starts from that checkpoint's nets (``init``: it already read). Under
+    torchrun (torch.distributed initialised) every rank calls it with the same arguments."""
     validate(cfg)  # an unknown backend name included: use_backend's ValueError cannot happen here
     check_world(cfg, distributed.current())
+    if resume or not cfg.init_from:
+        init = None  # a fine-tuning run reads its source once, at its start; its checkpoints carry on
+    else:
+        init = init or read_init_source(cfg.init_from, cfg.init_from_sha256)
+        # the config says which file, by its digest, the run started from
+        cfg = dataclasses.replace(cfg, init_from=str(init.path), init_from_sha256=init.sha256)
     try:
         sync = ops.sync_batchnorm() if cfg.sync_bn and distributed.current().distributed else nullcontext()
         with ops.use_backend(cfg.ops), sync:
-            return _train(cfg, run_dir, resume, progress, stop_after_steps, data)
+            return _train(cfg, run_dir, resume, progress, stop_after_steps, data, init)
     except ops.BackendUnavailable as e:
         raise UserError(str(e)) from None
 
@@ -233,7 +241,7 @@ def roll_back(st: TrainState, run_dir: Path, why: str) -> dict | None:
     return state
 
 
-def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, data) -> Path:
+def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, data, init) -> Path:
     world = distributed.current()
     device = pick_device(cfg.device)
     if world.distributed and device.type == "cuda":
@@ -248,7 +256,10 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
         log.info("distributed: %d processes (%s), global batch %d = %d per process, sync BN %s", world.size,
                  torch.distributed.get_backend(), cfg.batch, cfg.batch // world.size, "on" if cfg.sync_bn else "off")
 
-    st = new_state(cfg, data, device, world)
+    st = new_state(cfg, data, device, world, init=init)
+    if init is not None:
+        log.info("nets%s from %s (sha256 %s), stages %s", " and EMA" if st.ema else "", init.path, init.sha256,
+                 " ".join(cfg.stages))
     log.info("precision: %s", st.precision.describe())
     state = None
     if resume:
@@ -266,6 +277,8 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
         compiling.compile_nets(st.nets, compiling.example_inputs(cfg, device), st.precision)
 
     loader = run_loader(cfg, st, state)
+    if init is not None:  # step 0 as a checkpoint: a rollback or resume before the first goes back here
+        save_run(st, run_dir, loader)
     previews = (sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device),
                 data.spread(32, device))
     metrics = MetricsLog(run_dir / "metrics.jsonl", device, enabled=world.main)

@@ -13,13 +13,15 @@ A checkpoint is a dict (saved atomically by checkpoint.py, which knows files, no
     health    {lr_scale, rollbacks}: the divergence guard's history
     data      {count, holdout}: the split the run trains on
 
-``new_state`` makes a fresh state, ``save_run`` writes one, ``restore`` reads one back into a state
-and ``load_sampling_nets`` reads the nets a sampler needs.
+``new_state`` makes a fresh state (from another run's nets when fine-tuning: ``read_init_source``),
+``save_run`` writes one, ``restore`` reads one back into a state and ``load_sampling_nets`` reads the
+nets a sampler needs.
 """
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +29,16 @@ import torch
 
 from .. import distributed
 from .. import precision as precisions
-from ..checkpoint import (NonFiniteCheckpoint, config_mismatch, load_for_resume, load_for_sampling, load_state_strict,
-                          save_checkpoint)
+from ..checkpoint import (NonFiniteCheckpoint, config_mismatch, load_checkpoint, load_for_resume, load_for_sampling,
+                          load_state_strict, resolve_checkpoint, save_checkpoint)
 from ..config import RESUMABLE, TrainConfig
 from ..data import ImageSet
 from ..distributed import SINGLE, World
 from ..errors import UserError
+from ..files import sha256_file
 from ..guard import UpdateGuard
 from ..models import build_nets
-from .stages import EMA, TrainState, make_optimizers
+from .stages import EMA, STAGES, TrainState, freeze_d, make_optimizers
 
 log = logging.getLogger("aegan_fast.training")
 
@@ -67,19 +70,31 @@ def step_precision(cfg: TrainConfig, device) -> precisions.Precision:
 
 
 def new_state(cfg: TrainConfig, data: ImageSet, device, world: World = SINGLE, *, fused_adam: bool = True,
-              guard: bool = True) -> TrainState:
+              guard: bool = True, init: "InitSource | None" = None) -> TrainState:
     """Fresh nets and optimizers, the nets seeded from cfg.seed (the same on every rank), in cfg's
     precision: the one way a run, a benchmark or a test sets up training. ``fused_adam=False`` and
-    ``guard=False`` give plain torch's Adam and no non-finite guard (the benchmarks' reference)."""
+    ``guard=False`` give plain torch's Adam and no non-finite guard (the benchmarks' reference).
+    ``init``: the nets (and EMA) start from that checkpoint's, cfg.freeze_d of D's blocks frozen;
+    counters, optimizers and RNGs are new all the same."""
     device = torch.device(device)
     data_gen = seed_everything(cfg.seed)
     precision = step_precision(cfg, device)
-    nets = precision.prepare(build_nets(cfg.model).to(device))
+    nets = build_nets(cfg.model)
+    if init is not None:
+        load_state_strict(nets, init.nets, f"--init-from {init.path}")
+    nets = precision.prepare(nets.to(device))
+    freeze_d(nets, cfg.freeze_d)
     if world.rank:
         data_gen = seed_everything(rank_seed(cfg.seed, world.rank))
     st = TrainState(cfg, nets, make_optimizers(nets, cfg, fused=fused_adam), data, data_gen, device, precision,
                     precision.grad_scaler(), world=world, guard=UpdateGuard(device) if guard else None)
     st.counters["stage"] = cfg.stages[0]
+    # The source's EMA only where the run's first stage averages the chain: a run that retrains the
+    # autoencoder first starts its EMA from the nets it has then, as every run does.
+    if init is not None and init.ema and STAGES[cfg.stages[0]].ema and cfg.ema_kimg > 0:
+        st.ema = EMA(st.nets, cfg.ema_kimg)
+        for name, sd in init.ema.items():
+            load_state_strict(st.ema.nets[name], sd, f"--init-from {init.path}: EMA {name}")
     return st
 
 
@@ -215,13 +230,42 @@ def loader_state_of(state: dict | None, world: World) -> dict | None:
     return state.get("loader") if not world.distributed else None
 
 
+def _training_config(state, path) -> TrainConfig:
+    """The config of a loaded checkpoint, or a UserError when the file is not a training checkpoint."""
+    if not isinstance(state, dict) or "config" not in state or "nets" not in state:
+        raise UserError(f"{path} is not an aegan_fast training checkpoint (no config and nets in it)")
+    return TrainConfig.from_dict(state["config"])
+
+
+@dataclass
+class InitSource:
+    """What a fine-tuning run starts from: a checkpoint's nets, EMA nets and config, and its file."""
+    path: Path
+    sha256: str
+    config: TrainConfig
+    nets: dict
+    ema: dict | None
+
+
+def read_init_source(path: str | Path, sha256: str | None = None) -> InitSource:
+    """The checkpoint a run directory samples from (its ``sampling`` pointer, else its latest:
+    checkpoint.resolve_checkpoint), or a checkpoint file; ``sha256``, when given, must be its digest."""
+    ckpt = resolve_checkpoint(path)
+    digest = sha256_file(ckpt)
+    if sha256 is not None and digest != sha256.lower():
+        raise UserError(f"--init-from {ckpt} has sha256 {digest}, not the {sha256} this run was started from")
+    state = load_checkpoint(ckpt)
+    cfg = _training_config(state, ckpt)
+    # nets its own config describes must take its tensors: a foreign file fails here, before any run exists
+    load_state_strict(build_nets(cfg.model), state["nets"], f"--init-from {ckpt}")
+    return InitSource(ckpt.resolve(), digest, cfg, state["nets"], state.get("ema"))
+
+
 def load_sampling_nets(path: str | Path, device="cpu", use_ema: bool = True):
     """(config, nets in eval mode) from a checkpoint file, or from a run directory's sampling default
     (checkpoint.load_for_sampling says which file), EMA weights when present."""
     state, ckpt = load_for_sampling(path, map_location=device)
-    if not isinstance(state, dict) or "config" not in state or "nets" not in state:
-        raise UserError(f"{path} is not an aegan_fast training checkpoint (no config and nets in it)")
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = _training_config(state, path)
     nets = build_nets(cfg.model).to(device)
     load_state_strict(nets, state["nets"], f"nets of {path}")
     if use_ema and state.get("ema"):

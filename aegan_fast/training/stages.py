@@ -32,14 +32,50 @@ from .. import losses, precision
 from ..distributed import SINGLE, World
 from ..config import TrainConfig
 from ..data import ImageSet
-from ..models import SAMPLING_CHAIN, SamplingChain, sample_z
+from ..models import SAMPLING_CHAIN, SamplingChain, build_nets, sample_z
 from ..precision import FP32, Precision, backward_and_step
 
 
 
+# Marks a parameter --freeze-d keeps as loaded: no stage turns its gradient on, no optimizer holds it.
+FROZEN = "aegan_frozen"
+
+
 def requires_grad(net: nn.Module, flag: bool) -> None:
     for p in net.parameters():
-        p.requires_grad_(flag)
+        p.requires_grad_(flag and not getattr(p, FROZEN, False))
+
+
+FREEZABLE = ("D_E", "D_R")
+
+
+def d_blocks(D: nn.Module) -> list[list[nn.Parameter]]:
+    """A discriminator's blocks, from the input: each of its convolutions before the logit conv, with
+    the layers after it up to the next conv (its BatchNorm and activation); --freeze-d counts these."""
+    *body, _logit = D.net
+    blocks: list[list[nn.Module]] = []
+    for layer in body:
+        first = layer[0] if isinstance(layer, nn.Sequential) else layer
+        if isinstance(first, nn.Conv2d) or not blocks:
+            blocks.append([])
+        blocks[-1].append(layer)
+    return [[p for m in block for p in m.parameters()] for block in blocks]
+
+
+def d_block_counts(model) -> dict[str, int]:
+    """{D_E: blocks, D_R: blocks} of nets of ``model`` (a ModelConfig), built on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        nets = build_nets(model)
+    return {name: len(d_blocks(nets[name])) for name in FREEZABLE}
+
+
+def freeze_d(nets: nn.ModuleDict, n: int) -> None:
+    """Mark the first n blocks of each discriminator frozen (before the optimizers are made)."""
+    for name in FREEZABLE:
+        for block in d_blocks(nets[name])[:n]:
+            for p in block:
+                setattr(p, FROZEN, True)
+                p.requires_grad_(False)
 
 
 def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor, r1_gamma: float = 0.0) -> torch.Tensor:
@@ -288,9 +324,11 @@ class TrainState:
 def make_optimizers(nets, cfg: TrainConfig, fused: bool = True) -> dict:
     """One Adam per net that has weights (φ is a weightless identity in the no-denoiser ablation).
     ``fused``: torch's one-kernel Adam (CPU and CUDA); the per-parameter loop it replaces cost ~10%
-    of a stage-2 step on the CPU. Off gives plain torch's default, the benchmarks' reference."""
-    return {name: torch.optim.Adam(net.parameters(), lr=cfg.lr[name], betas=cfg.betas, fused=fused or None)
-            for name, net in nets.items() if any(True for _ in net.parameters())}
+    of a stage-2 step on the CPU. Off gives plain torch's default, the benchmarks' reference. Parameters
+    --freeze-d froze are left out: nothing can step them."""
+    params = {name: [p for p in net.parameters() if not getattr(p, FROZEN, False)] for name, net in nets.items()}
+    return {name: torch.optim.Adam(params[name], lr=cfg.lr[name], betas=cfg.betas, fused=fused or None)
+            for name in nets if params[name]}
 
 
 def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig, lr_scale: float = 1.0) -> None:

@@ -12,6 +12,7 @@ from ..distributed import World
 from ..errors import UserError
 from ..models import check_resolution, check_upsample
 from .stages import STAGES as STAGE_RECORDS
+from .stages import d_block_counts
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -72,11 +73,27 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sync_bn and any(g > 0 for g in cfg.r1_gamma.values()):
         raise UserError("--r1-gamma with --sync-bn: the synchronised BatchNorm has no double backward, which R1 needs; "
                         "drop one of them")
+    if cfg.freeze_d:
+        check_freeze_d(cfg)
     for flag, value, choices in (("--loss", cfg.loss, LOSSES), ("--ops", cfg.ops, ("auto",) + ops.BACKENDS),
                                  ("--loader", cfg.loader, LOADERS), ("--precision", cfg.precision, precisions.PRECISIONS),
                                  ("--compile", cfg.compile, compiling.CHOICES)):
         if value not in choices:
             raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_freeze_d(cfg: TrainConfig) -> None:
+    if cfg.freeze_d < 0:
+        raise UserError(f"--freeze-d must be ≥ 0 (0: nothing frozen), got {cfg.freeze_d}")
+    if not cfg.init_from:
+        raise UserError("--freeze-d keeps discriminator blocks as a checkpoint trained them: it needs --init-from "
+                        "(frozen blocks of a new discriminator would stay random)")
+    counts = d_block_counts(cfg.model)
+    fewest = min(counts, key=counts.get)
+    if cfg.freeze_d > counts[fewest]:
+        raise UserError(f"--freeze-d {cfg.freeze_d}: {fewest} has only {counts[fewest]} blocks at R="
+                        f"{cfg.model.resolution} ({', '.join(f'{k} {v}' for k, v in counts.items())}); the logit "
+                        f"conv is never frozen")
 
 
 def check_world(cfg: TrainConfig, world: World) -> None:
