@@ -276,17 +276,18 @@ def check_shared_folder(folder: Path) -> None:
     world = current()
     if not world.distributed:
         return
-    token_file = folder / f".aegan-shared-check-{job_id()}"
-    token, error = None, None
-    if world.main:
+    token, name, error = None, None, None
+    if world.main:  # the name too is rank 0's: every rank looks for the same file
         token = secrets.token_hex(16)
+        name = f".aegan-shared-check-{token[:8]}"
         try:
-            token_file.write_text(token)
+            (folder / name).write_text(token)
         except OSError as e:
             error = f"rank 0 cannot write in {folder}: {e.strerror or e}"
-    token, error = broadcast_object((token, error))
+    token, name, error = broadcast_object((token, name, error))
     if error:
         raise UserError(error)
+    token_file = folder / name
     seen = token if world.main else _read_token(token_file)
     views = gather_objects((seen == token, socket.gethostname()))
     if world.main:
