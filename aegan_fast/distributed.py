@@ -27,14 +27,25 @@ ranks poll for that key instead of entering a collective. A rank-0 failure then 
 with rank 0's own message, and an evaluation longer than the collective timeout does not fail the
 waiting ranks: their wait has its own deadline, ``AEGAN_RANK0_WAIT_S`` seconds (default 6 hours),
 which only a rank 0 that hangs or dies outside torchrun (which would stop the job) ever reaches.
+
+When things go wrong between machines, each rank says so in one line (a ``PeerLost`` or
+``UserError``; the CLI exits 2), never with a collective's traceback: a process or node that stops
+fails the others' next collective (at once when its connections close, else after the collective
+timeout: ``lost_contact``); processes that never all join the job fail after ``join_timeout_s``;
+and a run directory that is not one folder seen by every node is refused before anything is
+written (``check_shared_folder``).
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import re
+import secrets
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -44,6 +55,12 @@ from .errors import UserError
 
 T = TypeVar("T")
 RANK0_WAIT_S = 6 * 3600.0  # a rank-0 evaluation at R=512 with many samples can take an hour or more
+# torchrun starts every worker of a job within seconds of the others; what may still delay one is
+# importing torch and reading a checkpoint's config on a busy node. Longer than this: it is not coming.
+JOIN_TIMEOUT_S = 600.0
+# How long the other ranks look for rank 0's token file in the run directory: a network filesystem
+# may take a moment to show a new file on another node (its directory attributes are cached).
+SHARED_FOLDER_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -88,9 +105,16 @@ def current() -> World:
     return SINGLE
 
 
+def join_timeout_s(collective_timeout_s: float) -> float:
+    """How long a process waits for the others of its job to join: the collective timeout, at
+    most JOIN_TIMEOUT_S."""
+    return min(collective_timeout_s, JOIN_TIMEOUT_S)
+
+
 def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
     """Join torchrun's process group when launched by it with more than one process; (world,
-    this rank's device: ``cuda:LOCAL_RANK`` for a CUDA run)."""
+    this rank's device: ``cuda:LOCAL_RANK`` for a CUDA run). Every process of the job must arrive
+    within ``join_timeout_s(timeout_s)``, else a UserError on those that did."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or not launched_by_torchrun():
         return SINGLE, device
@@ -110,8 +134,51 @@ def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
         # addresses are still in it (restarted ranks then dial dead peers): one key prefix per attempt.
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
         store = dist.PrefixStore(f"aegan_fast/attempt{restart_count()}", store)
+        _wait_for_everyone(store, rank, world_size, join_timeout_s(timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return current(), device
+
+
+def _wait_for_everyone(store, rank: int, size: int, timeout_s: float) -> None:
+    """Every process of the job counted in the store before gloo/NCCL connect (which would wait the
+    whole collective timeout, then fail with a traceback); polling, so the wait is ours to bound."""
+    try:
+        store.add("joined", 1)
+        start, pause = time.monotonic(), 0.01
+        while (joined := store.add("joined", 0)) < size:
+            if time.monotonic() - start > timeout_s:
+                raise UserError(
+                    f"rank {rank}: only {joined} of the job's {size} processes started within {timeout_s:g} s: a node "
+                    f"never started its torchrun, or its processes failed before joining (that node's output says "
+                    f"why); start every node with the same command (torchrun's own wait for nodes: --rdzv-conf "
+                    f"join_timeout=S)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+    except RuntimeError as e:
+        raise lost_contact(e, "the start of the job") from None
+
+
+class PeerLost(UserError):
+    """Another process of the job, or its node, stopped answering: a collective or the rendezvous
+    store failed. Every surviving rank raises it, in one line."""
+
+
+_SOURCE = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[.../pair.cc:553] " before its message
+
+
+def lost_contact(e: BaseException, during: str) -> PeerLost | None:
+    """A PeerLost naming what happened when e is a failed collective or store operation (torch's
+    DistError, or the RuntimeError gloo and NCCL raise), else None."""
+    if isinstance(e, MainRankFailed):  # rank 0's own error, already in one line
+        return None
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not isinstance(e, dist.DistError) and not re.search(
+            r"gloo|nccl|connection (closed|reset)|timed out|tcpstore|socket|broken pipe", text, re.IGNORECASE):
+        return None
+    cause = _SOURCE.sub("", text).split(". This is typically")[0][:200]
+    return PeerLost(f"rank {current().rank if dist.is_initialized() else os.environ.get('RANK', '?')} lost contact "
+                    f"with the other processes during {during} ({cause}): another process or its node stopped "
+                    f"(its own output says why), or did not answer within --collective-timeout-s")
 
 
 def shutdown() -> None:
@@ -190,6 +257,61 @@ def check_consistency(named: dict) -> None:
     if int(worst) < len(tensors):
         raise UserError(f"ranks disagree before a checkpoint: {tensors[int(worst)][0]} differs from rank 0's "
                         f"(a nondeterministic op, or a rank that skipped a step); nothing was saved")
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """values averaged over the ranks (one all-reduce); as given on one process."""
+    if not current().distributed:
+        return values
+    t = values.detach().float().to(_collective_device(values.device))
+    dist.all_reduce(t)
+    return t.div_(current().size).to(values.device)
+
+
+def check_shared_folder(folder: Path) -> None:
+    """Every rank sees the folder rank 0 writes in (the run directory must be one folder on a
+    filesystem every node mounts, at the same path), else a UserError on every rank before
+    anything is written there. Rank 0 writes a file with a random token, every other rank must
+    read that token back from its own view of the folder; rank 0 removes the file again."""
+    world = current()
+    if not world.distributed:
+        return
+    token, name, error = None, None, None
+    if world.main:  # the name too is rank 0's: every rank looks for the same file
+        token = secrets.token_hex(16)
+        name = f".aegan-shared-check-{token[:8]}"
+        try:
+            (folder / name).write_text(token)
+        except OSError as e:
+            error = f"rank 0 cannot write in {folder}: {e.strerror or e}"
+    token, name, error = broadcast_object((token, name, error))
+    if error:
+        raise UserError(error)
+    token_file = folder / name
+    seen = token if world.main else _read_token(token_file)
+    views = gather_objects((seen == token, socket.gethostname()))
+    if world.main:
+        token_file.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise UserError(f"the run directory {folder} is not the same folder on every node: {', '.join(blind)} "
+                        f"cannot see the file rank 0 ({views[0][1]}) wrote there; put it on a filesystem every node "
+                        f"mounts at the same path (NFS, Lustre, ...) and give every node the same absolute path")
+
+
+def _read_token(path: Path) -> str | None:
+    deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
+    while True:
+        try:
+            return path.read_text()
+        except OSError:
+            if not path.parent.is_dir() or time.monotonic() > deadline:
+                return None
+        try:
+            os.listdir(path.parent)  # asks a network filesystem for the folder again, past its cached listing
+        except OSError:
+            return None
+        time.sleep(0.2)
 
 
 def gather_objects(obj) -> list:

@@ -199,7 +199,8 @@ def job_run_dir(cfg: TrainConfig, args: argparse.Namespace, world: World) -> tup
     if world.main:
         try:
             named = args.run_dir or (str(Path(args.outdir) / torchrun_run_name(cfg)))
-            choice = (str(new_run_dir(cfg, args.outdir, named)), None)
+            # absolute: every rank, whatever its working directory, opens the folder rank 0 made
+            choice = (str(new_run_dir(cfg, args.outdir, named).absolute()), None)
         except UserError as e:
             choice = (None, str(e))
     path, error = distributed.broadcast_object(choice)
@@ -237,12 +238,17 @@ def main(argv=None) -> None:
         if not resume:
             data = load_run_data(cfg, world)  # fails before a run dir exists
             run_dir, resume = job_run_dir(cfg, args, world)
-        else:
+        elif world.main:  # rank 0 alone writes in the run directory
             check_writable(run_dir / "checkpoints")
         started = time.time()
         if world.main:
             print(f"run directory: {run_dir}", flush=True)
         train(cfg, run_dir, resume=resume, progress=not args.no_progress, data=data, init=source)
+    except RuntimeError as e:  # before training: another process gone while ranks agree on data and folder
+        lost = distributed.lost_contact(e, "the job's start") if world.distributed else None
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         distributed.shutdown()
     if world.main:

@@ -118,11 +118,24 @@ def _main_only(rank, world):
     return value, ran, errors
 
 
+def _metrics_mean(rank, world):
+    """Two ranks log different losses over a two-step interval; rank 0 writes the row."""
+    import tempfile
+    from aegan_fast.training.run_log import MetricsLog
+    folder = Path(tempfile.mkdtemp())
+    log = MetricsLog(folder / "metrics.jsonl", "cpu", enabled=rank == 0)
+    for step in range(2):
+        log.add({"l1": torch.tensor(float(rank + 1) * (step + 1)), "adv": torch.tensor(-2.0 * rank)}, 4, 0.0)
+    row = log.flush("ae", {"total_img": 8, "stage_img": 8, "step": 2})
+    written = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    return row["losses"], written
+
+
 def _helpers(rank, world):
     """The quick cases in one pair of processes (spawning one costs seconds)."""
     return {name: case(rank, world) for name, case in
             (("average_gradients", _average_gradients), ("consistency", _consistency),
-             ("average_buffers", _average_buffers), ("main_only", _main_only))}
+             ("average_buffers", _average_buffers), ("main_only", _main_only), ("metrics_mean", _metrics_mean))}
 
 
 def _rank0_stage_end(rank, world, cfg, images, run, mode):
@@ -219,6 +232,14 @@ def test_rank_0_only_work_publishes_its_outcome_to_every_rank(helper_results):
                            "MainRankFailed: rank 0 failed in the grid: ValueError: bad value "
                            "(its traceback is in rank 0's output)"]
     assert errors0[2] == "no error" and errors1[2].startswith("rank 1 waited 0 s for rank 0 to finish a slow look")
+
+
+@pytest.mark.slow
+def test_logged_losses_are_the_mean_over_the_ranks_and_rank_0_writes_them(helper_results):
+    (losses0, written0), (losses1, written1) = (r["metrics_mean"] for r in helper_results)
+    # rank 0: l1 1 then 2 (mean 1.5), rank 1: 2 then 4 (mean 3); adv 0 and -2
+    assert losses0 == losses1 == {"l1": 2.25, "adv": -1.0}
+    assert len(written0) == 1 and json.loads(written0[0])["losses"] == losses0 and written1 == []
 
 
 def test_main_only_is_a_plain_call_on_one_process():

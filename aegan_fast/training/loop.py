@@ -192,6 +192,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
             return _train(cfg, run_dir, resume, progress, stop_after_steps, data, init)
     except ops.BackendUnavailable as e:
         raise UserError(str(e)) from None
+    except RuntimeError as e:  # a process or node of the job gone: one line, not a collective's traceback
+        lost = distributed.lost_contact(e, "training") if distributed.current().distributed else None
+        if lost is None:
+            raise
+        raise distributed.PeerLost(f"{lost}; this run stopped too: continue from its latest committed checkpoint "
+                                   f"({latest_checkpoint(run_dir) or 'none yet'}) with the same command plus "
+                                   f"--resume {run_dir}") from None
 
 
 def run_loader(cfg: TrainConfig, st: TrainState, state: dict | None):
@@ -243,6 +250,7 @@ def roll_back(st: TrainState, run_dir: Path, why: str) -> dict | None:
 
 def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, data, init) -> Path:
     world = distributed.current()
+    distributed.check_shared_folder(run_dir)  # before anything is written or read there
     device = pick_device(cfg.device)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -267,6 +275,12 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
         restore(st, state)
         log.info("resuming from %s: stage %s, %.4g kimg into it", path.name, st.counters["stage"],
                  st.counters["stage_img"] / 1000)
+        saved_world = state.get("world_size") or len(state.get("ranks") or ()) or 1
+        if saved_world != world.size:
+            log.warning("the run trained on %d processes and continues on %d: the same global batch %d, now %d per "
+                        "process (ranks other than 0 draw new noise, so the steps from here differ from those the "
+                        "%d processes would have taken)", saved_world, world.size, cfg.batch, cfg.batch // world.size,
+                        saved_world)
     elif world.distributed:
         distributed.broadcast_from_main(list(st.nets.parameters()) + list(st.nets.buffers()))
     if world.main:

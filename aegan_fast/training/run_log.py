@@ -1,6 +1,6 @@
 """A run's log: metrics.jsonl (and TensorBoard when installed), preview grids, the evaluation at each
 stage's end, and which stage-end checkpoint the run samples from. Rank 0 writes; the other ranks'
-calls write nothing."""
+calls write nothing (every rank flushes at the same steps: the losses logged are the mean over ranks)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..checkpoint import SAMPLING, resolve_checkpoint, write_sampling_pointer
 from ..errors import UserError
 from ..evaluation import evaluate_run
@@ -28,7 +29,9 @@ class MetricsLog:
 
     Losses are summed as tensors on their device; the only host sync is ``flush``, which turns the
     sums into numbers and times the whole interval (so img/s is honest on CUDA without a
-    synchronize per step)."""
+    synchronize per step). Under torchrun every rank calls ``flush`` at the same steps and the
+    interval's losses are averaged over the ranks there, in one small all-reduce per row: a row
+    is the whole global batch's loss, not rank 0's share of it."""
 
     def __init__(self, path: Path, device, enabled: bool = True):
         self.path, self.device, self.enabled = path, torch.device(device), enabled  # enabled: rank 0
@@ -86,9 +89,11 @@ class MetricsLog:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = max(time.perf_counter() - self.started - self.paused_s, 1e-9)
+        names = list(self.sums)  # the same names in the same order on every rank: the same step code ran
+        sums = distributed.mean_over_ranks(torch.stack([self.sums[k].float() for k in names])).tolist() if names else []
         row = {"stage": stage, "kimg": round(counters["total_img"] / 1000, 3),
                "stage_kimg": round(counters["stage_img"] / 1000, 3), "step": counters["step"],
-               "losses": {k: float(v) / self.count for k, v in self.sums.items()},
+               "losses": {k: v / self.count for k, v in zip(names, sums)},
                "img_per_s": self.images / elapsed, "data_wait": min(self.data_s / elapsed, 1.0),
                "skipped_updates": self.skipped, "time": time.time()}
         if self.skipped:

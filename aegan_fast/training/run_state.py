@@ -10,6 +10,7 @@ A checkpoint is a dict (saved atomically by checkpoint.py, which knows files, no
     rng       rank 0's torch, numpy, python and data-generator states (plain tensors: weights_only loads)
     loader    rank 0's loader position
     ranks     [{rng, loader}] per rank under torchrun, else None
+    world_size  how many processes trained it (under torchrun: the world size; --batch is their global batch)
     health    {lr_scale, rollbacks}: the divergence guard's history
     data      {count, holdout}: the split the run trains on
 
@@ -148,7 +149,7 @@ def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> 
                 "opts": {k: o.state_dict() for k, o in st.opts.items()},
                 "ema": st.ema.state_dict() if st.ema is not None else None,
                 "counters": dict(st.counters), "rng": rng_state(st.data_gen), "loader": loader.state_dict(),
-                "ranks": ranks, "health": {"lr_scale": st.lr_scale, "rollbacks": st.rollbacks},
+                "ranks": ranks, "world_size": world.size, "health": {"lr_scale": st.lr_scale, "rollbacks": st.rollbacks},
                 "data": split_record(st.data)},
                 keep=st.cfg.ckpt_keep)
         except NonFiniteCheckpoint as e:
