@@ -2,8 +2,9 @@
 
 A grid of samples alone cannot tell a GAN that generalises from one that replays its training set;
 next to each sample's nearest training image, memorisation is visible. The distances' median is
-printed beside a reference (how close real images come to the training set), so "samples sit
-closer to training images than real images do to each other" can be read off, not guessed.
+printed beside a reference (how close real images come to the training set) and a blur control (how
+close the same real images come once blurred), so "samples sit closer to training images than real
+images do" can be read off, not guessed, and told apart from "samples are soft".
 
 Nearest is by L2 in pixel space at a reduced size (area-averaged to ``NN_SIZE``², mirrors of the
 training images included, since the trainer sees them mirrored). It is the honest default: a
@@ -29,6 +30,11 @@ from .models import SamplingChain
 from .viz import make_grid, save_png
 
 NN_SIZE = 32
+# The blur control: the same real images area-averaged to this side and scaled back up. In pixel L2 a blur
+# sits close to everything, so samples that are merely soft come closer to the training set than sharp
+# real images do; only samples closer than this control point to copies.
+BLUR_SIDE = 8
+COPY_RATIO = 0.9  # samples' median / real images' median under this: "closer than real images"
 STATS_N = 256  # images behind each median: 16 shown would give a median too noisy to compare
 GAP = 8        # white columns between blocks
 PAD = 2        # make_grid's padding
@@ -145,18 +151,39 @@ class SheetResult:
     reference: str            # which real images the reference measured
     shown: list[dict]         # per sample on the sheet: its nearest training image's index, mirrored, distance
     boxes: list[tuple[int, int, int, int]] = ()  # the sheet's blocks (make_sheet)
+    blur_median: float = math.nan  # the same real images blurred (BLUR_SIDE) to their nearest training image
+
+    @property
+    def ratio(self) -> float:
+        return self.nearest_median / self.reference_median if self.reference_median > 0 else math.inf
+
+    def verdict(self) -> str:
+        """What the medians can say, in words that follow the numbers."""
+        if self.ratio >= COPY_RATIO:
+            return ("samples sit about as far from the training images as real images do, or further: "
+                    "no sign of copying")
+        if math.isfinite(self.blur_median) and self.nearest_median >= self.blur_median:
+            return (f"samples sit closer than real images do, but no closer than the same real images blurred "
+                    f"({self.blur_median:.4f}): in pixel L2 a blur sits close to everything, so soft samples "
+                    f"explain it without any copying")
+        return (f"samples sit closer to training images than even blurred real images do "
+                f"({self.blur_median:.4f}): look for copies in the sheet's third block")
 
     def summary(self) -> str:
-        ratio = self.nearest_median / self.reference_median if self.reference_median > 0 else math.inf
         return (f"sheet: median distance to the nearest training image: samples {self.nearest_median:.4f}, "
-                f"real images {self.reference_median:.4f} ({self.reference}); ratio {ratio:.2f} "
-                f"(well below 1: samples sit closer to training images than real images do, look for "
-                f"copies in the sheet's third block)")
+                f"real images {self.reference_median:.4f} ({self.reference}); ratio {self.ratio:.2f}: "
+                f"{self.verdict()}")
 
     def as_json(self) -> dict:
         return {"path": str(self.path), "n": self.n, "nearest_median": round(self.nearest_median, 5),
                 "reference_median": round(self.reference_median, 5), "reference": self.reference,
-                "shown": self.shown}
+                "blur_median": round(self.blur_median, 5), "verdict": self.verdict(), "shown": self.shown}
+
+
+def blurred(x: torch.Tensor, side: int = BLUR_SIDE) -> torch.Tensor:
+    """x (float N×3×R×R in [-1, 1]) area-averaged to side² and scaled back up bilinearly."""
+    small = F.interpolate(x, size=(side, side), mode="area")
+    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _training_rows(data: ImageSet, train: ImageSet, idx: torch.Tensor) -> torch.Tensor:
@@ -189,16 +216,18 @@ def write_sheet(nets, data: ImageSet, train: ImageSet, n: int, seed: int, path: 
     own = _training_rows(data, train, real_idx)
     if (own >= 0).any() and len(train) < 2:
         raise UserError(f"{train.source} has {len(train)} image: the sheet's leave-one-out reference needs 2")
-    queries = torch.cat([samples, to_float(real)])
-    exclude = torch.cat([torch.full((m,), -1), own]) if (own >= 0).any() else None
+    queries = torch.cat([samples, to_float(real), blurred(to_float(real))])
+    exclude = torch.cat([torch.full((m,), -1), own, own]) if (own >= 0).any() else None
     dist, idx, mirrored = nearest_training_images(queries, train.images, exclude=exclude, device=device)
     nearest = to_float(flip_where(train.images[idx[:n]], mirrored[:n]))
     reference = ("other training images, leave-one-out" if (own >= 0).all() else
                  f"held-out images of {data.origin}" if (own < 0).all() else
                  f"images of {data.origin}, leave-one-out for those that are training images")
-    result = SheetResult(Path(path), n, dist[:m].median().item(), dist[m:].median().item(), reference,
+    k = len(real)
+    result = SheetResult(Path(path), n, dist[:m].median().item(), dist[m:m + k].median().item(), reference,
                          [{"train_index": int(i), "mirrored": bool(f), "distance": round(float(d), 5)}
-                          for i, f, d in zip(idx[:n], mirrored[:n], dist[:n])])
+                          for i, f, d in zip(idx[:n], mirrored[:n], dist[:n])],
+                         blur_median=dist[m + k:].median().item())
     sheet = make_sheet([
         (f"real ({n} of {len(data)}, seed {seed})", to_float(real[:n])),
         (f"samples (seed {seed})", samples[:n]),

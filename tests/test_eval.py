@@ -2,6 +2,7 @@
 sheet, clear errors."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from aegan_fast.training.run_state import load_sampling_nets
 from aegan_fast.data import ImageSet, load_folder, open_prepared, prepare, to_uint8
 from aegan_fast.eval import main as eval_main
 from aegan_fast.models import SamplingChain
-from aegan_fast.sheet import GAP, PAD, PAD_VALUE, STATS_N, make_sheet, nearest_training_images, write_sheet
+from aegan_fast.sheet import (GAP, PAD, PAD_VALUE, STATS_N, SheetResult, make_sheet, nearest_training_images,
+                               write_sheet)
 from aegan_fast.training import train
 from aegan_fast.viz import make_grid
 from conftest import make_image_folder, tiny_config
@@ -172,6 +174,29 @@ def test_write_sheet_blocks_are_real_samples_nearest(tmp_path, kind):
         ref[:len(train)].fill_diagonal_(float("inf"))  # leave-one-out for those that are training images
     torch.testing.assert_close(torch.tensor(result.reference_median),
                                (ref.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
+    # the blur control: the same real images, area-averaged to 8² and scaled back, the same exclusions
+    soft = F.interpolate(F.interpolate(data.images.float() / 127.5 - 1, size=(8, 8), mode="area"), size=(16, 16),
+                         mode="bilinear", align_corners=False)
+    blur, _ = _brute_force(soft, train.images)
+    if not held_out:
+        blur[:len(train)].fill_diagonal_(float("inf"))
+    torch.testing.assert_close(torch.tensor(result.blur_median),
+                               (blur.amin(1) / (2 * (3 * 16 * 16) ** 0.5)).float().median(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_sheets_words_follow_its_numbers():
+    """Further than real images: no sign of copying (the old line said 'look for copies' at ratio 1.45);
+    closer, but not closer than blurred real images: blur explains it; closer than even those: copies."""
+    def result(nearest, reference=0.2, blur=0.12):
+        return SheetResult(Path("s.png"), 4, nearest, reference, "held-out images", [], blur_median=blur)
+    far = result(0.29)  # ratio 1.45
+    assert "no sign of copying" in far.summary() and "copies in the sheet" not in far.summary()
+    assert "no sign of copying" in result(0.19).verdict()  # ratio 0.95: as far as real images
+    soft = result(0.14)
+    assert "blur" in soft.verdict() and "without any copying" in soft.verdict()
+    close = result(0.05)
+    assert "look for copies" in close.verdict() and "0.1200" in close.verdict()
+    assert close.as_json()["verdict"] == close.verdict() and close.as_json()["blur_median"] == 0.12
 
 
 def test_eval_writes_the_sheet(tiny_run, tmp_path, capsys):
