@@ -39,7 +39,7 @@ from .device import pick_device
 from .errors import UserError
 from .interpolation import SPACES, default_method, path
 from .metrics import psnr
-from .models import check_truncation, per_seed_z, truncate
+from .models import check_truncation, per_seed_z, run_in_chunks, truncate
 from .training.run_state import load_sampling_nets
 
 log = logging.getLogger("aegan_fast")
@@ -125,11 +125,16 @@ class TrainedModel:
         images = self.sampler.sample(n, seed, batch, progress, seeds=seeds, truncation=truncation)
         return to_pil(images) if pil else images
 
-    @torch.no_grad()
     def generate_embedding(self, z: torch.Tensor, batch: int = 64) -> torch.Tensor:
         """G_E(z): the embeddings the sampling chain decodes (N × C × R/16 × R/16, on the CPU)."""
-        z = self._check_z(z)
-        return torch.cat([self.nets["G_E"](z[i:i + batch].to(self.device)).cpu() for i in range(0, len(z), batch)])
+        return self._run("G_E", self._check_z(z), batch)
+
+    def _run(self, net: str, x: torch.Tensor, batch: int, progress: bool = False) -> torch.Tensor:
+        """One of the nets over x in chunks of ``batch`` on the model's device, back on the CPU in fp32."""
+        if len(x) == 0:  # no chunks: the net's own empty answer, with its shape
+            with torch.no_grad():
+                return self.nets[net](x.to(self.device)).float().cpu()
+        return run_in_chunks(lambda chunk: self.nets[net](chunk.to(self.device)).float(), x, batch, progress)
 
     # ---- real images ↔ embeddings -------------------------------------------------------------
     def images(self, images: ImageLike | Sequence[ImageLike], fit: str = "crop") -> tuple[torch.Tensor, list[str]]:
@@ -160,39 +165,23 @@ class TrainedModel:
             names.extend(f"image{i}" + (f"-{k}" if len(x) > 1 else "") for k in range(len(x)))
         return torch.cat(out), names
 
-    @torch.no_grad()
     def encode(self, images: ImageLike | Sequence[ImageLike], *, fit: str = "crop", batch: int = 64) -> torch.Tensor:
         """H(x): each real image's embedding (N × C × R/16 × R/16, on the CPU)."""
-        x, _ = self.images(images, fit)
-        return self._encode(x, batch)
+        return self._run("H", self.images(images, fit)[0], batch)
 
-    def _encode(self, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([self.nets["H"](x[i:i + batch].to(self.device)).cpu() for i in range(0, len(x), batch)])
-
-    @torch.no_grad()
     def decode(self, embeddings: torch.Tensor, *, denoise: bool = True, batch: int = 64, progress: bool = False,
                pil: bool = False):
         """Embeddings → images: F, then φ where the run has one and ``denoise``."""
-        e = self._check_embeddings(embeddings)
-        phi = self.nets["phi"] if denoise and self.has_denoiser else None
-        chunks = range(0, len(e), batch)
-        out = []
-        for i in tqdm(chunks, desc="decoding", unit="batch", disable=not progress or len(chunks) < 2):
-            x = self.nets["F"](e[i:i + batch].to(self.device))
-            out.append((phi(x) if phi is not None else x).float().cpu())
-        images = torch.cat(out) if out else torch.empty(0, 3, self.resolution, self.resolution)
+        images = self._run("F", self._check_embeddings(embeddings), batch, progress)
+        if denoise and self.has_denoiser:
+            images = self._run("phi", images, batch)
         return to_pil(images) if pil else images
 
-    @torch.no_grad()
     def reconstruct(self, images: ImageLike | Sequence[ImageLike], *, fit: str = "crop", batch: int = 64) -> Reconstruction:
         """x, F(H(x)) and φ(F(H(x))), with each output's PSNR against x."""
         x, names = self.images(images, fit)
-        decoded = self.decode(self._encode(x, batch), denoise=False, batch=batch)
-        denoised = None
-        if self.has_denoiser:
-            denoised = torch.cat([self.nets["phi"](decoded[i:i + batch].to(self.device)).float().cpu()
-                                  for i in range(0, len(decoded), batch)])
+        decoded = self.decode(self._run("H", x, batch), denoise=False, batch=batch)
+        denoised = self._run("phi", decoded, batch) if self.has_denoiser else None
         out = decoded if denoised is None else denoised
         return Reconstruction(x, decoded, denoised, psnr(out, x, reduction="none").tolist(), names)
 
@@ -238,7 +227,6 @@ class TrainedModel:
 
     def sample_z(self, z: torch.Tensor, batch: int = 64) -> torch.Tensor:
         """Images of given z rows (N × z_dim in [-1, 1]) on the Sampler."""
-        from .models import run_in_chunks
         return run_in_chunks(self.sampler, self._check_z(z), batch)
 
     def _key_z(self, key, project_steps: int) -> torch.Tensor:
@@ -273,7 +261,7 @@ class TrainedModel:
         x, names = self.images(image)
         if len(x) != 1:
             raise UserError(f"project takes one image at a time, got {len(x)}")
-        target = self._encode(x).to(self.device)
+        target = self._run("H", x, 1).to(self.device)
         G_E = self.nets["G_E"]
         z = per_seed_z(range(seed, seed + restarts), self.z_dim, self.device).requires_grad_(True)
         opt = torch.optim.Adam([z], lr=lr)
