@@ -287,13 +287,16 @@ class Sampler:
 
         if device.type != "cpu":
             raise UserError(f"backend 'openvino' runs on the CPU, not on {device}")
-        int8 = kind == "xml" and read_ir(path)[1].get("precision") == "int8"
+        meta = read_ir(path)[1] if kind == "xml" else {}
+        int8 = meta.get("precision") == "int8"
         if int8:  # an INT8 IR is INT8 by construction (export --int8)
             precision = _file_precision(path, "int8", precision)
         else:
             precision = resolve_precision(precision)  # before any export: a bad precision fails fast
-        xml = cached_export(path, use_ema=use_ema, denoise=denoise) if kind == "checkpoint" else path
-        model, meta = read_ir(xml)
+        xml = path
+        if kind == "checkpoint":
+            xml = cached_export(path, use_ema=use_ema, denoise=denoise)
+            meta = read_ir(xml)[1]
         if (meta.get("denoise") == "True") != denoise:
             raise UserError(f"{xml.name} was exported with denoise={meta.get('denoise')}; export again to change it")
         t0 = time.perf_counter()
