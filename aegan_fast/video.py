@@ -133,10 +133,11 @@ class FrameWriter:
         if self.count == 0:
             raise UserError(f"no frames to write to {self.path}")
         if self.kind == "grid":
-            from .viz import make_grid
-            images = torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
             from PIL import Image
-            grid = make_grid(images, self.nrow)
+
+            from .data import to_float
+            from .viz import make_grid
+            grid = make_grid(to_float(torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2)), self.nrow)
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(self.tmp, format="PNG")
         elif self.kind == "pillow":
             from PIL import Image
