@@ -25,8 +25,8 @@ STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (training/sta
 LOSSES = ("bce", "hinge", "lsgan")
 # Where and how a run executes, not what it trains: these may differ when a run is resumed.
 RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile",
-             "sync_bn", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale", "max_rollbacks",
-             "ckpt_every_kimg", "sample_every_kimg", "log_every_steps")
+             "sync_bn", "grad_bucket_mb", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale",
+             "max_rollbacks", "ckpt_every_kimg", "sample_every_kimg", "log_every_steps")
 
 
 @dataclass
@@ -81,6 +81,9 @@ class TrainConfig:
     channels_last: bool | None = None  # activations and weights in channels_last (default: with bf16/fp16)
     compile: str = "auto"           # torch.compile each net's forward: on | off | auto (where measured faster)
     sync_bn: bool = False           # under torchrun: BatchNorm statistics over the global batch, not each rank's
+    # under torchrun: gradients are averaged in buckets of this many MiB, each sent while the backward
+    # computes the rest; 0: in one all-reduce after the backward (the same bits either way on 2 ranks)
+    grad_bucket_mb: float = 1.0
     collective_timeout_s: float = 1800.0  # under torchrun: a rank that waits this long on the others fails
     data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
     # Fine-tuning: a new run (its own counters, optimizers and held-out split) whose nets, and EMA nets

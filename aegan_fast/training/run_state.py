@@ -88,7 +88,7 @@ def new_state(cfg: TrainConfig, data: ImageSet, device, world: World = SINGLE, *
     if world.rank:
         data_gen = seed_everything(rank_seed(cfg.seed, world.rank))
     st = TrainState(cfg, nets, make_optimizers(nets, cfg, fused=fused_adam), data, data_gen, device, precision,
-                    precision.grad_scaler(), world=world, guard=UpdateGuard(device) if guard else None)
+                    precision.grad_scaler(), world=world, guard=UpdateGuard(device, cfg.grad_bucket_mb) if guard else None)
     st.counters["stage"] = cfg.stages[0]
     # The source's EMA only where the run's first stage averages the chain: a run that retrains the
     # autoencoder first starts its EMA from the nets it has then, as every run does.

@@ -34,7 +34,7 @@ def validate(cfg: TrainConfig) -> None:
     at_least_zero = {"--sample-every-kimg": cfg.sample_every_kimg, "--ckpt-every-kimg": cfg.ckpt_every_kimg,
                      "--ema-kimg": cfg.ema_kimg, "--loader-workers": cfg.loader_workers,
                      "--max-rollbacks": cfg.max_rollbacks, "--embed-cache-mb": cfg.embed_cache_mb,
-                     "--data-cache-mb": cfg.data_cache_mb}
+                     "--data-cache-mb": cfg.data_cache_mb, "--grad-bucket-mb": cfg.grad_bucket_mb}
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be > 0, got {value}")
