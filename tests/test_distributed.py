@@ -159,12 +159,14 @@ def _metrics_mean(rank, world):
     import tempfile
     from aegan_fast.training.run_log import MetricsLog
     folder = Path(tempfile.mkdtemp())
-    log = MetricsLog(folder / "metrics.jsonl", "cpu", enabled=rank == 0)
+    # rank 1 is blocked on all-reduces the whole interval, rank 0 never
+    log = MetricsLog(folder / "metrics.jsonl", "cpu", enabled=rank == 0, comm_clock=lambda: time.perf_counter() * rank)
     for step in range(2):
         log.add({"l1": torch.tensor(float(rank + 1) * (step + 1)), "adv": torch.tensor(-2.0 * rank)}, 4, 0.0)
+    time.sleep(0.2)
     row = log.flush("ae", {"total_img": 8, "stage_img": 8, "step": 2})
     written = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-    return row["losses"], written
+    return row["losses"], row["comm_wait"], written
 
 
 def _helpers(rank, world):
@@ -312,10 +314,11 @@ def test_rank_0_only_work_publishes_its_outcome_to_every_rank(helper_results):
 
 
 @pytest.mark.slow
-def test_logged_losses_are_the_mean_over_the_ranks_and_rank_0_writes_them(helper_results):
-    (losses0, written0), (losses1, written1) = (r["metrics_mean"] for r in helper_results)
+def test_logged_losses_and_comm_wait_are_the_mean_over_the_ranks_and_rank_0_writes_them(helper_results):
+    (losses0, comm0, written0), (losses1, comm1, written1) = (r["metrics_mean"] for r in helper_results)
     # rank 0: l1 1 then 2 (mean 1.5), rank 1: 2 then 4 (mean 3); adv 0 and -2
     assert losses0 == losses1 == {"l1": 2.25, "adv": -1.0}
+    assert comm0 == comm1 and comm0 == pytest.approx(0.5, abs=0.01)  # the ranks' mean share of the interval
     assert len(written0) == 1 and json.loads(written0[0])["losses"] == losses0 and written1 == []
 
 
