@@ -81,9 +81,11 @@ class TrainConfig:
     channels_last: bool | None = None  # activations and weights in channels_last (default: with bf16/fp16)
     compile: str = "auto"           # torch.compile each net's forward: on | off | auto (where measured faster)
     sync_bn: bool = False           # under torchrun: BatchNorm statistics over the global batch, not each rank's
-    # under torchrun: gradients are averaged in buckets of this many MiB, each sent while the backward
-    # computes the rest; 0: in one all-reduce after the backward (the same bits either way on 2 ranks)
-    grad_bucket_mb: float = 1.0
+    # under torchrun: each optimizer phase averages its gradients in one all-reduce after its backward (0),
+    # or in buckets of this many MiB, each sent while the backward computes the rest (the same bits on 2
+    # ranks). 0 by default: on CPUs gloo's copies take the very cores the backward needs, and buckets
+    # were slower (bench/RESULTS.md, "Gradient buckets"); for NCCL on GPUs, where overlap usually pays, unmeasured.
+    grad_bucket_mb: float = 0.0
     collective_timeout_s: float = 1800.0  # under torchrun: a rank that waits this long on the others fails
     data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
     # Fine-tuning: a new run (its own counters, optimizers and held-out split) whose nets, and EMA nets
