@@ -108,10 +108,10 @@ def test_after_its_warm_up_d_ae_learns_and_h_f_follow_l1_plus_the_weighted_hinge
 
 
 def test_d_ae_steps_at_d_r_rate_unless_given_its_own(image_folder):
-    st, _ = _stage_1(image_folder, **ON)
-    assert st.opts["D_AE"].param_groups[0]["lr"] == st.cfg.lr["D_R"]
-    cfg = tiny_config(**ON)
-    st, _ = _stage_1(image_folder, **ON, lr={**cfg.lr, "D_AE": 1e-5})
+    rates = {**tiny_config().lr, "D_R": 3e-4}  # D_R's apart from every other net's
+    st, _ = _stage_1(image_folder, **ON, lr=rates)
+    assert st.opts["D_AE"].param_groups[0]["lr"] == 3e-4
+    st, _ = _stage_1(image_folder, **ON, lr={**rates, "D_AE": 1e-5})
     assert st.opts["D_AE"].param_groups[0]["lr"] == 1e-5
 
 
