@@ -172,8 +172,9 @@ def test_init_from_a_run_with_d_ae_into_one_without_leaves_it_out(adv_run, image
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ae-adv-weight", "-1"], "--ae-adv-weight must be ≥ 0 (0: off), got -1"),
-    (["--ae-adv-weight", "nan"], "--ae-adv-weight must be ≥ 0"),
+    (["--ae-adv-weight", "-1"], "--ae-adv-weight must be a finite number ≥ 0 (0: off), got -1"),
+    (["--ae-adv-weight", "nan"], "--ae-adv-weight must be a finite number ≥ 0"),
+    (["--ae-adv-weight", "inf"], "--ae-adv-weight must be a finite number ≥ 0"),
     (["--ae-adv-start-kimg", "-2"], "--ae-adv-start-kimg must be ≥ 0, got -2"),
     (["--ae-adv-weight", "0.1", "--stages", "embed", "finetune"], "trains D_AE in stage ae, which this run does not have"),
     (["--ae-adv-weight", "0.1", "--kimg", "ae=5"], "--ae-adv-start-kimg 20.0 is not before stage ae's end"),
