@@ -84,8 +84,8 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def check_ae_adversarial(cfg: TrainConfig) -> None:
-    if not cfg.ae_adv_weight >= 0:
-        raise UserError(f"--ae-adv-weight must be ≥ 0 (0: off), got {cfg.ae_adv_weight}")
+    if not 0 <= cfg.ae_adv_weight < float("inf"):
+        raise UserError(f"--ae-adv-weight must be a finite number ≥ 0 (0: off), got {cfg.ae_adv_weight}")
     if not cfg.ae_adv_start_kimg >= 0:
         raise UserError(f"--ae-adv-start-kimg must be ≥ 0, got {cfg.ae_adv_start_kimg}")
     if cfg.ae_adv_weight == 0:
