@@ -54,6 +54,12 @@ class TrainConfig:
     # Stage 1's rates fall along a cosine to this fraction of their value at the stage's end
     # (1: constant, as in the paper; beyond the paper below 1).
     ae_lr_final: float = 1.0
+    # Stage 1's adversarial term (beyond the paper; VQGAN's autoencoders train so): once
+    # ae_adv_start_kimg of the stage have passed, H and F minimise L1 + this weight × the hinge loss
+    # of D_AE, a patch discriminator trained alongside on x against F(H(x)) at --lr D_AE=LR (default:
+    # D_R's rate). 0: off, no D_AE (L1 alone, as in the paper); off until measured.
+    ae_adv_weight: float = 0.0
+    ae_adv_start_kimg: float = 20.0  # kimg of stage 1 on L1 alone before D_AE and its term start
     embed_cache_mb: float = 2048    # cache H(x) of the whole set (and mirrors) in stages 2-3 up to this size
     # Stage 3 (joint fine-tuning, our design; see README "Stage 3"):
     finetune_lr_scale: float = 0.1  # every net's lr is scaled by this in stage 3
