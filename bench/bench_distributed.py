@@ -1,6 +1,7 @@
 """Training throughput of one machine's cores laid out three ways, and what the gradient all-reduces cost.
 
     python -m bench.bench_distributed [--rounds 2] [--layouts 1x2 2x1 agents] [--grad-bucket-mb 0 1] [--data DIR]
+    python -m bench.bench_distributed --ceiling [--stage embed] [--rounds 3]
 
     1x2      one process, all cores as its OpenMP threads (the plain run)
     2x1      ``torchrun --standalone --nproc_per_node=2``: two processes, half the cores each
@@ -14,6 +15,12 @@ stage's log rows after the first (grids, evaluations and checkpoints are left ou
 bench/timing.py does not apply). On a CPU the layouts share the same cores: this measures what
 data parallelism costs and wins on one machine (smaller per-process batches, fewer threads per
 process, the all-reduces), not extra hardware.
+
+``--ceiling`` asks what any communication scheme could win at best: the stage's training step
+(training.take_step, the demo's nets and batch, random images) timed on one process × 2 threads
+against two processes × 1 thread that average their gradients, and the same two processes with the
+averaging skipped (wrong training, right compute: the most a faster all-reduce could give), rounds
+interleaved, medians.
 """
 from __future__ import annotations
 
@@ -74,6 +81,59 @@ def run_once(layout: str, bucket_mb: float, data: str | None, run: Path, threads
     return out
 
 
+def ceiling_worker(stage: str, rounds: int, steps: int = 10) -> None:
+    """Under torchrun (or alone): median step times of stage's demo-shaped step, with and without
+    the gradient averaging; printed as JSON by rank 0."""
+    import torch
+    from aegan_fast import distributed
+    from aegan_fast.config import preset
+    from bench import bench_train_step
+
+    world, _ = distributed.init(torch.device("cpu"), 120)
+    bench_train_step.SHAPES[64] = (preset("demo").model, 32, preset("demo").embed_steps)
+    step = bench_train_step.make_step(stage, 64, "fast", batch=32 // world.size)
+    reducer = step.state.guard.reducer
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for mode in (("averaged", "skipped") if reducer is not None else ("one process",)):
+            step.state.guard.reducer = None if mode == "skipped" else reducer
+            for _ in range(2):
+                step()
+            if world.distributed:
+                distributed.barrier()
+            ts = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step()
+                ts.append(time.perf_counter() - t0)
+            times.setdefault(mode, []).append(statistics.median(ts))
+    if world.main:
+        print(json.dumps({mode: statistics.median(v) for mode, v in times.items()}))
+    distributed.shutdown()
+
+
+def ceiling(stage: str, rounds: int, threads: int) -> None:
+    worker = ["-m", "bench.bench_distributed", "--ceiling-worker", stage, "--rounds", "1"]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    runs: dict[str, list[float]] = {}
+    for k in range(rounds):
+        for procs in (1, 2):
+            cmd = [sys.executable, *worker] if procs == 1 else [torchrun, "--standalone", "--nproc_per_node=2", *worker]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads // procs)))
+            if r.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+            for mode, t in json.loads(r.stdout.strip().splitlines()[-1]).items():
+                runs.setdefault(mode, []).append(t)
+            print(f"round {k + 1}: {procs} process(es) done", file=sys.stderr)
+    one = statistics.median(runs["one process"])
+    print(f"\n{stage} step, demo nets, global batch 32, {threads} cores (median of {rounds} rounds)")
+    for mode, label in (("one process", f"1 process × {threads} threads"),
+                        ("averaged", f"2 processes × {threads // 2}, gradients averaged"),
+                        ("skipped", f"2 processes × {threads // 2}, no all-reduce (the ceiling)")):
+        t = statistics.median(runs[mode])
+        print(f"  {label:45s} {1e3 * t:7.1f} ms  {32 / t:6.1f} img/s  {one / t:5.2f}×")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2)
@@ -82,7 +142,14 @@ def main(argv=None) -> None:
                    help="bucket sizes to compare in the multi-process layouts (0: one all-reduce after each backward)")
     p.add_argument("--data", help="image folder or prepared set (default: the built-in emoji set)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores shared by the processes")
+    p.add_argument("--ceiling", action="store_true", help="the step alone: what a perfect all-reduce could win")
+    p.add_argument("--stage", choices=STAGES, default="embed", help="with --ceiling")
+    p.add_argument("--ceiling-worker", metavar="STAGE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ceiling_worker:
+        return ceiling_worker(args.ceiling_worker, args.rounds)
+    if args.ceiling:
+        return ceiling(args.stage, args.rounds, args.threads)
     cases = [(layout, mb) for layout in args.layouts for mb in (args.grad_bucket_mb if layout != "1x2" else [0.0])]
     results: dict[tuple, list[dict]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
