@@ -225,3 +225,16 @@ def test_the_fast_step_is_compared_with_both_plain_baselines():
     assert ratios == {"ae R=64 reference": set(), "ae R=64 autocast": {"ae R=64 reference"},
                       "ae R=64 fast": {"ae R=64 reference", "ae R=64 autocast"}}
     assert all(row.status == "ok" and row.median_s > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_the_distributed_ceiling_runs_one_and_two_processes_and_reports_each_mode():
+    """bench_distributed --ceiling: one process, then torchrun with two, each timing its modes."""
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_distributed", "--ceiling", "--stage", "ae", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-4].startswith("ae step, demo nets, global batch 32")
+    assert lines[-3].lstrip().startswith("1 process ×")
+    assert "gradients averaged" in lines[-2] and "no all-reduce (the ceiling)" in lines[-1]
+    assert lines[-3].rstrip().endswith("1.00×")
