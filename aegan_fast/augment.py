@@ -87,7 +87,10 @@ def cutout(x, ratio: float = 0.5):
 
 
 def xflip(x):
-    return x.flip(3)
+    """ADA's: a coin per sample picks flipped or not, so applied with probability p a sample is mirrored
+    with p/2 ≤ 1/2: mirrored images never outnumber the originals (a generator would copy the majority)."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)
 
 
 def rot90(x):
@@ -99,9 +102,10 @@ def rot90(x):
 
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """x resampled (bilinear) through per-sample 2×3 matrices, reflected at the edges as ADA does.
-    In fp32: the sampling grid's arithmetic is too coarse in bf16."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection",
+    At least in fp32: the sampling grid's arithmetic is too coarse in bf16."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    grid = F.affine_grid(theta.to(work), list(x.shape), align_corners=False)
+    return F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False).to(x.dtype)
 
 
