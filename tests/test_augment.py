@@ -67,6 +67,15 @@ def test_translation_is_an_integer_shift_and_cutout_zeroes_a_square():
         assert torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values), name
 
 
+def test_flips_and_quarter_turns_draw_the_identity_too():
+    """As ADA's: applied to a sample, x-flip mirrors it with probability 1/2 and rot90 turns it by k ∈ {0..3}
+    uniformly, so at any p the untouched images stay the largest share (a generator copies a majority)."""
+    x = torch.randn(4000, 1, 2, 2)
+    kept = {name: (augment.Pipe((name,), 1.0)(x) == x).flatten(1).all(1).float().mean().item()
+            for name in ("xflip", "rot90")}
+    assert kept["xflip"] == pytest.approx(0.5, abs=0.04) and kept["rot90"] == pytest.approx(0.25, abs=0.04)
+
+
 def test_p_zero_is_the_identity_bit_for_bit_and_p_one_augments_every_sample():
     x = torch.randn(8, 3, 16, 16)
     ops = augment.parse_policy("diffaugment,geometric")
