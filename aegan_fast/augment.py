@@ -174,7 +174,7 @@ class Pipe:
         device = torch.device(device)
         self.p = torch.tensor(0.0 if p is None else p, device=device)  # ADA starts from no augmentation
         self.signs = torch.zeros((), device=device)   # Σ sign(D(real)) since the last adjustment
-        self.rt = torch.full((), math.nan, device=device)  # r_t of the last interval (NaN before the first)
+        self.rt = torch.zeros((), device=device)      # r_t of the last interval (logged once there is one)
         self.seen = self.images = self.calls = 0       # logits and images since the last adjustment; D steps
 
     def __bool__(self) -> bool:
@@ -248,9 +248,8 @@ def log_row(pipes: dict[str, Pipe], nets) -> dict:
     mine = {name: pipe for name, pipe in pipes.items() if name in nets}
     if not mine:
         return {}
-    rts = {name: pipe.rt.item() for name, pipe in mine.items()}
     return {"aug_p": {name: pipe.p.item() for name, pipe in mine.items()},
-            "aug_rt": {name: None if math.isnan(rt) else rt for name, rt in rts.items()}}
+            "aug_rt": {name: pipe.rt.item() if pipe.calls >= pipe.interval else None for name, pipe in mine.items()}}
 
 
 # --------------------------------------------------------------------------- the steps' view

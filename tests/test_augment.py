@@ -183,7 +183,8 @@ def _adaptive(interval=4, cap=0.8):
 def test_adaptive_p_rises_while_d_is_sure_of_the_reals_and_stops_at_the_cap():
     pipe, x = _adaptive(), torch.randn(10, 3, 8, 8)
     _d_steps(_Recorder(logit=5.0), pipe, x, x, steps=3)  # r_t = 1 > 0.6, but no interval complete yet
-    assert pipe.p.item() == 0.0 and pipe.rt.isnan()
+    assert pipe.p.item() == 0.0 and augment.log_row({"D_R": pipe}, ("D_R",)) == {"aug_p": {"D_R": 0.0},
+                                                                                 "aug_rt": {"D_R": None}}
     _d_steps(_Recorder(logit=5.0), pipe, x, x, steps=1)
     assert pipe.rt.item() == 1.0
     assert pipe.p.item() == pytest.approx(40 / 100)  # 4 steps × 10 images over 0.1 kimg
@@ -230,3 +231,55 @@ def test_bad_augment_settings_are_one_line_errors(overrides, message):
 
 def test_augmentation_is_off_by_default():
     assert TrainConfig().augment == {} and augment.from_config(TrainConfig(), "cpu") == {}
+
+
+# --------------------------------------------------------------------------- the leak test
+
+MARK_SIDE = 16
+
+
+def _corners(x: torch.Tensor) -> list[float]:
+    """Mean brightness of the top-left, top-right, bottom-left and bottom-right MARK_SIDE squares."""
+    m = MARK_SIDE
+    return [x[..., :m, :m].mean().item(), x[..., :m, -m:].mean().item(), x[..., -m:, :m].mean().item(),
+            x[..., -m:, -m:].mean().item()]
+
+
+def train_marked(steps: int, augment_reals_only: bool = False, p: float = 0.8) -> list[float]:
+    """The direct baseline (the chain from scratch against D_R, the quickest GAN here) trained on dark
+    noisy images that each carry a white square in their top-left corner, D_R's inputs through x-flips,
+    quarter turns and translations at p; the corners of 64 samples. ``augment_reals_only``: the classic
+    mistake (augmenting the data, not D's inputs), which must show in the samples."""
+    g = torch.Generator().manual_seed(0)
+    n, R = 64, 64
+    images = (torch.rand(n, 3, 1, 1, generator=g) * 80 + torch.rand(n, 3, R, R, generator=g) * 40).to(torch.uint8)
+    images[:, :, :MARK_SIDE, :MARK_SIDE] = 255
+    from aegan_fast.data.dataset import ImageSet
+    from aegan_fast.models import SamplingChain, sample_z
+    lr = 1e-3
+    cfg = tiny_config(stages=("direct",), kimg={"direct": 1.0}, batch=16, precision="fp32", ema_kimg=0.0,
+                      lr={"H": lr, "F": lr, "G_E": lr, "D_E": lr, "phi": lr, "D_R": lr},
+                      augment={} if augment_reals_only else {"D_R": "xflip,rot90,translation_reflect"},
+                      augment_p=str(p))
+    data = ImageSet(images, "marked")
+    st = new_state(cfg, data, "cpu", guard=False)
+    enter_stage(STAGES["direct"], st)
+    on_data = augment.Pipe(("xflip", "rot90", "translation_reflect"), p) if augment_reals_only else None
+    unmirrored = torch.zeros(16, dtype=torch.bool)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (16,), generator=g)
+        x = data.gather(idx, unmirrored, "cpu")
+        if on_data is not None:
+            x = on_data(x)
+        take_step(STAGES["direct"], st, st.batch(x, idx, unmirrored), None)
+    with torch.no_grad():
+        return _corners(SamplingChain.of(st.nets)(sample_z(64, cfg.model.z_dim)))
+
+
+@pytest.mark.slow
+def test_a_mark_in_one_corner_is_not_moved_or_mirrored_by_augmentation_at_p_0_8():
+    """ADA's argument: an augmentation applied to reals and fakes alike with p < 1 leaves the real
+    distribution as the one optimum. The mark must stay top-left; a mirror (top-right), turn (bottom
+    corners) or smear would brighten another corner."""
+    tl, *others = train_marked(STEPS_TO_MARK)
+    assert tl > 0.3 and max(others) < -0.2, (tl, others)
