@@ -152,6 +152,7 @@ def test_resume_with_adaptive_augmentation_is_bit_identical(resume_world, tmp_pa
     data, _ = resume_world
     straight_run, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight_run.mkdir()
+    stopped.mkdir()
     train(tiny_config(**RESUME, **AUGMENTED), straight_run, progress=False, data=data)
     final = load_checkpoint(straight_run)
     assert_complete_training_state(final)
