@@ -25,8 +25,8 @@ STAGES = ("ae", "embed", "finetune")  # the AEGAN stages, in order (training/sta
 LOSSES = ("bce", "hinge", "lsgan")
 # Where and how a run executes, not what it trains: these may differ when a run is resumed.
 RESUMABLE = ("ops", "device", "loader", "loader_workers", "data_cache_mb", "precision", "channels_last", "compile",
-             "sync_bn", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale", "max_rollbacks",
-             "ckpt_every_kimg", "sample_every_kimg", "log_every_steps")
+             "sync_bn", "grad_bucket_mb", "collective_timeout_s", "ckpt_keep", "max_bad_steps", "rollback_lr_scale",
+             "max_rollbacks", "ckpt_every_kimg", "sample_every_kimg", "log_every_steps")
 
 
 @dataclass
@@ -68,6 +68,12 @@ class TrainConfig:
     # Stage 1's rates fall along a cosine to this fraction of their value at the stage's end
     # (1: constant, as in the paper; beyond the paper below 1).
     ae_lr_final: float = 1.0
+    # Stage 1's adversarial term (beyond the paper; VQGAN's autoencoders train so): once
+    # ae_adv_start_kimg of the stage have passed, H and F minimise L1 + this weight × the hinge loss
+    # of D_AE, a patch discriminator trained alongside on x against F(H(x)) at --lr D_AE=LR (default:
+    # D_R's rate). 0: off, no D_AE (L1 alone, as in the paper); off until measured.
+    ae_adv_weight: float = 0.0
+    ae_adv_start_kimg: float = 20.0  # kimg of stage 1 on L1 alone before D_AE and its term start
     embed_cache_mb: float = 2048    # cache H(x) of the whole set (and mirrors) in stages 2-3 up to this size
     # Stage 3 (joint fine-tuning, our design; see README "Stage 3"):
     finetune_lr_scale: float = 0.1  # every net's lr is scaled by this in stage 3
@@ -95,6 +101,11 @@ class TrainConfig:
     channels_last: bool | None = None  # activations and weights in channels_last (default: with bf16/fp16)
     compile: str = "auto"           # torch.compile each net's forward: on | off | auto (where measured faster)
     sync_bn: bool = False           # under torchrun: BatchNorm statistics over the global batch, not each rank's
+    # under torchrun: each optimizer phase averages its gradients in one all-reduce after its backward (0),
+    # or in buckets of this many MiB, each sent while the backward computes the rest (the same bits on 2
+    # ranks). 0 by default: on CPUs gloo's copies take the very cores the backward needs, and buckets
+    # were slower (bench/RESULTS.md, "Gradient buckets"); for NCCL on GPUs, where overlap usually pays, unmeasured.
+    grad_bucket_mb: float = 0.0
     collective_timeout_s: float = 1800.0  # under torchrun: a rank that waits this long on the others fails
     data: str | None = None          # prepared set, or folder/zip/tar of images (default: the built-in emoji set)
     # Fine-tuning: a new run (its own counters, optimizers and held-out split) whose nets, and EMA nets

@@ -8,12 +8,12 @@ How gradients are averaged, and why not DDP: an AEGAN step trains up to five net
 optimizers, runs a discriminator twice (real and fake) before one backward, and toggles
 ``requires_grad`` between the discriminator's and the generator's phase. DDP's reducer is built
 for one forward and one backward per module and step; with ``broadcast_buffers=True`` its buffer
-broadcast at the second forward also rewrites BatchNorm buffers in place under autograd. So we do
-what StyleGAN3 does: after each backward, one flattened all-reduce of the gradients of exactly the
-nets that phase steps (``average_gradients``), then their optimizers step. It costs the overlap of
-communication with the backward that DDP would give, and buys step functions that stay plain
-single-device code, one collective per optimizer phase, and identical averaged gradients (hence
-bit-identical weights) on every rank, which ``check_consistency`` verifies before every checkpoint.
+broadcast at the second forward also rewrites BatchNorm buffers in place under autograd. So each
+optimizer phase averages the gradients of exactly the nets it steps (``GradientReducer``, driven
+by the guard around every backward): bucketed, and each bucket's all-reduce launched while the
+backward still computes the rest, as DDP overlaps them. That keeps step functions plain
+single-device code and gives identical averaged gradients (hence bit-identical weights) on every
+rank, which ``check_consistency`` verifies before every checkpoint.
 
 BatchNorm: without ``--sync-bn`` each rank normalises with its own batch's statistics (as DDP does)
 and the running statistics drift apart per rank; they are averaged across ranks before each
@@ -44,6 +44,7 @@ import re
 import secrets
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -200,24 +201,97 @@ def any_rank(flag: bool, device: torch.device = torch.device("cpu")) -> bool:
     return bool(t.item())
 
 
-def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Replace each parameter's gradient by its mean over the ranks, in one flattened all-reduce;
-    ``extra`` (a small float tensor) rides along and comes back summed over the ranks."""
-    grads = [p.grad for p in params if p.grad is not None]
-    parts = [g.reshape(-1).float() for g in grads] + ([extra.reshape(-1).float()] if extra is not None else [])
-    if not parts:
-        return extra
-    flat = torch.cat(parts)
-    device = flat.device
-    flat = flat.to(_collective_device(device))
-    dist.all_reduce(flat)
-    flat = flat.to(device)
-    offset, size = 0, current().size
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g).div_(size))
-        offset += n
-    return flat[offset:].view_as(extra) if extra is not None else None
+class GradientReducer:
+    """Averages the gradients of one backward over the ranks, bucket by bucket while the backward
+    is still running (DDP's overlap, without its one-forward-one-backward reducer).
+
+    ``begin(params)`` before the backward cuts the params (in reverse, the order their gradients
+    arrive) into buckets of about ``bucket_bytes``; a hook on each parameter's gradient
+    accumulation launches a bucket's all-reduce, asynchronously, as soon as all its gradients are
+    in, and buckets always start in index order so every rank issues the same collectives in the
+    same order. ``finish(extra)`` after the backward sends what is left (with ``extra``, the
+    guard's non-finite flag, in the last bucket), waits, and writes the means back.
+
+    Each element is summed over the ranks and divided by their number exactly as one flattened
+    all-reduce does it, so on two ranks (where a sum has one order) the weights are bit for bit the
+    unbucketed ones; with more ranks gloo's ring may associate a sum differently per bucket layout,
+    still identically on every rank. ``bucket_bytes=0``: one all-reduce after the backward, no overlap.
+    """
+
+    def __init__(self, bucket_bytes: float):
+        self.bucket_bytes = bucket_bytes
+        self.comm_s = 0.0            # seconds blocked waiting for collectives (the exposed communication)
+        self._hooked: dict[int, weakref.ref] = {}
+        self._bucket_of: dict[int, int] = {}
+        self._buckets: list[list[torch.Tensor]] = []
+        self._missing: list[int] = []
+        self._work: list = []        # per launched bucket: (collective handle, flat tensor, its grads)
+
+    def begin(self, params: list[torch.Tensor]) -> None:
+        params = [p for p in params if p.requires_grad]
+        self._buckets, size = [], 0.0
+        if self.bucket_bytes > 0:
+            for p in reversed(params):
+                if not self._buckets or size >= self.bucket_bytes:
+                    self._buckets.append([])
+                    size = 0.0
+                self._buckets[-1].append(p)
+                size += p.numel() * 4
+        elif params:
+            self._buckets = [list(reversed(params))]
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self._buckets) for p in bucket}
+        self._missing = [len(b) for b in self._buckets]
+        self._work = []
+        if self.bucket_bytes > 0:
+            for p in params:
+                known = self._hooked.get(id(p))
+                if known is None or known() is not p:
+                    p.register_post_accumulate_grad_hook(self._arrived)
+                    self._hooked[id(p)] = weakref.ref(p)
+
+    def _arrived(self, p: torch.Tensor) -> None:
+        i = self._bucket_of.get(id(p))
+        if i is None:
+            return  # a backward outside begin/finish (a test's, an evaluation's)
+        self._missing[i] -= 1
+        while len(self._work) < len(self._buckets) - 1 and self._missing[len(self._work)] == 0:
+            self._launch(len(self._work))  # the last bucket waits for finish: it carries the flag
+
+    def _launch(self, i: int, extra: torch.Tensor | None = None) -> None:
+        grads = [p.grad for p in self._buckets[i] if p.grad is not None]
+        parts = [g.reshape(-1).float() for g in grads] + ([extra.reshape(-1).float()] if extra is not None else [])
+        if not parts:  # nothing arrived in this bucket (its nets sat out this backward): no collective
+            self._work.append((None, None, None, []))
+            return
+        flat = torch.cat(parts)
+        target = flat.to(_collective_device(flat.device))
+        self._work.append((dist.all_reduce(target, async_op=True), target, flat, grads))
+
+    def finish(self, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Wait for every bucket and write back the means; ``extra`` comes back summed over the ranks."""
+        if not self._buckets:
+            if extra is None:
+                return None
+            self._buckets, self._missing = [[]], [0]
+        while len(self._work) < len(self._buckets):
+            i = len(self._work)
+            self._launch(i, extra if i == len(self._buckets) - 1 else None)
+        t0 = time.perf_counter()
+        size, summed = current().size, None
+        for work, target, flat, grads in self._work:
+            if work is None:
+                continue
+            work.wait()
+            flat = target.to(flat.device)
+            offset = 0
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset:offset + n].view_as(g).div_(size))
+                offset += n
+            summed = flat[offset:]
+        self.comm_s += time.perf_counter() - t0
+        self._buckets, self._bucket_of, self._work = [], {}, []
+        return summed.view_as(extra) if extra is not None else None
 
 
 def broadcast_from_main(tensors) -> None:

@@ -4,8 +4,9 @@ keeps producing them goes back to its last good checkpoint (training/loop.py) in
 Checked after every backward (``precision.backward_and_step`` calls ``after_backward``), with no
 host sync: the "bad" flag is a device tensor handed to torch's fused Adam as ``found_inf`` (the
 same mechanism GradScaler uses), which leaves weights, moments and the step count untouched when
-it is set. The flag rides in the same all-reduce as the gradients on several ranks, so every rank
-skips the same updates and the weights stay identical. The counters are read on the host only
+it is set. On several ranks the guard also averages the gradients (distributed.GradientReducer,
+bucketed and overlapped with the backward) and the flag rides in their last all-reduce, so every
+rank skips the same updates and the weights stay identical. The counters are read on the host only
 when the trainer logs or checkpoints.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ from . import distributed
 
 
 class UpdateGuard:
-    def __init__(self, device):
+    def __init__(self, device, bucket_mb: float = 0.0):
         self.device = torch.device(device)
+        self.reducer = distributed.GradientReducer(bucket_mb * 2 ** 20) if distributed.current().distributed else None
         self.reset()
 
     def reset(self) -> None:
@@ -27,18 +29,26 @@ class UpdateGuard:
         self.bad_steps_in_a_row = zero.clone()
         self.worst_run = zero.clone()      # longest run of bad steps since the last read
 
+    @staticmethod
+    def _params(optimizers) -> list:
+        return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
+    def before_backward(self, optimizers) -> None:
+        """Ready the gradient buckets of these optimizers' parameters (several ranks only)."""
+        if self.reducer is not None:
+            self.reducer.begin(self._params(optimizers))
+
     def after_backward(self, loss: torch.Tensor, optimizers, scaler=None) -> None:
         """Average the gradients over the ranks, and mark the optimizers to skip this update when
         the loss or any gradient is not finite."""
-        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]
-                  if p.grad is not None]
+        params = [p for p in self._params(optimizers) if p.grad is not None]
         grads = [p.grad for p in params]
         total = loss.detach().float().reshape(())
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads, 1)).float().sum()
         bad = (~torch.isfinite(total)).float().reshape(1)
-        if distributed.current().distributed:
-            bad = distributed.average_gradients(params, bad).clamp_(max=1.0)
+        if self.reducer is not None:
+            bad = self.reducer.finish(bad).clamp_(max=1.0)
         bad = bad.reshape(())
         self.skipped += bad
         self.step_bad = torch.maximum(self.step_bad, bad)

@@ -343,6 +343,33 @@ class ImageDiscriminator(nn.Module):
         return self.net(x).flatten()
 
 
+class PatchDiscriminator(nn.Module):
+    """D_AE: image → a map of logits, one per overlapping patch (PatchGAN, Isola et al. 2017; the
+    judge VQGAN's autoencoder trains against). Three stride-2 4×4 convs with LeakyReLU(0.2), widths
+    ae_channels/2 doubling (capped at max_channels), then a 3×3 conv to one logit per position: an
+    (R/8)² map whose every logit sees a 38-pixel patch at any R, so it judges edges and texture, not
+    composition. Every conv is spectrally normalised and nothing is a BatchNorm: its Lipschitz
+    constant stays bounded (the autoencoder's adversarial gradient with it, under a fixed weight),
+    it costs little, and one rank's batch never mixes into another's verdict.
+    Only stage 1's adversarial term uses it (``build_nets(..., ae_discriminator=True)``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        c = max(8, cfg.ae_channels // 2)
+        layers: list[nn.Module] = []
+        cin = 3
+        for i in range(3):
+            cout = min(cfg.max_channels, c * 2 ** i)
+            layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            cin = cout
+        layers.append(sn(nn.Conv2d(cin, 1, 3, 1, 1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
 SAMPLING_CHAIN = ("G_E", "F", "phi")
 
 
@@ -358,13 +385,16 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_nets(cfg: ModelConfig) -> nn.ModuleDict:
+def build_nets(cfg: ModelConfig, ae_discriminator: bool = False) -> nn.ModuleDict:
+    """The six nets; ``ae_discriminator``: D_AE too (a run with stage 1's adversarial term)."""
     nets = nn.ModuleDict({
         "H": Encoder(cfg), "F": Decoder(cfg), "G_E": EmbeddingGenerator(cfg),
         "D_E": EmbeddingDiscriminator(cfg), "phi": Denoiser(cfg) if cfg.denoiser else nn.Identity(),
         "D_R": ImageDiscriminator(cfg),
     })
     init_weights(nets)
+    if ae_discriminator:  # made after the others are drawn: their weights are the same with or without it
+        nets["D_AE"] = PatchDiscriminator(cfg)  # spectral norm: torch's conv init, no N(0, 0.02)
     return nets
 
 

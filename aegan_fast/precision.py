@@ -143,6 +143,8 @@ def backward_and_step(loss: torch.Tensor, optimizers) -> None:
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     scaler, guard = _scaler.get(), _guard.get()
+    if guard is not None:
+        guard.before_backward(optimizers)
     (loss if scaler is None else scaler.scale(loss)).backward()
     if guard is not None:
         guard.after_backward(loss, optimizers, scaler)

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def _worker(rank, world, store, case, out, timeout_s, kw):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # as torchrun sets it: ranks whose OpenMP threads outnumber the cores crawl
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
@@ -53,13 +54,48 @@ def _spawn(tmp_path, case, world=2, timeout_s=5, **kw):
     return [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=False) for r in range(world)]
 
 
-def _average_gradients(rank, world):
-    p = torch.nn.Parameter(torch.zeros(3, 2))
-    q = torch.nn.Parameter(torch.zeros(4))
-    p.grad = torch.full((3, 2), float(rank + 1))
-    q.grad = torch.arange(4.0) * (rank + 1)
-    extra = distributed.average_gradients([p, q], torch.tensor([float(rank == 1)]))
-    return p.grad, q.grad, extra
+def _spy_on_launches() -> list[bool]:
+    """In this (spawned) process, each bucket's launch appends whether it left from inside the
+    backward (a gradient's hook) rather than after it."""
+    launches: list[bool] = []
+    inside = [False]
+    arrived, launch = distributed.GradientReducer._arrived, distributed.GradientReducer._launch
+
+    def spy_arrived(self, p):
+        inside[0] = True
+        try:
+            arrived(self, p)
+        finally:
+            inside[0] = False
+
+    def spy_launch(self, i, extra=None):
+        launches.append(inside[0])
+        launch(self, i, extra)
+    distributed.GradientReducer._arrived, distributed.GradientReducer._launch = spy_arrived, spy_launch
+    return launches
+
+
+def _gradient_buckets(rank, world):
+    """One backward per bucket size: each rank's gradients are (rank + 1) × a known tensor, so the
+    mean is exactly 1.5 × it; the flag rides along summed; which buckets left during the backward."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Linear(3, 2))
+    unused = torch.nn.Parameter(torch.ones(2))  # an optimizer's parameter the loss never reaches
+    params = [unused] + list(net.parameters())  # buckets run in reverse: it comes last
+    x = torch.randn(4, 5)
+    out = {}
+    launches = _spy_on_launches()
+    for bucket_bytes in (0, 1, 2 ** 20):  # one after the backward; one per parameter; one in all
+        reducer = distributed.GradientReducer(bucket_bytes)
+        for p in params:
+            p.grad = None
+        launches.clear()
+        reducer.begin(params)
+        (net(x).square().sum() * (rank + 1)).backward()
+        local = [p.grad.clone() for p in net.parameters()]
+        flag = reducer.finish(torch.tensor([float(rank == 1)]))
+        out[bucket_bytes] = (local, [p.grad for p in net.parameters()], unused.grad, flag, list(launches))
+    return out
 
 
 def _consistency(rank, world):
@@ -123,18 +159,20 @@ def _metrics_mean(rank, world):
     import tempfile
     from aegan_fast.training.run_log import MetricsLog
     folder = Path(tempfile.mkdtemp())
-    log = MetricsLog(folder / "metrics.jsonl", "cpu", enabled=rank == 0)
+    # rank 1 is blocked on all-reduces the whole interval, rank 0 never
+    log = MetricsLog(folder / "metrics.jsonl", "cpu", enabled=rank == 0, comm_clock=lambda: time.perf_counter() * rank)
     for step in range(2):
         log.add({"l1": torch.tensor(float(rank + 1) * (step + 1)), "adv": torch.tensor(-2.0 * rank)}, 4, 0.0)
+    time.sleep(0.2)
     row = log.flush("ae", {"total_img": 8, "stage_img": 8, "step": 2})
     written = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-    return row["losses"], written
+    return row["losses"], row["comm_wait"], written
 
 
 def _helpers(rank, world):
     """The quick cases in one pair of processes (spawning one costs seconds)."""
     return {name: case(rank, world) for name, case in
-            (("average_gradients", _average_gradients), ("consistency", _consistency),
+            (("gradient_buckets", _gradient_buckets), ("consistency", _consistency),
              ("average_buffers", _average_buffers), ("main_only", _main_only), ("metrics_mean", _metrics_mean))}
 
 
@@ -184,8 +222,23 @@ def _dali_runs(rank, world, cfg, images, runs):
     return seen
 
 
+def _bucketed_runs(rank, world, cfg, images, runs, mbs=(0.0, 1e-9)):
+    """The same 2-rank run through all three stages, its gradients averaged in one all-reduce per
+    backward (0) and in buckets of one parameter each, sent during the backward; the count of the
+    buckets that left before their backward ended."""
+    import aegan_fast.training.loop as trainer
+    data = load_dataset(images, 64)
+    launches = _spy_on_launches()
+    for mb in mbs:
+        cfg.grad_bucket_mb = mb
+        (Path(runs) / str(mb)).mkdir(exist_ok=True)  # both ranks make it
+        trainer.train(cfg, Path(runs) / str(mb), progress=False, data=data)
+    return sum(launches)
+
+
 SLOW_EVAL_S = 10  # rank 0's stage-end evaluation in the "sleep" case: far longer than the timeout below
-CASES = {"helpers": _helpers, "hung_rank": _hung_rank, "rank0_stage_end": _rank0_stage_end, "dali_runs": _dali_runs}
+CASES = {"helpers": _helpers, "hung_rank": _hung_rank, "rank0_stage_end": _rank0_stage_end, "dali_runs": _dali_runs,
+         "bucketed_runs": _bucketed_runs}
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +249,38 @@ def helper_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_gradients_are_averaged_in_one_all_reduce_and_the_flag_summed(helper_results):
+def test_gradients_are_averaged_bucket_by_bucket_during_the_backward_and_the_flag_summed(helper_results):
     for rank in helper_results:
-        p_grad, q_grad, extra = rank["average_gradients"]
-        assert torch.equal(p_grad, torch.full((3, 2), 1.5))
-        assert torch.equal(q_grad, torch.arange(4.0) * 1.5)
-        assert torch.equal(extra, torch.tensor([1.0]))
+        for bucket_bytes, (_, averaged, unused, flag, launches) in rank["gradient_buckets"].items():
+            for g0, g1, mean in zip(helper_results[0]["gradient_buckets"][bucket_bytes][0],
+                                    helper_results[1]["gradient_buckets"][bucket_bytes][0], averaged):
+                assert torch.equal(g1, 2 * g0)  # rank 1's loss is twice rank 0's
+                assert torch.equal(mean, (g0 + g1) / 2), bucket_bytes
+            assert unused is None and torch.equal(flag, torch.tensor([1.0]))
+            # 0: one all-reduce after the backward; 1 byte: every parameter its own bucket, all but the
+            # last (the unused one, with the flag) sent while the backward ran; 1 MiB: one, after it
+            expected = {0: [False], 1: [True] * 6 + [False], 2 ** 20: [False]}[bucket_bytes]
+            assert launches == expected, (bucket_bytes, launches)
+
+
+@pytest.mark.slow
+def test_bucketed_gradients_train_bit_for_bit_as_one_all_reduce_does(tmp_path, images):
+    load_dataset(str(images), 64)
+    cfg = tiny_config(sample_every_kimg=0, ckpt_every_kimg=0, eval_metrics=(), loader="torch", loader_workers=0,
+                      embed_steps=2, kimg={"ae": 0.008, "embed": 0.016, "finetune": 0.008})
+    early = _spawn(tmp_path, "bucketed_runs", timeout_s=30, cfg=cfg, images=str(images), runs=str(tmp_path))
+    assert all(isinstance(n, int) and n > 100 for n in early), early  # buckets did leave during backwards
+    one, bucketed = load_checkpoint(tmp_path / "0.0"), load_checkpoint(tmp_path / "1e-09")
+    assert one["counters"] == bucketed["counters"] and one["counters"]["stage"] == "done"
+    for k in one["nets"]:
+        assert torch.equal(one["nets"][k], bucketed["nets"][k]), k
+    for net, state in one["ema"].items():
+        for k in state:
+            assert torch.equal(state[k], bucketed["ema"][net][k]), (net, k)
+    for name, opt in one["opts"].items():
+        for i, s in opt["state"].items():
+            for key in s:
+                assert torch.equal(s[key], bucketed["opts"][name]["state"][i][key]), (name, i, key)
 
 
 @pytest.mark.slow
@@ -235,10 +314,11 @@ def test_rank_0_only_work_publishes_its_outcome_to_every_rank(helper_results):
 
 
 @pytest.mark.slow
-def test_logged_losses_are_the_mean_over_the_ranks_and_rank_0_writes_them(helper_results):
-    (losses0, written0), (losses1, written1) = (r["metrics_mean"] for r in helper_results)
+def test_logged_losses_and_comm_wait_are_the_mean_over_the_ranks_and_rank_0_writes_them(helper_results):
+    (losses0, comm0, written0), (losses1, comm1, written1) = (r["metrics_mean"] for r in helper_results)
     # rank 0: l1 1 then 2 (mean 1.5), rank 1: 2 then 4 (mean 3); adv 0 and -2
     assert losses0 == losses1 == {"l1": 2.25, "adv": -1.0}
+    assert comm0 == comm1 and comm0 == pytest.approx(0.5, abs=0.01)  # the ranks' mean share of the interval
     assert len(written0) == 1 and json.loads(written0[0])["losses"] == losses0 and written1 == []
 
 

@@ -165,6 +165,22 @@ def test_resume_with_adaptive_augmentation_is_bit_identical(resume_world, tmp_pa
     assert_identical(final, load_checkpoint(stopped))
 
 
+def test_resume_with_stage_1s_adversarial_term_is_bit_identical(resume_world, tmp_path):
+    """D_AE's weights, spectral-norm vectors and Adam moments come back exactly: a stage-1-only run
+    stopped after the term's first step (step 2 of 3; step 1 is its warm-up) ends as one that never stopped."""
+    data, _ = resume_world
+    cfg = dataclasses.replace(resume_config(), stages=("ae",), ae_adv_weight=0.5, ae_adv_start_kimg=0.004)
+    (tmp_path / "straight").mkdir()
+    train(cfg, tmp_path / "straight", progress=False, data=data)
+    straight = load_checkpoint(tmp_path / "straight")
+    assert straight["counters"]["step"] == 3 and straight["opts"]["D_AE"]["state"]
+    assert any(k.endswith("_u") for k in straight["nets"] if k.startswith("D_AE."))
+    train(cfg, tmp_path, progress=False, data=data, stop_after_steps=2)
+    assert load_checkpoint(tmp_path)["counters"]["step"] == 2
+    train(cfg, tmp_path, resume=True, progress=False, data=data)
+    assert_identical(straight, load_checkpoint(tmp_path))
+
+
 def _signalled_in_embed_step(m: pytest.MonkeyPatch, signals: int, sig: int = signal.SIGINT):
     """The run's first embed step gets sig (SIGINT: as Ctrl-C lands during a step) in its middle: once
     at its start, and with ``signals=2`` again right after D_E's first update (G_E not yet stepped).

@@ -295,7 +295,9 @@ def _train(cfg, run_dir: Path, resume: bool, progress: bool, stop_after_steps, d
         save_run(st, run_dir, loader)
     previews = (sample_z(cfg.grid_size, cfg.model.z_dim, torch.Generator().manual_seed(cfg.seed + 1), device),
                 data.spread(32, device))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", device, enabled=world.main)
+    reducer = st.guard.reducer if st.guard is not None else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", device, enabled=world.main,
+                         comm_clock=(lambda: reducer.comm_s) if reducer is not None else None)
     if world.main:
         (run_dir / "samples").mkdir(exist_ok=True)
     steps_done = 0

@@ -31,15 +31,17 @@ class MetricsLog:
     sums into numbers and times the whole interval (so img/s is honest on CUDA without a
     synchronize per step). Under torchrun every rank calls ``flush`` at the same steps and the
     interval's losses are averaged over the ranks there, in one small all-reduce per row: a row
-    is the whole global batch's loss, not rank 0's share of it."""
+    is the whole global batch's loss, not rank 0's share of it. There a row also says what share of
+    the interval the ranks spent blocked on gradient all-reduces (``comm_wait``, their mean), from
+    ``comm_clock``: the seconds so far (the guard's GradientReducer.comm_s)."""
 
-    def __init__(self, path: Path, device, enabled: bool = True):
+    def __init__(self, path: Path, device, enabled: bool = True, comm_clock=None):
         self.path, self.device, self.enabled = path, torch.device(device), enabled  # enabled: rank 0
+        self.comm_clock = comm_clock
         self.sums: dict = {}
         self.count = self.images = self.skipped = 0
         self.data_s = 0.0
-        self.started = time.perf_counter()
-        self.paused_s = 0.0  # time inside the interval that was not training (grids, checkpoints)
+        self.restart_clock()  # paused_s: time inside the interval that was not training (grids, checkpoints)
         self.tb = None
         try:
             if not enabled:
@@ -59,6 +61,7 @@ class MetricsLog:
     def restart_clock(self) -> None:
         self.started = time.perf_counter()
         self.paused_s = 0.0
+        self.comm_at = self.comm_clock() if self.comm_clock else 0.0
 
     @contextmanager
     def paused(self):
@@ -91,12 +94,17 @@ class MetricsLog:
             torch.cuda.synchronize(self.device)
         elapsed = max(time.perf_counter() - self.started - self.paused_s, 1e-9)
         names = list(self.sums)  # the same names in the same order on every rank: the same step code ran
-        sums = distributed.mean_over_ranks(torch.stack([self.sums[k].float() for k in names])).tolist() if names else []
+        values = [self.sums[k].float().reshape(()) for k in names]
+        if self.comm_clock is not None:  # rides in the same all-reduce
+            values.append(torch.tensor((self.comm_clock() - self.comm_at) / elapsed, device=self.device))
+        sums = distributed.mean_over_ranks(torch.stack(values)).tolist() if values else []
         row = {"stage": stage, "kimg": round(counters["total_img"] / 1000, 3),
                "stage_kimg": round(counters["stage_img"] / 1000, 3), "step": counters["step"],
                "losses": {k: v / self.count for k, v in zip(names, sums)},
                "img_per_s": self.images / elapsed, "data_wait": min(self.data_s / elapsed, 1.0),
                "skipped_updates": self.skipped, "time": time.time(), **(extra or {})}
+        if self.comm_clock is not None:
+            row["comm_wait"] = min(sums[-1], 1.0)
         if self.skipped:
             log.warning("%s step %d: skipped %d updates with a non-finite loss or gradient", stage, counters["step"],
                         self.skipped)
@@ -106,6 +114,8 @@ class MetricsLog:
                 self.tb.add_scalar(f"{stage}/{k}", v, counters["total_img"])
             self.tb.add_scalar("perf/img_per_s", row["img_per_s"], counters["total_img"])
             self.tb.add_scalar("perf/data_wait", row["data_wait"], counters["total_img"])
+            if "comm_wait" in row:
+                self.tb.add_scalar("perf/comm_wait", row["comm_wait"], counters["total_img"])
         self.sums.clear()
         self.count = self.images = self.skipped = 0
         self.data_s = 0.0

@@ -3,7 +3,7 @@
 A checkpoint is a dict (saved atomically by checkpoint.py, which knows files, not contents):
 
     config    TrainConfig.to_dict(): the run's one source of its config
-    nets      every net's state_dict (H, F, G_E, D_E, phi, D_R)
+    nets      every net's state_dict (H, F, G_E, D_E, phi, D_R, and D_AE in runs with --ae-adv-weight)
     opts      {net: Adam state_dict}
     ema       {net: state_dict} of the sampling chain's EMA, or None
     counters  {stage, stage_img, stage_s, total_img, step}
@@ -71,6 +71,28 @@ def step_precision(cfg: TrainConfig, device) -> precisions.Precision:
         raise UserError(str(e)) from None
 
 
+def run_nets(cfg: TrainConfig):
+    """The nets a run of cfg trains and its checkpoints hold: models.build_nets, with D_AE when stage 1
+    has its adversarial term."""
+    return build_nets(cfg.model, ae_discriminator=cfg.ae_adv_weight > 0)
+
+
+def init_tensors(nets, init: "InitSource") -> dict:
+    """The source's net tensors for this run's nets. D_AE, a judge of stage 1 alone, may be in one and
+    not the other: a source's D_AE this run has no use for is left out, and a D_AE the source lacks
+    starts fresh (each said in a log line)."""
+    tensors = dict(init.nets)
+    had = [k for k in tensors if k.startswith("D_AE.")]
+    if "D_AE" not in nets and had:
+        log.info("--init-from %s: its D_AE is not used (this run has no --ae-adv-weight)", init.path)
+        for k in had:
+            del tensors[k]
+    elif "D_AE" in nets and not had:
+        log.info("--init-from %s has no D_AE (trained without --ae-adv-weight): D_AE starts fresh", init.path)
+        tensors |= {f"D_AE.{k}": v for k, v in nets["D_AE"].state_dict().items()}
+    return tensors
+
+
 def new_state(cfg: TrainConfig, data: ImageSet, device, world: World = SINGLE, *, fused_adam: bool = True,
               guard: bool = True, init: "InitSource | None" = None) -> TrainState:
     """Fresh nets and optimizers, the nets seeded from cfg.seed (the same on every rank), in cfg's
@@ -81,15 +103,15 @@ def new_state(cfg: TrainConfig, data: ImageSet, device, world: World = SINGLE, *
     device = torch.device(device)
     data_gen = seed_everything(cfg.seed)
     precision = step_precision(cfg, device)
-    nets = build_nets(cfg.model)
+    nets = run_nets(cfg)
     if init is not None:
-        load_state_strict(nets, init.nets, f"--init-from {init.path}")
+        load_state_strict(nets, init_tensors(nets, init), f"--init-from {init.path}")
     nets = precision.prepare(nets.to(device))
     freeze_d(nets, cfg.freeze_d)
     if world.rank:
         data_gen = seed_everything(rank_seed(cfg.seed, world.rank))
     st = TrainState(cfg, nets, make_optimizers(nets, cfg, fused=fused_adam), data, data_gen, device, precision,
-                    precision.grad_scaler(), world=world, guard=UpdateGuard(device) if guard else None,
+                    precision.grad_scaler(), world=world, guard=UpdateGuard(device, cfg.grad_bucket_mb) if guard else None,
                     augment=augment.from_config(cfg, device))
     st.counters["stage"] = cfg.stages[0]
     # The source's EMA only where the run's first stage averages the chain: a run that retrains the
@@ -264,7 +286,7 @@ def read_init_source(path: str | Path, sha256: str | None = None) -> InitSource:
     state = load_checkpoint(ckpt)
     cfg = _training_config(state, ckpt)
     # nets its own config describes must take its tensors: a foreign file fails here, before any run exists
-    load_state_strict(build_nets(cfg.model), state["nets"], f"--init-from {ckpt}")
+    load_state_strict(run_nets(cfg), state["nets"], f"--init-from {ckpt}")
     return InitSource(ckpt.resolve(), digest, cfg, state["nets"], state.get("ema"))
 
 
@@ -273,8 +295,10 @@ def load_sampling_nets(path: str | Path, device="cpu", use_ema: bool = True):
     (checkpoint.load_for_sampling says which file), EMA weights when present."""
     state, ckpt = load_for_sampling(path, map_location=device)
     cfg = _training_config(state, path)
-    nets = build_nets(cfg.model).to(device)
+    nets = run_nets(cfg).to(device)
     load_state_strict(nets, state["nets"], f"nets of {path}")
+    if "D_AE" in nets:  # stage 1's judge: nothing samples, evaluates or exports it
+        del nets["D_AE"]
     if use_ema and state.get("ema"):
         for name, sd in state["ema"].items():
             load_state_strict(nets[name], sd, f"EMA {name} of {path}")

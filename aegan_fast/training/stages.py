@@ -1,6 +1,7 @@
 """One optimisation step of each training stage, and what each stage trains.
 
-Stage 1, ``ae``: H and F learn to reconstruct real images (L1).
+Stage 1, ``ae``: H and F learn to reconstruct real images (L1); with --ae-adv-weight, after a
+  warm-up, also against D_AE, a patch discriminator judging F(H(x)) against x (VQGAN's recipe).
 Stage 2, ``embed``: H and F frozen in eval mode. G_E learns to produce embeddings D_E cannot tell
   from real ones H(x); alternating with it, φ learns to turn x̂ = F(G_E(z)) (detached) into images
   D_R cannot tell from real ones, held near its input by 100 × L1(φ(x̂), x̂).
@@ -156,6 +157,31 @@ def ae_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: TrainConf
     return {"ae_l1": loss.detach()}
 
 
+# D_AE's loss, as VQGAN's: the hinge's generator term -D(x̂) is linear in the logits, so with D_AE
+# spectrally normalised its gradient is bounded and a fixed weight (TrainConfig.ae_adv_weight) caps
+# the push against L1. VQGAN's adaptive weight ‖∇L1‖/‖∇L_adv‖ at F's last layer would cost two more
+# gradient passes a step and differ from rank to rank.
+AE_ADV_LOSS = "hinge"
+
+
+def ae_adversarial_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: TrainConfig) -> dict:
+    """Stage 1 after D_AE's warm-up: one update of D_AE on x against F(H(x)), then H and F on L1 plus
+    ae_adv_weight × D_AE's verdict on their reconstruction."""
+    rec = nets["F"](nets["H"](batch.x))
+    d_ae = _d_step(nets["D_AE"], opts["D_AE"], AE_ADV_LOSS, batch.x, rec)
+    l1 = F.l1_loss(rec, batch.x)
+    adv = losses.g_loss(AE_ADV_LOSS, _d_of(nets["D_AE"], rec))
+    backward_and_step(l1 + cfg.ae_adv_weight * adv, [opts["H"], opts["F"]])
+    return {"ae_l1": l1.detach(), "D_AE": d_ae, "ae_adv": adv.detach()}
+
+
+def _ae_step_now(cfg: TrainConfig, nets, stage_img: int) -> Callable:
+    """Stage 1's step after stage_img images of it: L1 alone until D_AE (when the run has one) is warm."""
+    if "D_AE" in nets and stage_img >= cfg.ae_adv_start_kimg * 1000:
+        return ae_adversarial_step
+    return ae_step
+
+
 def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) -> dict:
     n, device = batch.x.shape[0], batch.x.device
     # G_E/D_E may take several steps per φ step: they are cheap next to φ and D_R at image size.
@@ -287,10 +313,14 @@ class Stage:
     preview: str = "samples"        # grid kind: "reconstructions" (real | F(H(x))) or "samples" (the chain)
     metrics: Callable[[TrainConfig], tuple] = _chain_metrics   # evaluated at the stage's end
     ema: bool = True                # the sampling chain's EMA is updated after every step
+    # When the step changes partway through the stage: (cfg, nets, images of the stage done) -> the
+    # step to take now, in place of ``step``.
+    step_now: Callable | None = None
 
 
-AE = Stage("ae", ae_step, trains=("H", "F"), frozen=(), needs_embeddings=False, preview="reconstructions",
-           metrics=_reconstruction_metrics, ema=False, final_rate=_ae_final_rate)
+# D_AE, in runs that have it (TrainConfig.ae_adv_weight), trains here only: later stages leave it idle.
+AE = Stage("ae", ae_step, trains=("H", "F", "D_AE"), frozen=(), needs_embeddings=False, preview="reconstructions",
+           metrics=_reconstruction_metrics, ema=False, final_rate=_ae_final_rate, step_now=_ae_step_now)
 EMBED = Stage("embed", embed_step, trains=("G_E", "D_E", "phi", "D_R"), frozen=("H", "F"))
 # F last stepped in stage 1, on reconstruction alone; its second moments are tiny next to stage 3's
 # adversarial gradients, so the first stage-3 updates were many times the learning rate and wrecked
@@ -341,8 +371,14 @@ def make_optimizers(nets, cfg: TrainConfig, fused: bool = True) -> dict:
     of a stage-2 step on the CPU. Off gives plain torch's default, the benchmarks' reference. Parameters
     --freeze-d froze are left out: nothing can step them."""
     params = {name: [p for p in net.parameters() if not getattr(p, FROZEN, False)] for name, net in nets.items()}
-    return {name: torch.optim.Adam(params[name], lr=cfg.lr[name], betas=cfg.betas, fused=fused or None)
+    return {name: torch.optim.Adam(params[name], lr=net_rate(cfg, name), betas=cfg.betas, fused=fused or None)
             for name in nets if params[name]}
+
+
+def net_rate(cfg: TrainConfig, name: str) -> float:
+    """A net's rate in cfg.lr. D_AE, which only runs with --ae-adv-weight, takes D_R's (both judge
+    images) unless --lr D_AE= gives its own: configs without it keep the rate table they always had."""
+    return cfg.lr.get(name, cfg.lr["D_R"]) if name == "D_AE" else cfg.lr[name]
 
 
 def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfig, lr_scale: float = 1.0) -> None:
@@ -354,7 +390,7 @@ def prepare_stage(stage: Stage, nets: nn.ModuleDict, opts: dict, cfg: TrainConfi
         requires_grad(net, trained)
     for name, opt in opts.items():
         for group in opt.param_groups:
-            group["lr"] = group["stage_lr"] = cfg.lr[stage.lr_role.get(name, name)] * stage.lr_scale(cfg) * lr_scale
+            group["lr"] = group["stage_lr"] = net_rate(cfg, stage.lr_role.get(name, name)) * stage.lr_scale(cfg) * lr_scale
 
 
 def decay_rates(opts: dict, final: float, progress: float) -> None:
@@ -392,8 +428,9 @@ def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
 def take_step(stage: Stage, st: TrainState, batch: Batch, emb: RealEmbeddings | None) -> dict:
     """One step of stage on batch, in st's precision, its non-finite updates skipped by st's guard:
     the trainer's step, and the one the benchmarks and tests time and check."""
+    step = stage.step if stage.step_now is None else stage.step_now(st.cfg, st.nets, st.counters["stage_img"])
     with precision.steps_in(st.precision, st.grad_scaler, st.guard), augment.applied(st.augment, st.nets):
-        losses = stage.step(st.nets, st.opts, batch, emb, st.cfg)
+        losses = step(st.nets, st.opts, batch, emb, st.cfg)
     if st.guard is not None:
         st.guard.end_step()
     return losses

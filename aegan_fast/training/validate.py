@@ -34,7 +34,7 @@ def validate(cfg: TrainConfig) -> None:
     at_least_zero = {"--sample-every-kimg": cfg.sample_every_kimg, "--ckpt-every-kimg": cfg.ckpt_every_kimg,
                      "--ema-kimg": cfg.ema_kimg, "--loader-workers": cfg.loader_workers,
                      "--max-rollbacks": cfg.max_rollbacks, "--embed-cache-mb": cfg.embed_cache_mb,
-                     "--data-cache-mb": cfg.data_cache_mb}
+                     "--data-cache-mb": cfg.data_cache_mb, "--grad-bucket-mb": cfg.grad_bucket_mb}
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be > 0, got {value}")
@@ -63,8 +63,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < cfg.ae_lr_final <= 1:
         raise UserError(f"--ae-lr-final must be in (0, 1] (1: constant rates), got {cfg.ae_lr_final}")
     for key in cfg.lr:
-        if key not in ("H", "F", "G_E", "D_E", "phi", "D_R"):
-            raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R")
+        if key not in ("H", "F", "G_E", "D_E", "phi", "D_R", "D_AE"):
+            raise UserError(f"--lr: unknown net {key!r}; choose from H, F, G_E, D_E, phi, D_R, D_AE")
+    check_ae_adversarial(cfg)
     for key, gamma in cfg.r1_gamma.items():
         if key not in ("D_E", "D_R"):
             raise UserError(f"--r1-gamma: {key!r} is not a discriminator; choose D_E or D_R (e.g. --r1-gamma D_E=1)")
@@ -102,6 +103,21 @@ def check_augment(cfg: TrainConfig) -> None:
     for flag, value in (("--augment-interval", cfg.augment_interval), ("--augment-speed-kimg", cfg.augment_speed_kimg)):
         if not value > 0:
             raise UserError(f"{flag} must be > 0, got {value}")
+
+
+def check_ae_adversarial(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.ae_adv_weight < float("inf"):
+        raise UserError(f"--ae-adv-weight must be a finite number ≥ 0 (0: off), got {cfg.ae_adv_weight}")
+    if not cfg.ae_adv_start_kimg >= 0:
+        raise UserError(f"--ae-adv-start-kimg must be ≥ 0, got {cfg.ae_adv_start_kimg}")
+    if cfg.ae_adv_weight == 0:
+        return
+    if "ae" not in cfg.stages:
+        raise UserError(f"--ae-adv-weight trains D_AE in stage ae, which this run does not have "
+                        f"(--stages {' '.join(cfg.stages)}); drop it or add the stage")
+    if cfg.ae_adv_start_kimg >= cfg.kimg["ae"]:
+        raise UserError(f"--ae-adv-start-kimg {cfg.ae_adv_start_kimg} is not before stage ae's end "
+                        f"(--kimg ae={cfg.kimg['ae']}): the adversarial term would never start")
 
 
 def check_freeze_d(cfg: TrainConfig) -> None:
