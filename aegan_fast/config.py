@@ -49,6 +49,20 @@ class TrainConfig:
     # R1 penalty weight γ per discriminator, e.g. D_E=1 D_R=10: D's loss + γ/2 · E‖∇D(real)‖²
     # (beyond the paper; absent or 0: off). Costs a double backward through D on the reference ops.
     r1_gamma: dict[str, float] = field(default_factory=dict)
+    # Differentiable augmentation of a discriminator's inputs, real and fake alike (beyond the paper;
+    # absent: off), e.g. D_R=diffaugment D_E=translation_reflect,cutout: comma-separated ops (brightness,
+    # saturation, contrast, translation, translation_reflect, cutout, xflip, rot90, scale, rotation) or
+    # policies (diffaugment, color, geometric); see aegan_fast/augment.py.
+    augment: dict[str, str] = field(default_factory=dict)
+    # Probability each augmentation op is applied to a sample: a fixed number in [0, 1], or adaptive
+    # (ADA: from 0, raised while E[sign(D(real))] is above --augment-target, lowered while below).
+    augment_p: str = "adaptive"
+    augment_target: float = 0.6     # adaptive p: the E[sign(D(real))] it steers to (ADA's 0.6)
+    augment_interval: int = 4       # adaptive p: a discriminator's steps between adjustments of its p
+    # Adaptive p: thousands of real images over which p can go from 0 to 1 (ADA's 500 scaled to runs
+    # of tens of kimg: the demo's stage 3 can take D_R's p to its cap).
+    augment_speed_kimg: float = 10.0
+    augment_cap: float = 0.8        # adaptive p never goes above this (ADA: ops start to leak near 0.8)
     denoiser_l1: float = 100.0      # φ loss = adversarial + denoiser_l1 × L1(φ(x̂), x̂)
     embed_steps: int = 1            # G_E/D_E steps per φ/D_R step in stage 2 (the paper alternates 1:1)
     # Stage 1's rates fall along a cosine to this fraction of their value at the stage's end

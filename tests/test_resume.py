@@ -24,6 +24,7 @@ from aegan_fast.training import stages
 from aegan_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from aegan_fast.data import load_folder
 from aegan_fast.training import train
+from aegan_fast.training.run_log import metrics_rows
 from conftest import make_image_folder, tiny_config
 
 # The demo's settings where they matter (4 G_E/D_E steps per φ step draw extra real embeddings from
@@ -139,6 +140,29 @@ def test_resume_from_a_stage_end_checkpoint_is_bit_identical(resume_world, strai
     assert load_checkpoint(tmp_path)["counters"]["stage_img"] == 0
     train(resume_config(), tmp_path, resume=True, progress=False, data=data)
     assert_identical(straight[0], load_checkpoint(tmp_path))
+
+
+# Augmentation on both discriminators, p adaptive and quick to move, adjusted every third D step (D_E
+# takes 4 a step in embed): stopped at step 5, both pipes are inside an interval, their r_t sums unfinished.
+AUGMENTED = dict(augment={"D_E": "translation_reflect,cutout", "D_R": "diffaugment,geometric"}, augment_p="adaptive",
+                 augment_target=0.1, augment_interval=3, augment_speed_kimg=0.05)
+
+
+def test_resume_with_adaptive_augmentation_is_bit_identical(resume_world, tmp_path):
+    data, _ = resume_world
+    straight_run, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight_run.mkdir()
+    stopped.mkdir()
+    train(tiny_config(**RESUME, **AUGMENTED), straight_run, progress=False, data=data)
+    final = load_checkpoint(straight_run)
+    assert_complete_training_state(final)
+    assert set(final["augment"]) == {"D_E", "D_R"}
+    logged = [r["aug_p"] for r in metrics_rows(straight_run / "metrics.jsonl") if "aug_p" in r]
+    assert logged and any(p > 0 for row in logged for p in row.values()), logged  # p did move
+    train(tiny_config(**RESUME, **AUGMENTED), stopped, progress=False, data=data, stop_after_steps=5)
+    assert all(pipe["calls"] % 3 for pipe in load_checkpoint(stopped)["augment"].values())
+    train(tiny_config(**RESUME, **AUGMENTED), stopped, resume=True, progress=False, data=data)
+    assert_identical(final, load_checkpoint(stopped))
 
 
 def test_resume_with_stage_1s_adversarial_term_is_bit_identical(resume_world, tmp_path):

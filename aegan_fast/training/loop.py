@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import compiling, distributed, ops
+from .. import augment, compiling, distributed, ops
 from ..checkpoint import LATEST, latest_checkpoint, load_for_resume
 from ..config import TrainConfig
 from ..data import ImageSet, load_dataset, make_loader
@@ -104,7 +104,7 @@ class StageHooks:
         self.bar.update(min(c["stage_img"], self.length) - min(before, self.length))
         if c["step"] % st.cfg.log_every_steps == 0:
             self.metrics.skipped += self.check_health()
-            self.log_row(self.metrics.flush(self.stage.name, c))
+            self.log_row(self.metrics.flush(self.stage.name, c, augment.log_row(st.augment, self.stage.trains)))
         within = c["stage_img"] < self.length  # the stage's end saves its own grid and checkpoint
         if within and crossed(self.sample_every, before, c["stage_img"]):
             path = self.run_dir / "samples" / f"{self.stage.name}-{c['stage_img'] // 1000:05d}kimg.png"
@@ -139,7 +139,7 @@ def finish_stage(stage: Stage, st: TrainState, run_dir: Path, loader, metrics: M
     if worst >= st.cfg.max_bad_steps:
         raise Diverged(f"{worst} steps in a row had a non-finite loss or gradient (skipped)")
     metrics.skipped += skipped
-    metrics.flush(stage.name, st.counters)
+    metrics.flush(stage.name, st.counters, augment.log_row(st.augment, stage.trains))
     # What the stage got: its images and its minutes of training steps (what a --minutes budget counts)
     metrics.write({"stage": stage.name, "stage_end": {"kimg": st.counters["stage_img"] / 1000,
                                                       "minutes": st.counters.get("stage_s", 0.0) / 60}})
@@ -237,7 +237,7 @@ def roll_back(st: TrainState, run_dir: Path, why: str) -> dict | None:
         st.nets.load_state_dict(start.nets.state_dict())
         for name, opt in st.opts.items():
             opt.load_state_dict(start.opts[name].state_dict())
-        st.ema, st.counters, st.data_gen = None, start.counters, start.data_gen
+        st.ema, st.counters, st.data_gen, st.augment = None, start.counters, start.data_gen, start.augment
         st.guard.reset()
     else:
         restore(st, state)

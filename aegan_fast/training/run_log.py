@@ -86,7 +86,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def flush(self, stage: str, counters: dict) -> dict | None:
+    def flush(self, stage: str, counters: dict, extra: dict | None = None) -> dict | None:
+        """The interval's row (``extra``: more keys for it, e.g. augment.log_row's), None when it is empty."""
         if not self.count:
             return None
         if self.device.type == "cuda":
@@ -101,7 +102,7 @@ class MetricsLog:
                "stage_kimg": round(counters["stage_img"] / 1000, 3), "step": counters["step"],
                "losses": {k: v / self.count for k, v in zip(names, sums)},
                "img_per_s": self.images / elapsed, "data_wait": min(self.data_s / elapsed, 1.0),
-               "skipped_updates": self.skipped, "time": time.time()}
+               "skipped_updates": self.skipped, "time": time.time(), **(extra or {})}
         if self.comm_clock is not None:
             row["comm_wait"] = min(sums[-1], 1.0)
         if self.skipped:

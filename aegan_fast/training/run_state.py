@@ -13,6 +13,7 @@ A checkpoint is a dict (saved atomically by checkpoint.py, which knows files, no
     world_size  how many processes trained it (under torchrun: the world size; --batch is their global batch)
     health    {lr_scale, rollbacks}: the divergence guard's history
     data      {count, holdout}: the split the run trains on
+    augment   {discriminator: its augmentation pipe's p and r_t statistics} (augment.py; {} when off)
 
 ``new_state`` makes a fresh state (from another run's nets when fine-tuning: ``read_init_source``),
 ``save_run`` writes one, ``restore`` reads one back into a state and ``load_sampling_nets`` reads the
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed
+from .. import augment, distributed
 from .. import precision as precisions
 from ..checkpoint import (NonFiniteCheckpoint, config_mismatch, load_checkpoint, load_for_resume, load_for_sampling,
                           load_state_strict, resolve_checkpoint, save_checkpoint)
@@ -110,7 +111,8 @@ def new_state(cfg: TrainConfig, data: ImageSet, device, world: World = SINGLE, *
     if world.rank:
         data_gen = seed_everything(rank_seed(cfg.seed, world.rank))
     st = TrainState(cfg, nets, make_optimizers(nets, cfg, fused=fused_adam), data, data_gen, device, precision,
-                    precision.grad_scaler(), world=world, guard=UpdateGuard(device, cfg.grad_bucket_mb) if guard else None)
+                    precision.grad_scaler(), world=world, guard=UpdateGuard(device, cfg.grad_bucket_mb) if guard else None,
+                    augment=augment.from_config(cfg, device))
     st.counters["stage"] = cfg.stages[0]
     # The source's EMA only where the run's first stage averages the chain: a run that retrains the
     # autoencoder first starts its EMA from the nets it has then, as every run does.
@@ -162,7 +164,9 @@ def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> 
         if not st.cfg.sync_bn:
             distributed.average_buffers(modules)
         distributed.check_consistency(modules)
-        ranks = distributed.gather_objects({"rng": rng_state(st.data_gen), "loader": loader.state_dict()})
+        # each rank's r_t sums since the last adjustment are its own (p is the same on every rank)
+        ranks = distributed.gather_objects({"rng": rng_state(st.data_gen), "loader": loader.state_dict(),
+                                            "augment": augment.state_dict(st.augment)})
     failure, path, error = None, None, None
     if world.main:
         try:
@@ -172,7 +176,7 @@ def save_run(st: TrainState, run_dir: Path, loader, name: str | None = None) -> 
                 "ema": st.ema.state_dict() if st.ema is not None else None,
                 "counters": dict(st.counters), "rng": rng_state(st.data_gen), "loader": loader.state_dict(),
                 "ranks": ranks, "world_size": world.size, "health": {"lr_scale": st.lr_scale, "rollbacks": st.rollbacks},
-                "data": split_record(st.data)},
+                "data": split_record(st.data), "augment": augment.state_dict(st.augment)},
                 keep=st.cfg.ckpt_keep)
         except NonFiniteCheckpoint as e:
             failure = ("diverged", str(e))
@@ -232,8 +236,10 @@ def restore(st: TrainState, state: dict) -> None:
     health = state.get("health") or {}
     st.lr_scale, st.rollbacks = health.get("lr_scale", 1.0), health.get("rollbacks", 0)
     ranks = state.get("ranks")
+    augment.load_state_dict(st.augment, state.get("augment"))
     if st.world.distributed and ranks is not None and len(ranks) == st.world.size:
         set_rng_state(ranks[st.world.rank]["rng"], st.data_gen)
+        augment.load_state_dict(st.augment, ranks[st.world.rank].get("augment"))
     elif st.world.rank:
         # another world size: this rank's draws restart from a seed of (seed, rank, step)
         st.data_gen = seed_everything(rank_seed(st.cfg.seed + st.counters["step"], st.world.rank))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import losses, precision
+from .. import augment, losses, precision
 from ..distributed import SINGLE, World
 from ..config import TrainConfig
 from ..data import ImageSet
@@ -80,19 +80,32 @@ def freeze_d(nets: nn.ModuleDict, n: int) -> None:
 
 
 def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor, r1_gamma: float = 0.0) -> torch.Tensor:
-    """One discriminator update; returns its loss (with the R1 term when r1_gamma > 0)."""
+    """One discriminator update; returns its loss (with the R1 term when r1_gamma > 0). Real and fake
+    go through D's augmentation pipe alike (augment.py; the identity when off), each with its own draws."""
     requires_grad(D, True)
+    aug = augment.pipe_for(D)
+    real, fake = aug(real), aug(fake.detach())
     if r1_gamma > 0:
         # Fakes first: the penalty's graph keeps D's BatchNorm running statistics, which a later
         # training-mode forward would update in place before the backward.
-        fake_logits = D(fake.detach())
+        fake_logits = D(fake)
+        # R1 at the augmented reals, the inputs D is trained on (StyleGAN2-ADA regularises augmented
+        # reals too); the gradient is taken at D's input, so no double backward through the ops.
         real_logits, penalty = losses.r1_penalty(D, real)
         loss = losses.d_loss(kind, real_logits, fake_logits) + r1_gamma / 2 * penalty
     else:
-        loss = losses.d_loss(kind, D(real), D(fake.detach()))
+        real_logits = D(real)
+        loss = losses.d_loss(kind, real_logits, D(fake))
+    aug.observe(real_logits.detach())  # r_t = E[sign(D(real))], what an adaptive p follows
     backward_and_step(loss, [opt])
     requires_grad(D, False)  # the generator's backward then skips D's weight gradients
     return loss.detach()
+
+
+def _d_of(D: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """D's logits on a generator's output, through D's augmentation pipe (as D's own step sees fakes):
+    the generator's gradient flows back through the ops."""
+    return D(augment.pipe_for(D)(x))
 
 
 @dataclass
@@ -157,7 +170,7 @@ def ae_adversarial_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cf
     rec = nets["F"](nets["H"](batch.x))
     d_ae = _d_step(nets["D_AE"], opts["D_AE"], AE_ADV_LOSS, batch.x, rec)
     l1 = F.l1_loss(rec, batch.x)
-    adv = losses.g_loss(AE_ADV_LOSS, nets["D_AE"](rec))
+    adv = losses.g_loss(AE_ADV_LOSS, _d_of(nets["D_AE"], rec))
     backward_and_step(l1 + cfg.ae_adv_weight * adv, [opts["H"], opts["F"]])
     return {"ae_l1": l1.detach(), "D_AE": d_ae, "ae_adv": adv.detach()}
 
@@ -176,7 +189,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
         e_real = emb.of(batch) if k == 0 else emb.random(n)
         e_fake = nets["G_E"](sample_z(n, cfg.model.z_dim, device=device))
         d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, cfg.r1_gamma.get("D_E", 0.0))
-        g_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
+        g_e = losses.g_loss(cfg.loss, _d_of(nets["D_E"], e_fake))
         backward_and_step(g_e, [opts["G_E"]])
     if not cfg.model.denoiser:
         return {"D_E": d_e, "G_E": g_e.detach()}
@@ -185,7 +198,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
         x_hat = nets["F"](e_fake)
     x_den = nets["phi"](x_hat)
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, batch.x, x_den, cfg.r1_gamma.get("D_R", 0.0))
-    g_r = losses.g_loss(cfg.loss, nets["D_R"](x_den))
+    g_r = losses.g_loss(cfg.loss, _d_of(nets["D_R"], x_den))
     l1 = F.l1_loss(x_den, x_hat)
     backward_and_step(g_r + cfg.denoiser_l1 * l1, [opts["phi"]])
     return {"D_E": d_e, "G_E": g_e.detach(), "D_R": d_r, "phi_adv": g_r.detach(), "phi_l1": l1.detach()}
@@ -205,8 +218,8 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, cfg.r1_gamma.get("D_E", 0.0))
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, cfg.r1_gamma.get("D_R", 0.0))
 
-    adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
-    adv_e = losses.g_loss(cfg.loss, nets["D_E"](e_fake))
+    adv = losses.g_loss(cfg.loss, _d_of(nets["D_R"], x_gen))
+    adv_e = losses.g_loss(cfg.loss, _d_of(nets["D_E"], e_fake))
     rec = F.l1_loss(x_rec, x)
     loss = adv + cfg.finetune_embed_adv * adv_e + cfg.finetune_rec * rec
     logged = {"D_E": d_e, "D_R": d_r, "chain_adv": adv.detach(), "G_E": adv_e.detach(), "F_rec": rec.detach()}
@@ -224,7 +237,7 @@ def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: T
     x = batch.x
     x_gen = SamplingChain.of(nets)(sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
     d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, cfg.r1_gamma.get("D_R", 0.0))
-    adv = losses.g_loss(cfg.loss, nets["D_R"](x_gen))
+    adv = losses.g_loss(cfg.loss, _d_of(nets["D_R"], x_gen))
     backward_and_step(adv, [opts[k] for k in SAMPLING_CHAIN if k in opts])
     return {"D_R": d_r, "G_adv": adv.detach()}
 
@@ -345,6 +358,7 @@ class TrainState:
     guard: object = None            # guard.UpdateGuard: skips non-finite updates (the trainer's)
     lr_scale: float = 1.0           # lowered each time the run rolls back from a divergence
     rollbacks: int = 0
+    augment: dict = field(default_factory=dict)  # {discriminator: augment.Pipe}; empty: no augmentation
 
     def batch(self, x: torch.Tensor, idx: torch.Tensor, mirror: torch.Tensor) -> Batch:
         """A loader's (images, indices, mirror bits) as a step's Batch, images in the steps' dtype and layout."""
@@ -415,7 +429,7 @@ def take_step(stage: Stage, st: TrainState, batch: Batch, emb: RealEmbeddings | 
     """One step of stage on batch, in st's precision, its non-finite updates skipped by st's guard:
     the trainer's step, and the one the benchmarks and tests time and check."""
     step = stage.step if stage.step_now is None else stage.step_now(st.cfg, st.nets, st.counters["stage_img"])
-    with precision.steps_in(st.precision, st.grad_scaler, st.guard):
+    with precision.steps_in(st.precision, st.grad_scaler, st.guard), augment.applied(st.augment, st.nets):
         losses = step(st.nets, st.opts, batch, emb, st.cfg)
     if st.guard is not None:
         st.guard.end_step()

@@ -4,7 +4,7 @@ The trainer checks again what the command line checked, so a config built in Pyt
 a test) meets the same rules."""
 from __future__ import annotations
 
-from .. import compiling, ops
+from .. import augment, compiling, ops
 from .. import precision as precisions
 from ..config import LOSSES, TrainConfig
 from ..data import LOADERS
@@ -76,11 +76,33 @@ def validate(cfg: TrainConfig) -> None:
                         "drop one of them")
     if cfg.freeze_d:
         check_freeze_d(cfg)
+    check_augment(cfg)
     for flag, value, choices in (("--loss", cfg.loss, LOSSES), ("--ops", cfg.ops, ("auto",) + ops.BACKENDS),
                                  ("--loader", cfg.loader, LOADERS), ("--precision", cfg.precision, precisions.PRECISIONS),
                                  ("--compile", cfg.compile, compiling.CHOICES)):
         if value not in choices:
             raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_augment(cfg: TrainConfig) -> None:
+    for key, policy in cfg.augment.items():
+        if key not in augment.NETS:
+            raise UserError(f"--augment: {key!r} is not a discriminator; choose D_E or D_R (e.g. --augment D_R=diffaugment)")
+        try:
+            augment.parse_policy(policy)
+        except ValueError as e:
+            raise UserError(f"--augment {key}: {e}") from None
+    try:
+        augment.parse_p(cfg.augment_p)
+    except ValueError as e:
+        raise UserError(f"--augment-p {e}") from None
+    if not 0 < cfg.augment_target < 1:
+        raise UserError(f"--augment-target must be in (0, 1) (ADA: 0.6), got {cfg.augment_target}")
+    if not 0 < cfg.augment_cap <= 1:
+        raise UserError(f"--augment-cap must be in (0, 1], got {cfg.augment_cap}")
+    for flag, value in (("--augment-interval", cfg.augment_interval), ("--augment-speed-kimg", cfg.augment_speed_kimg)):
+        if not value > 0:
+            raise UserError(f"{flag} must be > 0, got {value}")
 
 
 def check_ae_adversarial(cfg: TrainConfig) -> None:
