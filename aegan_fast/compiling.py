@@ -43,7 +43,10 @@ def example_inputs(cfg, device) -> dict[str, torch.Tensor]:
     images = torch.rand(n, 3, m.resolution, m.resolution, generator=g).to(device) * 2 - 1
     embeddings = torch.rand(n, m.embed_channels, m.embed_size, m.embed_size, generator=g).to(device) * 2 - 1
     z = sample_z(n, m.z_dim, g, device)
-    return {"H": images, "F": embeddings, "G_E": z, "D_E": embeddings, "phi": images, "D_R": images, "D_AE": images}
+    inputs = {"H": images, "F": embeddings, "G_E": z, "D_E": embeddings, "phi": images, "D_R": images}
+    if cfg.ae_adv_weight > 0:  # the run has stage 1's patch discriminator (run_state.run_nets)
+        inputs["D_AE"] = images
+    return inputs
 
 
 @torch.no_grad()
