@@ -407,3 +407,14 @@ def test_img_per_s_leaves_out_grids_and_checkpoints_but_keeps_their_interval_ima
     row = log.flush("ae", {"total_img": 32, "stage_img": 32, "step": 2})
     assert row["img_per_s"] == pytest.approx(32 / 2.0)
     assert row["losses"]["loss"] == pytest.approx(2.0)
+
+
+def test_a_loss_that_starts_inside_a_log_interval_is_averaged_over_its_own_steps(tmp_path):
+    """Stage 1's adversarial term starts after a warm-up, maybe mid-interval: its row is its mean."""
+    from aegan_fast.training.run_log import MetricsLog
+    log = MetricsLog(tmp_path / "metrics.jsonl", "cpu")
+    log.add({"ae_l1": torch.tensor(1.0)}, 8, 0.0)
+    log.add({"ae_l1": torch.tensor(1.0)}, 8, 0.0)
+    log.add({"ae_l1": torch.tensor(1.0), "D_AE": torch.tensor(2.0)}, 8, 0.0)
+    row = log.flush("ae", {"total_img": 24, "stage_img": 24, "step": 3})
+    assert row["losses"] == {"ae_l1": 1.0, "D_AE": 2.0}

@@ -39,6 +39,7 @@ class MetricsLog:
         self.path, self.device, self.enabled = path, torch.device(device), enabled  # enabled: rank 0
         self.comm_clock = comm_clock
         self.sums: dict = {}
+        self.counts: dict = {}  # steps that logged each loss (a term that starts mid-interval: fewer)
         self.count = self.images = self.skipped = 0
         self.data_s = 0.0
         self.restart_clock()  # paused_s: time inside the interval that was not training (grids, checkpoints)
@@ -54,6 +55,7 @@ class MetricsLog:
     def add(self, losses: dict, batch: int, data_s: float) -> None:
         for k, v in losses.items():
             self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
         self.images += batch
         self.data_s += data_s
@@ -76,6 +78,7 @@ class MetricsLog:
     def discard(self) -> None:
         """Forget the interval (after a rollback its steps are trained again)."""
         self.sums.clear()
+        self.counts.clear()
         self.count = self.images = self.skipped = 0
         self.data_s = 0.0
         self.restart_clock()
@@ -100,7 +103,7 @@ class MetricsLog:
         sums = distributed.mean_over_ranks(torch.stack(values)).tolist() if values else []
         row = {"stage": stage, "kimg": round(counters["total_img"] / 1000, 3),
                "stage_kimg": round(counters["stage_img"] / 1000, 3), "step": counters["step"],
-               "losses": {k: v / self.count for k, v in zip(names, sums)},
+               "losses": {k: v / self.counts[k] for k, v in zip(names, sums)},
                "img_per_s": self.images / elapsed, "data_wait": min(self.data_s / elapsed, 1.0),
                "skipped_updates": self.skipped, "time": time.time(), **(extra or {})}
         if self.comm_clock is not None:
@@ -117,6 +120,7 @@ class MetricsLog:
             if "comm_wait" in row:
                 self.tb.add_scalar("perf/comm_wait", row["comm_wait"], counters["total_img"])
         self.sums.clear()
+        self.counts.clear()
         self.count = self.images = self.skipped = 0
         self.data_s = 0.0
         self.restart_clock()
