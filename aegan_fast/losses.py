@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -36,13 +35,12 @@ def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
 def r1_penalty(D: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(D's logits on real, R1 = the batch mean of ‖∇ₓ Σ D(x)‖² at the real inputs), as in
     StyleGAN2 (Mescheder et al. 2018) but every step, not lazily. The penalty's backward is a
-    double backward through D, which the fused BatchNorm kernels do not have: this pass runs D on
-    the plain-PyTorch reference ops, eagerly (``D.forward`` bypasses a compiled ``__call__``; a
-    compiled graph has no double backward either). D's BatchNorm normalises real images by their
-    batch's statistics, so each sample's gradient also reaches the others: the penalty smooths D
-    around the real batch, not around each image alone."""
+    double backward through D. D's forward runs on the fused kernels; their backward, asked here for
+    a graph, takes its differentiable form (ops/library.py, ``_differentiable_grads``). D runs
+    eagerly: ``D.forward`` bypasses a compiled ``__call__``, whose graph has no double backward. D's
+    BatchNorm normalises real images by their batch's statistics, so each sample's gradient also
+    reaches the others: the penalty smooths D around the real batch, not around each image alone."""
     real = real.detach().requires_grad_(True)
-    with ops.use_backend("reference"):
-        logits = D.forward(real)
-        (grad,) = torch.autograd.grad(logits.float().sum(), real, create_graph=True)
+    logits = D.forward(real)
+    (grad,) = torch.autograd.grad(logits.float().sum(), real, create_graph=True)
     return logits, grad.float().square().flatten(1).sum(1).mean()

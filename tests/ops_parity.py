@@ -8,6 +8,10 @@ relative precision on either side). fp32 uses rtol 1e-5.
 """
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 import torch
 
 from aegan_fast.ops import reference
@@ -42,3 +46,22 @@ def away_from_kink(op, x, r, w, b, rm, rv, training, gap=1e-3):
     std = (x.double().var((0, 2, 3), unbiased=False) if training else rv.double()).add(1e-5).sqrt()
     k = (w.double() if w is not None else torch.ones_like(std)) / std
     return (x.double() + step / k.view(1, -1, 1, 1)).to(x.dtype), r
+
+
+@contextmanager
+def count_fused_forwards(kernel: str = "cpp"):
+    """Counts the forward calls that reach ``kernel``'s adapter inside the block (``.calls``): a test
+    that means the fused ops to run can say that they did."""
+    from aegan_fast.ops import library
+    real = library.adapter(kernel, "cpu")
+    counter = SimpleNamespace(calls=0)
+
+    def forward(*args):
+        counter.calls += 1
+        return real.forward(*args)
+
+    library._adapters[kernel] = dataclasses.replace(real, forward=forward)
+    try:
+        yield counter
+    finally:
+        library._adapters[kernel] = real

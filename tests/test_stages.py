@@ -14,6 +14,7 @@ from aegan_fast.training import enter_stage, new_state
 from aegan_fast.training.stages import (EMA, STAGES, RealEmbeddings, _d_step, decay_rates, make_optimizers,
                                         prepare_stage, requires_grad, start_stage)
 from conftest import tiny_config
+from ops_parity import count_fused_forwards
 
 STEPS = {name: stage.step for name, stage in STAGES.items()}
 
@@ -266,16 +267,17 @@ def _plain_twin(D: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("net, shape", [("D_E", (5, 64, 4, 4)), ("D_R", (5, 3, 64, 64))])
 def test_r1_through_batchnorm_discriminators_matches_stock_modules(net, shape):
     """The paper's BatchNorm discriminators: the penalty and every weight gradient of it agree with
-    the same D built from stock modules, also when the context asks for the fused cpp kernels
-    (which have no double backward: the penalty's pass must not use them)."""
+    the same D built from stock modules, with D's BatchNorms on the fused cpp kernels (their
+    double backward: ops/library.py), which the pass must really use."""
     torch.manual_seed(4)
     cfg = tiny_config()
     D = build_nets(cfg.model)[net].train()
     twin = _plain_twin(D)
     real = torch.randn(*shape)
-    with ops.use_backend("cpp"):
+    with ops.use_backend("cpp"), count_fused_forwards() as fused:
         logits, penalty = losses.r1_penalty(D, real)
         penalty.backward()
+    assert fused.calls == sum(isinstance(m, ops.BatchNormAct2d) for m in D.modules()) > 0
     want_logits, want_penalty = losses.r1_penalty(twin, real)
     want_penalty.backward()
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)

@@ -17,8 +17,11 @@ The contract, the same for every kernel:
 - grad_weight / grad_bias come back as fp32 per-channel sums, cast to the parameters' dtype here;
   grad_residual is empty when the activation is the identity (it equals grad_out, passed on here).
 
-Each op has one fake kernel and the forward ops one autograd formula; the backward ops' formula
-only says they are not twice differentiable. The device kernels are attached per device with
+Each op has one fake kernel and the forward ops one autograd formula. That formula calls the
+backward op, except inside a backward that is itself differentiated (create_graph=True, as R1's
+penalty does): there it rebuilds the reference formula on the saved tensors and lets autograd
+differentiate it, so the forward ops are twice differentiable on every kernel. The backward ops'
+own formula only says they are not. The device kernels are attached per device with
 ``register_kernel``: both the CPU and the CUDA kernel look the ``kernel`` argument up in a table of
 adapters ("cpp" | "cuda" | "triton", one module each: ops/_cpp.py, _cuda.py, _triton.py) that map
 this contract onto each backend's native functions. Why a ``kernel`` argument rather than a
@@ -214,6 +217,8 @@ def _setup(ctx, inputs, output, has_res: bool):
 
 
 def _grads(ctx, grad_out):
+    if torch.is_grad_enabled():  # inside a backward with create_graph=True: its result is differentiated
+        return _differentiable_grads(ctx, grad_out)
     x, residual, weight, bias, mean, var = ctx.saved_tensors
     training, eps, activation, slope, kernel = ctx.args
     grad_out = grad_out.contiguous(memory_format=memory_format(x))
@@ -228,6 +233,36 @@ def _grads(ctx, grad_out):
     dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1 + ctx.has_res] else None
     db = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2 + ctx.has_res] else None
     return dx, dres, dw, db
+
+
+def _differentiable_grads(ctx, grad_out):
+    """The backward for a backward that is itself differentiated (R1's penalty, losses.r1_penalty):
+    the op's reference formula rebuilt from what the forward saved and differentiated by autograd with
+    create_graph, so the result is a graph of aten ops that have derivatives of their own. The forward
+    kept the fused kernel; only this pass pays for a plain BatchNorm forward (an elementwise pass and
+    two reductions, small beside the convolutions around it). In training the statistics are taken
+    again from x, because the second derivative needs how they depend on x (the saved ones are
+    constants). With the identity the residual is not saved and not needed: its gradient is grad_out,
+    and x's does not depend on it."""
+    x, residual, weight, bias, mean, var = ctx.saved_tensors
+    training, eps, activation, slope, kernel = ctx.args
+    wanted = [(i, t) for i, t in ((0, x), (1, residual), (2, weight), (3, bias))
+              if t is not None and t.requires_grad and ctx.needs_input_grad[_input_index(ctx, i)]]
+    y = torch.nn.functional.batch_norm(x, None if training else mean, None if training else var, weight, bias,
+                                       training, 0.0, eps)
+    if residual is not None:
+        y = y + residual
+    out = activations.get(activation).fn(y, slope)
+    grads = torch.autograd.grad(out, [t for _, t in wanted], grad_out, create_graph=True, allow_unused=True) \
+        if wanted else ()
+    found = dict(zip((i for i, _ in wanted), grads))
+    dres = found.get(1) if residual is not None else (grad_out if ctx.has_res else None)
+    return found.get(0), dres, found.get(2), found.get(3)
+
+
+def _input_index(ctx, i: int) -> int:
+    """The op's input position of saved slot i (x, residual, weight, bias): bn_act has no residual."""
+    return i if ctx.has_res else (0 if i == 0 else i - 1)
 
 
 def _bn_act_backward(ctx, grad_out, _grad_mean, _grad_var):
