@@ -291,8 +291,8 @@ def test_gradients_flow_through_resize_conv():
 
 
 def test_resize_conv_runs_in_bf16_channels_last():
-    """Under the bf16 step's autocast, with prepare()'s channels_last weights: the nearest resize and
-    the reflect pad stay bf16 channels_last (no fp32 round trip), and F's image matches fp32."""
+    """Under the bf16 step's autocast, with prepare()'s channels_last weights: the phase form's pad
+    stays bf16 channels_last (no fp32 round trip), nothing is resized, and F's image matches fp32."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from aegan_fast.precision import resolve
 
@@ -318,17 +318,16 @@ def test_resize_conv_runs_in_bf16_channels_last():
         with Seen() as seen, p.autocast():
             got = F16(p.activations(e))
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
-    resizes = [(dt, cl) for op, dt, cl in seen.ops if "upsample_nearest" in op]
-    pads = [(dt, cl) for op, dt, cl in seen.ops if "reflection_pad" in op]
-    assert len(resizes) == 4 and resizes == [(torch.bfloat16, True)] * 4
-    assert pads and all(dt == torch.bfloat16 for dt, _ in pads)
+    assert not [op for op, _, _ in seen.ops if "upsample_nearest" in op]  # ops/upsample.py: no ×2 copy
+    pads = [(dt, cl) for op, dt, cl in seen.ops if "replication_pad" in op]
+    assert len(pads) == 4 and pads == [(torch.bfloat16, True)] * 4
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
 
 
 def test_resize_conv_chain_folds_and_exports():
     """BatchNorm folding (aegan_fast.export.fold) takes ResizeConv2d as the Conv2d it is: the folded
-    chain holds no fused op and matches the stock-torch twin; and it exports to ONNX (a Resize node)
-    that ONNX Runtime runs to the same images."""
+    chain holds no fused op and matches the stock-torch twin; and it exports to ONNX in the phase form
+    (ops/upsample.py: no Resize node, an edge Pad per up layer) that ONNX Runtime runs to the same images."""
     from aegan_fast.export import fold_chain
     from aegan_fast.export.fold import uses_custom_ops
     from aegan_fast.testing import FP32_CHAIN, lively_weights, reference_chain
@@ -354,7 +353,8 @@ def test_resize_conv_chain_folds_and_exports():
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(graph, Path(tmp) / "resize.onnx")
-        assert "Resize" in {n.op_type for n in onnx.load(str(path)).graph.node}
+        kinds = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert "Resize" not in kinds and kinds.count("Pad") >= 10, kinds
         assert validate_onnx(path, chain) <= 1e-4
 
 

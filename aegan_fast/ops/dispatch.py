@@ -16,7 +16,7 @@ from contextvars import ContextVar
 
 import torch
 
-from . import library, reference, sync_bn
+from . import library, reference, sync_bn, upsample
 from .library import BackendUnavailable
 
 log = logging.getLogger("aegan_fast.ops")
@@ -189,3 +189,13 @@ def block_kernel(x, activation: str = "identity", weight=None, backend: str | No
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
         return None
     return name
+
+
+# ---- resize-conv (ops/upsample.py) ------------------------------------------------------------------
+
+def resize_conv3x3(x, weight, bias):
+    """models.ResizeConv2d's function: as four phase convolutions (upsample.py) on every backend but
+    ``reference``, which keeps the plain upsample-pad-conv a port of the paper's code would run."""
+    if requested() == "reference":
+        return reference.resize_conv3x3(x, weight, bias)
+    return upsample.resize_conv3x3(x, weight, bias)

@@ -28,3 +28,11 @@ def bn_add_act(x, residual, running_mean, running_var, weight, bias, training: b
     """act(BatchNorm2d(x) + residual): the end of a residual block."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return activate(y + residual, activation, negative_slope)
+
+
+def resize_conv3x3(x, weight, bias):
+    """conv3×3(reflect_pad(nearest×2(x))): models.ResizeConv2d as a plain port writes it."""
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    with torch.autocast(x.device.type, enabled=False):  # keeps x's dtype (CPU autocast pads in fp32)
+        up = F.pad(up, (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(up, weight, bias)
