@@ -16,6 +16,7 @@ torch.utils.flop_counter on the reference step.
 
     .venv/bin/python -m bench.bench_train_step [--stages ae embed] [--resolutions 64 128] [--rounds 5]
     .venv/bin/python -m bench.bench_train_step --stages embed --resolutions 128 --profile   # top ops
+    .venv/bin/python -m bench.bench_train_step --stages ae embed finetune --resolutions demo  # what `make train` runs
     .venv/bin/python -m bench.bench_train_step --stages embed finetune --resolutions 64 --variants fast fast_r1  # R1's cost
     .venv/bin/python -m bench --only steps      # every stage at R=64/128/256, in the suite's table
 """
@@ -35,11 +36,15 @@ from aegan_fast.models import ModelConfig
 from aegan_fast.training import STAGES, enter_stage, new_state, take_step
 from bench.timing import Case, Context, Row, fill_peak_fractions, measure, measure_peaks, progress, table
 
-# resolution -> (model config, batch, embed_steps): the demo's nets at R=64, the paper's widths above.
+# shape -> (model config, batch, embed_steps): at R=64 the demo's widths with the paper's layers
+# (transposed up convs, φ on), the paper's widths above; "demo": exactly what `make train` runs
+# (the demo preset's nets, batch and embed_steps).
+_DEMO = preset("demo")
 SHAPES = {
     64: (ModelConfig(resolution=64, max_channels=128), 32, 4),
     128: (ModelConfig(resolution=128), 16, 1),
     256: (ModelConfig(resolution=256), 16, 1),
+    "demo": (_DEMO.model, _DEMO.batch, _DEMO.embed_steps),
 }
 
 
@@ -66,12 +71,13 @@ BASELINES = ("reference", "autocast")
 DEFAULT_VARIANTS = ["reference", "autocast", "fast"]
 
 
-def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast", batch: int | None = None):
+def make_step(stage_name: str, shape: int | str, variant: Variant | str = "fast", batch: int | None = None):
     """A zero-argument closure running one training step of stage_name (ae | embed | finetune | direct)
-    at resolution with the variant's ops, precision and optimizer; weights seeded identically for
+    on a SHAPES entry with the variant's ops, precision and optimizer; weights seeded identically for
     every variant. Its ``.describe`` says what it runs."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
-    model, batch_size, embed_steps = SHAPES[resolution]
+    model, batch_size, embed_steps = SHAPES[shape]
+    resolution = model.resolution
     batch_size = batch or batch_size
     stage = STAGES[stage_name]
     cfg = preset("demo")
@@ -101,13 +107,14 @@ def make_step(stage_name: str, resolution: int, variant: Variant | str = "fast",
     return step
 
 
-def step_rows(section: str, stage_name: str, resolution: int, variants, rounds: int,
+def step_rows(section: str, stage_name: str, resolution: int | str, variants, rounds: int,
               batch: int | None = None) -> list[Row]:
     """One row per variant: a training step of ``stage_name`` at ``resolution``, rounds interleaved
     (bench/timing.py), each compared with the plain baselines (BASELINES) among them: the fast path
     with both, the autocast port with the fp32 one. FLOPs are counted once, on a reference step
     (torch.utils.flop_counter; R1's double backward not included)."""
-    progress(f"{section}: building {stage_name} R={resolution}")
+    name = f"{stage_name} R={resolution}" if isinstance(resolution, int) else f"{stage_name} {resolution}"
+    progress(f"{section}: building {name}")
     steps = {v: make_step(stage_name, resolution, v, batch=batch) for v in variants}
     counter = FlopCounterMode(display=False)
     with counter:  # the reference's warm-up when it is one of the variants
@@ -115,10 +122,10 @@ def step_rows(section: str, stage_name: str, resolution: int, variants, rounds: 
     flops = counter.get_total_flops()
     def baselines(v: str) -> tuple:
         plain = BASELINES[:BASELINES.index(v)] if v in BASELINES else BASELINES
-        return tuple(f"{stage_name} R={resolution} {b}" for b in plain if b in steps)
+        return tuple(f"{name} {b}" for b in plain if b in steps)
 
     rows = measure(section, [
-        Case(f"{stage_name} R={resolution} {v}", fn, flops, "FLOP", baselines(v),
+        Case(f"{name} {v}", fn, flops, "FLOP", baselines(v),
              f"batch {fn.images}, {flops / 1e9:.1f} GFLOP; {fn.describe}", warmed=v == "reference")
         for v, fn in steps.items()], rounds)
     for row, fn in zip(rows, steps.values()):
@@ -143,10 +150,15 @@ def top_ops(stage_name: str, resolution: int, variant: str, rows: int = 12) -> s
     return "\n".join(lines)
 
 
+def _shape(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", nargs="+", default=["ae", "embed"], choices=list(STAGES))
-    p.add_argument("--resolutions", nargs="+", type=int, default=[64, 128], choices=list(SHAPES))
+    p.add_argument("--resolutions", nargs="+", type=_shape, default=[64, 128], choices=list(SHAPES),
+                   help="64, 128, 256, or demo: the demo preset exactly (what `make train` runs)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print each variant's top ops (torch.profiler) instead")
