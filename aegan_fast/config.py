@@ -47,8 +47,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     loss: str = "bce"               # adversarial loss: bce | hinge | lsgan
     # R1 penalty weight γ per discriminator, e.g. D_E=1 D_R=10: D's loss + γ/2 · E‖∇D(real)‖²
-    # (beyond the paper; absent or 0: off). Costs a double backward through D on the reference ops.
+    # (beyond the paper; absent or 0: off). A double backward through D: about 1.3× a step's time.
     r1_gamma: dict[str, float] = field(default_factory=dict)
+    # R1 on one training step in this many, weighted by this many (StyleGAN2's lazy regularisation:
+    # the same average penalty at a sixteenth of its cost); 1: every step.
+    r1_every: int = 16
     # Differentiable augmentation of a discriminator's inputs, real and fake alike (beyond the paper;
     # absent: off), e.g. D_R=diffaugment D_E=translation_reflect,cutout: comma-separated ops (brightness,
     # saturation, contrast, translation, translation_reflect, cutout, xflip, rot90, scale, rotation) or
@@ -132,6 +135,7 @@ class TrainConfig:
         d["betas"] = tuple(d["betas"])
         d["eval_metrics"] = tuple(d.get("eval_metrics", ()))
         d["stages"] = tuple(d.get("stages", STAGES))  # checkpoints from before stages were a field
+        d.setdefault("r1_every", 1)  # runs from before lazy R1 took the penalty every step
         return cls(**d)
 
     def save(self, path) -> None:

@@ -10,8 +10,8 @@ from aegan_fast import losses, ops
 from aegan_fast.data import load_folder
 from aegan_fast.config import TrainConfig
 from aegan_fast.models import ModelConfig, SamplingChain, build_nets, sample_z
-from aegan_fast.training import enter_stage, new_state
-from aegan_fast.training.stages import (EMA, STAGES, RealEmbeddings, _d_step, decay_rates, make_optimizers,
+from aegan_fast.training import enter_stage, new_state, take_step
+from aegan_fast.training.stages import (EMA, STAGES, RealEmbeddings, _d_step, lazy_r1, decay_rates, make_optimizers,
                                         prepare_stage, requires_grad, start_stage)
 from conftest import tiny_config
 from ops_parity import count_fused_forwards
@@ -305,3 +305,54 @@ def test_r1_flattens_the_discriminator_at_real_inputs(image_folder):
     (plain, p0), (with_r1, p10) = firsts[0.0], firsts[10.0]
     assert p0 == pytest.approx(p10, rel=1e-6) and p0 > 0
     assert with_r1 - plain == pytest.approx(5.0 * p0, rel=1e-4), firsts
+
+
+def test_lazy_r1_weighs_every_nth_step_by_n():
+    cfg = tiny_config(r1_gamma={"D_E": 1.0, "D_R": 0.0}, r1_every=4)
+    weights = [lazy_r1(cfg, i) for i in range(9)]
+    assert weights == [{"D_E": 4.0}, {}, {}, {}, {"D_E": 4.0}, {}, {}, {}, {"D_E": 4.0}]
+    cfg.r1_every = 1
+    assert all(lazy_r1(cfg, i) == {"D_E": 1.0} for i in range(3))
+
+
+def test_old_configs_keep_r1_on_every_step():
+    """Runs saved before lazy R1 took the penalty every step: resumed, they still do."""
+    saved = tiny_config(r1_gamma={"D_R": 1.0}).to_dict()
+    del saved["r1_every"]
+    assert TrainConfig.from_dict(saved).r1_every == 1
+    assert TrainConfig().r1_every == 16
+
+
+@pytest.mark.parametrize("stage", ["embed", "finetune"])
+def test_the_trainer_step_takes_r1_on_the_scheduled_steps_only_at_n_times_gamma(stage, image_folder, monkeypatch):
+    """Through take_step, as the trainer calls it: with r1_every=3 each discriminator's update gets
+    3γ on the stage's steps 0 and 3 (by its image counter) and 0 on the others, and the penalty's
+    double backward runs on those steps only."""
+    import aegan_fast.training.stages as stages_mod
+    cfg = tiny_config(precision="fp32", seed=0, r1_gamma={"D_E": 2.0, "D_R": 0.5}, r1_every=3)
+    cfg.model.denoiser = True
+    st = new_state(cfg, load_folder(image_folder, 64), "cpu", guard=False)
+    emb = enter_stage(STAGES[stage], st)
+    idx, mirror = torch.arange(4), torch.tensor([False, True, False, True])
+    batch = st.batch(st.data.gather(idx, mirror, "cpu"), idx, mirror)
+    names = {id(st.nets[k]): k for k in ("D_E", "D_R")}
+    given, penalised = [], []
+    real_d_step, real_penalty = stages_mod._d_step, losses.r1_penalty
+
+    def d_step(D, opt, kind, real, fake, r1_gamma=0.0):
+        given.append((st.counters["stage_img"] // cfg.batch, names[id(D)], r1_gamma))
+        return real_d_step(D, opt, kind, real, fake, r1_gamma)
+
+    def penalty(D, real):
+        penalised.append((st.counters["stage_img"] // cfg.batch, names[id(D)]))
+        return real_penalty(D, real)
+
+    monkeypatch.setattr(stages_mod, "_d_step", d_step)
+    monkeypatch.setattr(losses, "r1_penalty", penalty)
+    for _ in range(5):
+        logged = take_step(STAGES[stage], st, batch, emb)
+        assert all(torch.isfinite(v) for v in logged.values())
+        st.counters["stage_img"] += cfg.batch
+    want = {"D_E": 6.0, "D_R": 1.5}
+    assert given == [(i, name, want[name] if i % 3 == 0 else 0.0) for i in range(5) for name in ("D_E", "D_R")]
+    assert penalised == [(i, name) for i in (0, 3) for name in ("D_E", "D_R")]

@@ -240,6 +240,7 @@ def test_train_cli_bad_input(args, message, tmp_path, capsys):
     (["--r1-gamma", "G_E=1"], "--r1-gamma: 'G_E' is not a discriminator"),
     (["--r1-gamma", "D_E=-1"], "--r1-gamma D_E must be ≥ 0"),
     (["--r1-gamma", "D_R=10", "--sync-bn"], "the synchronised BatchNorm has no double backward"),
+    (["--r1-every", "0"], "--r1-every must be a whole number ≥ 1"),
 ])
 def test_bad_lengths_rates_and_counts_are_refused_before_anything_runs(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

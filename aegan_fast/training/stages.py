@@ -19,9 +19,11 @@ logs, so a GPU step never waits on a host sync.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,6 +79,24 @@ def freeze_d(nets: nn.ModuleDict, n: int) -> None:
             for p in block:
                 setattr(p, FROZEN, True)
                 p.requires_grad_(False)
+
+
+# γ of each discriminator's R1 term in the step being taken (``take_step`` sets it from lazy_r1).
+_r1_now: ContextVar[dict] = ContextVar("aegan_fast_r1_now", default={})
+
+
+def lazy_r1(cfg: TrainConfig, step_index: int) -> dict[str, float]:
+    """StyleGAN2's lazy regularisation: the R1 weight per discriminator in a stage's step
+    ``step_index``: γ·r1_every on every r1_every-th step (all of that step's updates of D), none on
+    the others, so the penalty's average weight is γ at 1/r1_every of its cost. A function of the
+    stage's image counter, which checkpoints keep: a resumed run regularises the same steps."""
+    if step_index % cfg.r1_every:
+        return {}
+    return {name: gamma * cfg.r1_every for name, gamma in cfg.r1_gamma.items() if gamma > 0}
+
+
+def _r1(name: str) -> float:
+    return _r1_now.get().get(name, 0.0)
 
 
 def _d_step(D: nn.Module, opt, kind: str, real: torch.Tensor, fake: torch.Tensor, r1_gamma: float = 0.0) -> torch.Tensor:
@@ -188,7 +208,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
     for k in range(cfg.embed_steps):
         e_real = emb.of(batch) if k == 0 else emb.random(n)
         e_fake = nets["G_E"](sample_z(n, cfg.model.z_dim, device=device))
-        d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, cfg.r1_gamma.get("D_E", 0.0))
+        d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, _r1("D_E"))
         g_e = losses.g_loss(cfg.loss, _d_of(nets["D_E"], e_fake))
         backward_and_step(g_e, [opts["G_E"]])
     if not cfg.model.denoiser:
@@ -197,7 +217,7 @@ def embed_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfig) 
     with torch.no_grad():  # x̂ is detached: φ's loss must not reach G_E in this stage
         x_hat = nets["F"](e_fake)
     x_den = nets["phi"](x_hat)
-    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, batch.x, x_den, cfg.r1_gamma.get("D_R", 0.0))
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, batch.x, x_den, _r1("D_R"))
     g_r = losses.g_loss(cfg.loss, _d_of(nets["D_R"], x_den))
     l1 = F.l1_loss(x_den, x_hat)
     backward_and_step(g_r + cfg.denoiser_l1 * l1, [opts["phi"]])
@@ -215,8 +235,8 @@ def finetune_step(nets, opts, batch: Batch, emb: RealEmbeddings, cfg: TrainConfi
     x_gen = nets["phi"](x_hat)
     fid = F.l1_loss(x_gen, x_hat.detach())
 
-    d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, cfg.r1_gamma.get("D_E", 0.0))
-    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, cfg.r1_gamma.get("D_R", 0.0))
+    d_e = _d_step(nets["D_E"], opts["D_E"], cfg.loss, e_real, e_fake, _r1("D_E"))
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, _r1("D_R"))
 
     adv = losses.g_loss(cfg.loss, _d_of(nets["D_R"], x_gen))
     adv_e = losses.g_loss(cfg.loss, _d_of(nets["D_E"], e_fake))
@@ -236,7 +256,7 @@ def direct_gan_step(nets, opts, batch: Batch, emb: RealEmbeddings | None, cfg: T
     embedding discriminator, no L1 ties): what the autoencoder bridge is measured against."""
     x = batch.x
     x_gen = SamplingChain.of(nets)(sample_z(x.shape[0], cfg.model.z_dim, device=x.device))
-    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, cfg.r1_gamma.get("D_R", 0.0))
+    d_r = _d_step(nets["D_R"], opts["D_R"], cfg.loss, x, x_gen, _r1("D_R"))
     adv = losses.g_loss(cfg.loss, _d_of(nets["D_R"], x_gen))
     backward_and_step(adv, [opts[k] for k in SAMPLING_CHAIN if k in opts])
     return {"D_R": d_r, "G_adv": adv.detach()}
@@ -425,11 +445,22 @@ def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
                           st.precision)
 
 
+@contextlib.contextmanager
+def _r1_applied(weights: dict[str, float]):
+    token = _r1_now.set(weights)
+    try:
+        yield
+    finally:
+        _r1_now.reset(token)
+
+
 def take_step(stage: Stage, st: TrainState, batch: Batch, emb: RealEmbeddings | None) -> dict:
     """One step of stage on batch, in st's precision, its non-finite updates skipped by st's guard:
     the trainer's step, and the one the benchmarks and tests time and check."""
     step = stage.step if stage.step_now is None else stage.step_now(st.cfg, st.nets, st.counters["stage_img"])
-    with precision.steps_in(st.precision, st.grad_scaler, st.guard), augment.applied(st.augment, st.nets):
+    r1 = lazy_r1(st.cfg, st.counters["stage_img"] // st.cfg.batch) if st.cfg.r1_gamma else {}
+    with precision.steps_in(st.precision, st.grad_scaler, st.guard), augment.applied(st.augment, st.nets), \
+            _r1_applied(r1):
         losses = step(st.nets, st.opts, batch, emb, st.cfg)
     if st.guard is not None:
         st.guard.end_step()

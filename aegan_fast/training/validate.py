@@ -71,6 +71,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--r1-gamma: {key!r} is not a discriminator; choose D_E or D_R (e.g. --r1-gamma D_E=1)")
         if not gamma >= 0:
             raise UserError(f"--r1-gamma {key} must be ≥ 0 (0: off), got {gamma}")
+    if isinstance(cfg.r1_every, bool) or not isinstance(cfg.r1_every, int) or cfg.r1_every < 1:
+        raise UserError(f"--r1-every must be a whole number ≥ 1 (1: R1 on every step), got {cfg.r1_every!r}")
     if cfg.sync_bn and any(g > 0 for g in cfg.r1_gamma.values()):
         raise UserError("--r1-gamma with --sync-bn: the synchronised BatchNorm has no double backward, which R1 needs; "
                         "drop one of them")
