@@ -122,7 +122,9 @@ class TrainConfig:
     # so 2 at R=64); their weights never change, their BatchNorms still normalise by batch statistics.
     freeze_d: int = 0
     loader: str = "auto"             # auto | torch | dali (aegan_fast/data/loaders.py)
-    loader_workers: int = 2          # loader threads (torch) or DALI CPU threads
+    # Loader threads (torch) or DALI CPU threads; unset: none for the torch loader on a CPU device
+    # (their OpenMP teams contend with the step's threads), else 2 (data/loaders.py, loader_threads).
+    loader_workers: int | None = None
     data_cache_mb: float = 4096      # read a prepared set into RAM up to this size, else memory-map it
 
     def to_dict(self) -> dict:

@@ -629,3 +629,23 @@ def test_resuming_on_another_split_is_an_error(tmp_path, caplog):
         data.split("test")
     with pytest.raises(ValueError, match="leave a training image"):
         ImageSet(images, "ten", holdout=10)
+
+
+def test_the_torch_loader_on_a_cpu_loads_in_the_training_thread_unless_told(tmp_path, caplog):
+    """--loader-workers unset: no loader threads for the torch loader on a CPU device (their OpenMP
+    teams contend with the step's threads), 2 on a GPU and for DALI; a number given is kept."""
+    from aegan_fast.data.loaders import loader_threads, make_loader
+    assert loader_threads("torch", torch.device("cpu"))[0] == 0
+    assert loader_threads("torch", torch.device("cuda"))[0] == 2
+    assert loader_threads("dali", torch.device("cpu"))[0] == 2
+    data = load_dataset(make_image_folder(tmp_path / "imgs", 6), 64)
+    with caplog.at_level("INFO", logger="aegan_fast.data"):
+        default = make_loader("auto", data, 2, 0, "cpu")
+    told = make_loader("torch", data, 2, 0, "cpu", workers=1)
+    try:
+        assert default._pool is None and "loader threads: 0" in caplog.text
+        assert told._pool is not None and told.depth == 1
+        a, b = next(default), next(make_loader("torch", data, 2, 0, "cpu", workers=2))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # threads or not, the same batches
+    finally:
+        default.close(), told.close()

@@ -236,9 +236,21 @@ def _dali_pipeline(*, batch_size, num_threads, device_id, seed, prefetch_queue_d
     return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
 
 
-def make_loader(kind: str, data: ImageSet, batch: int, seed: int, device, start: int = 0, workers: int = 2,
-                flip: bool = True, shuffle: bool = True, state: dict | None = None):
-    """The loader named by ``--loader`` (auto resolved as in the module docstring); logs the choice."""
+def loader_threads(kind: str, device: torch.device) -> tuple[int, str]:
+    """``--loader-workers`` left unset: (threads, why). The torch loader on a CPU device loads in the
+    training thread: a loader thread's torch ops start an OpenMP team of their own, whose threads
+    contend with the step's for the same cores (measured on 2 cores: 2 threads cost stage 1 12-24% of
+    its img/s, while loading in line waits about 1% of the time; bench/RESULTS.md, "The loader's
+    threads"). On a GPU, and for DALI's CPU stages, 2 threads."""
+    if kind == "torch" and device.type == "cpu":
+        return 0, "a CPU device: in the training thread, whose cores the step uses"
+    return 2, "2 threads ahead"
+
+
+def make_loader(kind: str, data: ImageSet, batch: int, seed: int, device, start: int = 0,
+                workers: int | None = None, flip: bool = True, shuffle: bool = True, state: dict | None = None):
+    """The loader named by ``--loader`` (auto resolved as in the module docstring), with ``workers``
+    threads (None: ``loader_threads``); logs the choices."""
     device = torch.device(device)
     if kind not in LOADERS:
         raise UserError(f"--loader must be one of {', '.join(LOADERS)}")
@@ -247,6 +259,9 @@ def make_loader(kind: str, data: ImageSet, batch: int, seed: int, device, start:
         log.info("loader: %s (auto: %s)", kind, why)
     else:
         log.info("loader: %s", kind)
+    if workers is None:
+        workers, why = loader_threads(kind, device)
+        log.info("loader threads: %d (%s)", workers, why)
     if kind == "dali":
         return DaliLoader(data, batch, seed, device, start=start, flip=flip, shuffle=shuffle, workers=workers,
                           state=state)

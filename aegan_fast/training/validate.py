@@ -32,7 +32,7 @@ def validate(cfg: TrainConfig) -> None:
                 "--eval-n": cfg.eval_n, "--ckpt-keep": cfg.ckpt_keep, "--max-bad-steps": cfg.max_bad_steps,
                 "--collective-timeout-s": cfg.collective_timeout_s}
     at_least_zero = {"--sample-every-kimg": cfg.sample_every_kimg, "--ckpt-every-kimg": cfg.ckpt_every_kimg,
-                     "--ema-kimg": cfg.ema_kimg, "--loader-workers": cfg.loader_workers,
+                     "--ema-kimg": cfg.ema_kimg, "--loader-workers": cfg.loader_workers or 0,
                      "--max-rollbacks": cfg.max_rollbacks, "--embed-cache-mb": cfg.embed_cache_mb,
                      "--data-cache-mb": cfg.data_cache_mb, "--grad-bucket-mb": cfg.grad_bucket_mb}
     for flag, value in positive.items():
