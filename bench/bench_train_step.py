@@ -64,7 +64,9 @@ VARIANTS = {
     "autocast": Variant(ops="reference", precision="fp32", channels_last=True, fused_adam=False, guard=False,
                         autocast=True),
     "fast": Variant(),
-    "fast_r1": Variant(r1_gamma=1.0),  # not in the default comparison: --variants fast fast_r1
+    # A step that takes R1 (the trainer takes it on one step in --r1-every); not in the default
+    # comparison: --variants fast fast_r1
+    "fast_r1": Variant(r1_gamma=1.0),
 }
 # The plain paths every other variant is compared with, when they are in the run.
 BASELINES = ("reference", "autocast")

@@ -227,6 +227,19 @@ def test_the_fast_step_is_compared_with_both_plain_baselines():
     assert all(row.status == "ok" and row.median_s > 0 for row in rows)
 
 
+def test_the_demo_shape_is_what_make_train_runs():
+    """--resolutions demo: the demo preset's nets, batch and embed_steps (resize-conv, no φ), named
+    "demo" in the rows; the R=64 shape is not the demo."""
+    from aegan_fast.config import preset
+    from bench import bench_train_step as bts
+    demo = preset("demo")
+    st = bts.make_step("embed", "demo", "fast").state
+    assert st.cfg.model == demo.model and st.cfg.batch == demo.batch and st.cfg.embed_steps == demo.embed_steps
+    assert bts.make_step("ae", 64, "fast", batch=2).state.cfg.model != demo.model
+    rows = bts.step_rows("steps", "ae", "demo", ["fast"], rounds=1, batch=2)
+    assert [row.name for row in rows] == ["ae demo fast"] and rows[0].status == "ok"
+
+
 @pytest.mark.slow
 def test_the_distributed_ceiling_runs_one_and_two_processes_and_reports_each_mode():
     """bench_distributed --ceiling: one process, then torchrun with two, each timing its modes."""
