@@ -240,8 +240,8 @@ def loader_threads(kind: str, device: torch.device) -> tuple[int, str]:
     """``--loader-workers`` left unset: (threads, why). The torch loader on a CPU device loads in the
     training thread: a loader thread's torch ops start an OpenMP team of their own, whose threads
     contend with the step's for the same cores (measured on 2 cores: 2 threads cost stage 1 12-24% of
-    its img/s, while loading in line waits about 1% of the time; bench/RESULTS.md, "The loader's
-    threads"). On a GPU, and for DALI's CPU stages, 2 threads."""
+    its img/s, while loading in line waits about 1% of the time; bench/RESULTS.md, "Where the demo's
+    minutes go"). On a GPU, and for DALI's CPU stages, 2 threads."""
     if kind == "torch" and device.type == "cpu":
         return 0, "a CPU device: in the training thread, whose cores the step uses"
     return 2, "2 threads ahead"

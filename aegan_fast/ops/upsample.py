@@ -9,11 +9,13 @@ reflect-padding the upsampled image equals replicate-padding the input before up
 reflected in, U[1], is a copy of U[0] = x[0]). So phase (a, b) is a 2×2 conv of the replicate-padded
 input with the taps summed as above (``phase_weights``), read from window offset (a, b). All four
 phases run as one conv with 4×C_out outputs over the (H+1)×(W+1) windows; ``_Interleave`` writes
-them into the 2H×2W output in one pass each way. The only numeric difference from the reference
-(``reference.resize_conv3x3``) is the order of the summed taps.
+them into the 2H×2W output in one pass each way. In fp32 it differs from the reference
+(``reference.resize_conv3x3``) only in the order of the summed taps (1e-6); in bf16 the summed taps
+are rounded once, so its error against fp32 truth is 1.2× the plain form's in the output and 1.4× in
+the weight gradient (bench/RESULTS.md, "Quality after the speed work").
 
-Measured (bench/RESULTS.md, "Resize-conv as four phase convolutions"): the up layers of the demo's
-decoder F at 1.5× (bf16) to 2.5× (fp32) their speed, the last 64→3 one 4–13×.
+Measured (bench/RESULTS.md, "Where the demo's minutes go"): the up layers of the demo's decoder F at
+1.5× (bf16) to 2.5× (fp32) their speed, the last 64→3 one 4–13×.
 """
 from __future__ import annotations
 
