@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .library import memory_format
+
 # PHASE_TAPS[a, t, k]: how much 3×3 tap row k contributes to 2×2 tap row t of output phase a.
 PHASE_TAPS = torch.tensor([[[1., 0., 0.], [0., 1., 1.]],
                            [[1., 1., 0.], [0., 0., 1.]]])
@@ -36,11 +38,6 @@ def phase_weights(weight: Tensor) -> Tensor:
     return k.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
 
 
-def _layout(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and not t.is_contiguous() and \
-        t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-
-
 class _Interleave(torch.autograd.Function):
     """(N, 4·C, H+1, W+1) phase outputs → (N, C, 2H, 2W), phase (a, b) from window offset (a, b).
     One copy per phase each way, in the input's layout. A custom Function because autograd's
@@ -50,7 +47,7 @@ class _Interleave(torch.autograd.Function):
     def forward(ctx, y: Tensor) -> Tensor:
         n, c4, h1, w1 = y.shape
         c, h, w = c4 // 4, h1 - 1, w1 - 1
-        ctx.layout = _layout(y)
+        ctx.layout = memory_format(y)
         out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=ctx.layout)
         grid = out.view(n, c, h, 2, w, 2)
         for p, (a, b) in enumerate(PHASES):
@@ -78,7 +75,7 @@ def interleave(y: Tensor) -> Tensor:
     c, h, w = c4 // 4, h1 - 1, w1 - 1
     phases = torch.stack([y[:, p * c:(p + 1) * c, a:a + h, b:b + w] for p, (a, b) in enumerate(PHASES)], 2)
     grid = phases.view(n, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)  # n, c, h, a, w, b
-    return grid.reshape(n, c, 2 * h, 2 * w).contiguous(memory_format=_layout(y))
+    return grid.reshape(n, c, 2 * h, 2 * w).contiguous(memory_format=memory_format(y))
 
 
 def resize_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
