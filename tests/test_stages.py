@@ -356,3 +356,30 @@ def test_the_trainer_step_takes_r1_on_the_scheduled_steps_only_at_n_times_gamma(
     want = {"D_E": 6.0, "D_R": 1.5}
     assert given == [(i, name, want[name] if i % 3 == 0 else 0.0) for i in range(5) for name in ("D_E", "D_R")]
     assert penalised == [(i, name) for i in (0, 3) for name in ("D_E", "D_R")]
+
+
+def test_stage_3_reuses_stage_2s_real_embeddings_until_h_is_written(image_folder):
+    """H is frozen in stages 2 and 3, so stage 3 takes stage 2's table of H(x) instead of encoding
+    every image again; a write to H (a rollback's load, here one weight nudged in place) encodes
+    afresh. Each table is checked against H run now on the images it claims to hold."""
+    cfg = tiny_config(precision="fp32", seed=0, embed_cache_mb=1e9)
+    st = new_state(cfg, load_folder(image_folder, 64), "cpu", guard=False)
+    idx, mirror = torch.tensor([0, 3, 1]), torch.tensor([False, True, True])
+
+    def encoded_now():
+        with torch.no_grad():
+            return st.nets["H"](st.data.gather(idx, mirror, "cpu"))
+
+    def lookup(emb):
+        return emb.of(st.batch(st.data.gather(idx, mirror, "cpu"), idx, mirror))
+
+    stage_2 = enter_stage(STAGES["embed"], st)
+    torch.testing.assert_close(lookup(stage_2), encoded_now(), rtol=1e-5, atol=1e-6)
+    stage_3 = enter_stage(STAGES["finetune"], st)
+    assert stage_3 is stage_2
+    with torch.no_grad():
+        next(st.nets["H"].parameters()).mul_(1.5)
+    again = enter_stage(STAGES["finetune"], st)
+    assert again is not stage_2
+    torch.testing.assert_close(lookup(again), encoded_now(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(lookup(again), lookup(stage_2))

@@ -135,6 +135,12 @@ class Batch:
     mirror: torch.Tensor     # which of them are flipped
 
 
+def _fingerprint(net: nn.Module) -> tuple:
+    """Which tensors net holds and how often each was written in place (torch's version counter:
+    optimizer steps, load_state_dict's copies and BatchNorm's running statistics all count)."""
+    return tuple((id(t), t._version) for t in (*net.parameters(), *net.buffers()))
+
+
 class RealEmbeddings:
     """H(x) for stages 2 and 3, where H is frozen. When the embeddings of every image and its mirror
     fit in ``max_bytes`` they are computed once (H in eval mode is a pure function) and looked up:
@@ -144,8 +150,16 @@ class RealEmbeddings:
                  max_bytes: float, precision: Precision = FP32):
         self.H, self.data, self.generator, self.device = H, data, generator, device
         fits = 2 * len(data) * embed_numel * 4 <= max_bytes
+        self.made_from = _fingerprint(H)
         # Encoded in fp32, kept in the steps' dtype and layout: D_E reads them with no cast per step.
         self.table = precision.activations(self._encode_all()) if fits else None
+
+    def still_valid(self, H: nn.Module, data: ImageSet, generator: torch.Generator) -> bool:
+        """Whether these are still H(x) of data: the same H, data and draws, and no weight or
+        statistic of H written since (stage 3 after stage 2 reuses stage 2's, an 8-second encode
+        of the demo's set in fp32; a rollback or a load writes H and so encodes afresh)."""
+        return (H is self.H and data is self.data and generator is self.generator and not H.training
+                and _fingerprint(H) == self.made_from)
 
     @torch.no_grad()
     def _encode_all(self, chunk: int = 256) -> torch.Tensor:
@@ -379,6 +393,7 @@ class TrainState:
     lr_scale: float = 1.0           # lowered each time the run rolls back from a divergence
     rollbacks: int = 0
     augment: dict = field(default_factory=dict)  # {discriminator: augment.Pipe}; empty: no augmentation
+    embeddings: RealEmbeddings | None = None      # the last stage's H(x), reused while still valid (not saved)
 
     def batch(self, x: torch.Tensor, idx: torch.Tensor, mirror: torch.Tensor) -> Batch:
         """A loader's (images, indices, mirror bits) as a step's Batch, images in the steps' dtype and layout."""
@@ -440,9 +455,11 @@ def enter_stage(stage: Stage, st: TrainState) -> RealEmbeddings | None:
         st.ema = EMA(st.nets, cfg.ema_kimg)
     if not stage.needs_embeddings:
         return None
-    return RealEmbeddings(st.nets["H"], st.data, st.data_gen, st.device,
-                          cfg.model.embed_channels * cfg.model.embed_size ** 2, cfg.embed_cache_mb * 2 ** 20,
-                          st.precision)
+    if st.embeddings is None or not st.embeddings.still_valid(st.nets["H"], st.data, st.data_gen):
+        st.embeddings = RealEmbeddings(st.nets["H"], st.data, st.data_gen, st.device,
+                                       cfg.model.embed_channels * cfg.model.embed_size ** 2,
+                                       cfg.embed_cache_mb * 2 ** 20, st.precision)
+    return st.embeddings
 
 
 @contextlib.contextmanager
