@@ -155,3 +155,8 @@ def backward_and_step(loss: torch.Tensor, optimizers) -> None:
             scaler.step(opt)
     if scaler is not None:
         scaler.update()
+    # Autocast caches each weight's low-precision copy until the outermost autocast region ends, and
+    # never checks whether the weight changed since: a step's later forwards (stage 2's extra G_E/D_E
+    # rounds, a generator's loss through the discriminator just updated) would run on the weights from
+    # before this update. Dropping the cache here makes them see it, as fp32 steps do.
+    torch.clear_autocast_cache()

@@ -19,7 +19,8 @@ from aegan_fast.data import load_dataset
 from aegan_fast.errors import UserError
 from aegan_fast.models import ReflectConv2d, build_nets
 from aegan_fast.training import train
-from aegan_fast.training.stages import AEGAN_STAGES, run_stage
+from aegan_fast.training import enter_stage, take_step
+from aegan_fast.training.stages import AEGAN_STAGES, STAGES, run_stage
 from aegan_fast.training.run_state import new_state, step_precision
 from conftest import make_image_folder, tiny_config
 
@@ -131,6 +132,50 @@ def test_bf16_steps_keep_weights_moments_statistics_losses_and_ema_in_fp32(tmp_p
             assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     assert all(v.dtype == torch.float32 for row in losses for v in row.values())
     assert st.ema is not None and all(p.dtype == torch.float32 for p in st.ema.nets.parameters())
+
+
+def test_an_update_inside_a_bf16_step_reaches_the_steps_next_forward():
+    """Autocast caches a weight's bf16 copy for its whole region and never looks at the weight
+    again: without backward_and_step dropping that cache, a forward after an update inside one step
+    runs on the weights from before it."""
+    conv = nn.Conv2d(3, 4, 3)
+    opt = torch.optim.Adam(conv.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    with precision.steps_in(precision.resolve("bf16", False, CPU)):
+        before = conv(x)
+        precision.backward_and_step(before.float().square().mean(), [opt])
+        after = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = conv(x)  # a new region: cast from the updated weights
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
+
+
+def test_every_forward_of_a_bf16_stage_2_step_runs_on_the_weights_as_they_are_then(tmp_path):
+    """Stage 2 updates D_E and G_E in several rounds a step: each round's convolutions must give
+    what their current weights give, cast to bf16 now. (A generator's loss through a just-updated
+    D is safe either way: _d_step turns D's gradients off after its update, and autocast caches
+    only weights that require one.)"""
+    st = _state(tmp_path, "bf16", embed_steps=2)
+    emb = enter_stage(STAGES["embed"], st)
+    checked, stale = [], []
+
+    def check(module, args, out):
+        if not torch.is_autocast_enabled("cpu"):
+            return
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            w = module.weight.to(torch.bfloat16)
+            b = None if module.bias is None else module.bias.to(torch.bfloat16)
+            expected = module._conv_forward(args[0].to(torch.bfloat16), w, b)
+        checked.append(module)
+        if not torch.equal(out, expected):
+            stale.append(module)
+    hooks = [m.register_forward_hook(check) for name in ("D_E", "G_E", "D_R")
+             for m in st.nets[name].modules() if type(m) in (nn.Conv2d, ReflectConv2d)]
+    batch = st.batch(*next(_batches(st, st.cfg.batch)))
+    take_step(STAGES["embed"], st, batch, emb)
+    for h in hooks:
+        h.remove()
+    assert checked and not stale, f"{len(stale)} of {len(checked)} forwards ran on stale weights"
 
 
 REORDER_PROBE = textwrap.dedent("""
