@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, two presets, command-line overrides on top.
+"""Training configuration: one dataclass, three presets, command-line overrides on top.
 
 The checkpoint's copy of the config is the run's one source: ``RUN_DIR/config.json`` is written from
 the same dict for people to read, and a resumed run takes the checkpoint's config (only the fields in
@@ -144,9 +144,23 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+PRESETS = ("demo", "demo128", "paper")
+
+
 def preset(name: str) -> TrainConfig:
     """demo: R=64, sized to finish all three stages in about 10 minutes on 2 CPU cores.
+    demo128: the demo's recipe at R=128 (an 8×8 embedding), sized for about 30 minutes there.
     paper: the paper's hyperparameters at R=512 (stage lengths are ours: the paper gives none)."""
+    if name == "demo128":
+        cfg = preset("demo")
+        cfg.preset = "demo128"
+        cfg.model.resolution = 128
+        # A step costs 6× the demo's in stage 1, 9× in stage 2 (G_E and D_E work on 8×8 embeddings)
+        # and 4× in stage 3 (measured: bench/RESULTS.md, "A second resolution"), so the stages are
+        # shorter in kimg and the embedding stage keeps the larger share of the minutes.
+        cfg.kimg = {"ae": 20.0, "embed": 12.0, "finetune": 4.0}
+        cfg.sample_every_kimg = cfg.ckpt_every_kimg = 4.0
+        return cfg
     if name == "demo":
         return TrainConfig(
             preset="demo",
@@ -179,7 +193,7 @@ def preset(name: str) -> TrainConfig:
             ckpt_every_kimg=100.0,
             log_every_steps=50,
         )
-    raise ValueError(f"unknown preset {name!r}; choose demo or paper")
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
 # --------------------------------------------------------------------------- command line

@@ -4,7 +4,8 @@
 What runs in low precision and what stays fp32 (the usual mixed-precision split, as in
 StyleGAN2-ADA's and timm's AMP paths):
 - low precision (bf16/fp16): activations, and the inputs of convolutions and matrix products (under
-  ``torch.autocast``; the fp32 weights are cast once per step and op, the activations never are);
+  ``torch.autocast``; each fp32 weight is cast once per update and op, the activations never are:
+  ``backward_and_step`` drops autocast's cast cache after each update, which autocast would not);
 - fp32: the master weights and Adam's moments (the nets' parameters), BatchNorm's statistics and
   running buffers (the fused ops accumulate in fp32), every loss, the EMA of the sampling chain.
 

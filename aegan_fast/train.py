@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import distributed
 from .checkpoint import LATEST, latest_checkpoint
-from .config import (RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides, config_overrides,
+from .config import (PRESETS, RESUMABLE, STAGES, TrainConfig, add_config_arguments, apply_overrides, config_overrides,
                      dict_fields, preset)
 from .device import pick_device
 from .distributed import World
@@ -66,9 +66,10 @@ ALIASES = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="aegan-train", description=__doc__.split("\n\n")[0])
     run = p.add_argument_group("run")
-    run.add_argument("--preset", default="demo", choices=["demo", "paper"],
-                     help="the defaults every other flag overrides: demo (R=64, ~10 min on 2 CPU cores) "
-                          "or paper (the paper's settings at R=512); default demo")
+    run.add_argument("--preset", default="demo", choices=PRESETS,
+                     help="the defaults every other flag overrides: demo (R=64, ~11 min on 2 CPU cores), "
+                          "demo128 (the same at R=128, ~30 min) or paper (the paper's settings at R=512); "
+                          "default demo")
     run.add_argument("--outdir", default="runs", help="parent folder of new run directories (default runs)")
     run.add_argument("--run-dir", help="exact run directory for a new run (must not hold a run yet)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")

@@ -278,6 +278,19 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # no run dir, no data loaded
 
 
+def test_demo128_is_the_demos_recipe_at_128_with_its_own_lengths(capsys):
+    """--preset demo128 follows every lever of the demo (a lever that joins the demo joins it too);
+    only the resolution, the stage lengths and the grid/checkpoint spacing are its own."""
+    train_main(["--preset", "demo128", "--dry-run"])
+    cfg = json.loads(capsys.readouterr().out)
+    demo = json.loads(json.dumps(preset("demo").to_dict()))  # tuples as the JSON's lists
+    own = {"preset", "kimg", "sample_every_kimg", "ckpt_every_kimg"}
+    assert {k: v for k, v in cfg.items() if k not in own | {"model"}} == \
+        {k: v for k, v in demo.items() if k not in own | {"model"}}
+    assert cfg["model"] == dict(demo["model"], resolution=128)
+    assert cfg["preset"] == "demo128" and sum(cfg["kimg"].values()) < sum(demo["kimg"].values())
+
+
 def test_every_config_field_is_a_flag(capsys):
     from aegan_fast.config import TrainConfig, _config_fields
     with pytest.raises(SystemExit) as e:
