@@ -149,15 +149,16 @@ PRESETS = ("demo", "demo128", "paper")
 
 def preset(name: str) -> TrainConfig:
     """demo: R=64, sized to finish all three stages in about 10 minutes on 2 CPU cores.
-    demo128: the demo's recipe at R=128 (an 8×8 embedding), sized for about 30 minutes there.
+    demo128: the demo's recipe at R=128 (an 8×8 embedding), well inside 30 minutes there.
     paper: the paper's hyperparameters at R=512 (stage lengths are ours: the paper gives none)."""
     if name == "demo128":
         cfg = preset("demo")
         cfg.preset = "demo128"
         cfg.model.resolution = 128
-        # A step costs 6× the demo's in stage 1, 9× in stage 2 (G_E and D_E work on 8×8 embeddings)
-        # and 4× in stage 3 (measured: bench/RESULTS.md, "A second resolution"), so the stages are
-        # shorter in kimg and the embedding stage keeps the larger share of the minutes.
+        # An image costs 3.8× the demo's in stage 1, 7× in stage 2 (G_E and D_E work on 8×8
+        # embeddings) and 3.9× in stage 3, so the stages are shorter in kimg and the embedding stage
+        # keeps a larger share of the minutes: 18.6 min on 2 cores without AMX (bench/RESULTS.md,
+        # "A second resolution").
         cfg.kimg = {"ae": 20.0, "embed": 12.0, "finetune": 4.0}
         cfg.sample_every_kimg = cfg.ckpt_every_kimg = 4.0
         return cfg

@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = p.add_argument_group("run")
     run.add_argument("--preset", default="demo", choices=PRESETS,
                      help="the defaults every other flag overrides: demo (R=64, ~11 min on 2 CPU cores), "
-                          "demo128 (the same at R=128, ~30 min) or paper (the paper's settings at R=512); "
+                          "demo128 (the same at R=128, ~19 min) or paper (the paper's settings at R=512); "
                           "default demo")
     run.add_argument("--outdir", default="runs", help="parent folder of new run directories (default runs)")
     run.add_argument("--run-dir", help="exact run directory for a new run (must not hold a run yet)")
