@@ -157,7 +157,8 @@ def backward_and_step(loss: torch.Tensor, optimizers) -> None:
     if scaler is not None:
         scaler.update()
     # Autocast caches each weight's low-precision copy until the outermost autocast region ends, and
-    # never checks whether the weight changed since: a step's later forwards (stage 2's extra G_E/D_E
-    # rounds, a generator's loss through the discriminator just updated) would run on the weights from
-    # before this update. Dropping the cache here makes them see it, as fp32 steps do.
+    # never checks whether the weight changed since: a later forward in the same step (stage 2's extra
+    # G_E/D_E rounds) would run on the weights from before this update. Dropping the cache here makes
+    # it see the update, as fp32 steps do. (Only weights that require a gradient are cached, which is
+    # why a generator's loss through a just-updated D was right before: _d_step turns D's off.)
     torch.clear_autocast_cache()
